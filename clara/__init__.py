@@ -1,0 +1,1 @@
+"""CLARA: a CLIP-style audio-text contrastive model (checkpoint-compatible with the reference)."""

@@ -1,0 +1,110 @@
+"""The one attention function of the kit, with selectable kernels.
+
+``attention(q, k, v, key_mask=..., backend=...)`` computes softmax(q·kᵀ/√d)·v per head.  The
+``eager`` backend is the plain reference math (it materialises the score matrix); ``sdpa`` calls
+PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); and
+``flash_attn`` calls the flash-attn package, using its variable-length kernel when keys are padded.
+The fast backends are tested against ``eager``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["eager", "sdpa", "flash_attn"]
+BACKENDS: tuple[str, ...] = ("eager", "sdpa", "flash_attn")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p > 0 else scores.softmax(dim=-1)
+    return torch.matmul(probs, v)  # [B, H, Lq, D]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    # A boolean mask broadcast over heads and queries: [B, 1, 1, Lk], True = attend.
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        # flash-attn has only half-precision kernels; fp32 inputs run in bf16 and come back as fp32.
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    # flash-attn wants [B, L, H, D].
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if key_mask is None:
+        out = flash_attn_func(q, k, v, dropout_p=dropout_p)
+    else:
+        batch, lq, heads, dim = q.shape
+        lengths = key_mask.sum(dim=1, dtype=torch.int32)  # [B]
+        cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
+        cu_q = torch.arange(0, (batch + 1) * lq, lq, dtype=torch.int32, device=q.device)
+        out = flash_attn_varlen_func(
+            q.reshape(batch * lq, heads, dim),
+            k[key_mask],  # [total valid keys, H, D]
+            v[key_mask],
+            cu_q,
+            cu_k,
+            lq,
+            int(lengths.max()),
+            dropout_p=dropout_p,
+        ).reshape(batch, lq, heads, dim)
+    return out.transpose(1, 2).to(dtype)
+
+
+_KERNELS = {"eager": _eager, "sdpa": _sdpa, "flash_attn": _flash}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    backend: Backend = "sdpa",
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head softmax attention with scale ``d ** -0.5``.
+
+    q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; key_mask: [B, Lk] bool, True = a real key (None = all
+    real).  Returns [B, H, Lq, D].  Every row of ``key_mask`` must have at least one True.
+    ``dropout_p`` drops attention probabilities (pass 0 outside training).
+    ``flash_attn`` falls back to ``sdpa`` where flash-attn is missing or the tensors are on CPU.
+    """
+    if backend not in _KERNELS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "flash_attn" and not (q.is_cuda and flash_attn_available()):
+        backend = "sdpa"
+    return _KERNELS[backend](q, k, v, key_mask, dropout_p)
+
+
+def gelu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The seed article's variant: GELU instead of softmax on the attention scores.
+
+    Computes ``out = (GELU(q·kᵀ · d**-0.5) ⊙ m) · v / n`` where ``m`` zeroes padded keys and ``n`` is
+    each item's number of real keys, so the weights are not normalised to sum to one (they may be
+    negative) and the 1/n keeps the output's scale independent of the clip length.
+    q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; key_mask: [B, Lk] bool.  Returns [B, H, Lq, D].
+    """
+    scale = q.shape[-1] ** -0.5
+    weights = F.gelu(torch.matmul(q, k.transpose(-1, -2)) * scale)  # [B, H, Lq, Lk]
+    if key_mask is None:
+        return torch.matmul(weights, v) / k.shape[-2]
+    weights = weights * key_mask[:, None, None, :]
+    count = key_mask.sum(dim=1).clamp(min=1).to(weights.dtype)[:, None, None, None]  # [B, 1, 1, 1]
+    return torch.matmul(weights, v) / count

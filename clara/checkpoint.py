@@ -1,0 +1,195 @@
+"""Saving and loading CLARA weights.
+
+Our format is a directory holding ``model.safetensors`` (tensors only, no code) and ``config.json``
+(the resolved :class:`ClaraConfig`).  ``load_checkpoint`` also reads the reference's Lightning
+``.ckpt`` (``state_dict`` under ``model.``, architecture in ``hyper_parameters``).  Pickle-based files
+are read with PyTorch's weights-only unpickler, which refuses to run code; the only non-tensor class
+allowed in is Lightning's ``AttributeDict`` (a plain dict), mapped onto a stand-in so Lightning need
+not be installed.  A file that needs more must be opted into with ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clara import config as config_lib
+from clara.model import Clara
+from clara.model_config import ClaraConfig, from_reference_hparams
+from clara.reference_keys import PREFIX, reference_key_map
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, of the wrong kind, or does not fit the model."""
+
+
+class _AttributeDict(dict):
+    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access) when unpickling."""
+
+
+_LIGHTNING_DICT_NAMES = (
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+)
+
+
+def save_checkpoint(model: Clara, path: str | Path) -> Path:
+    """Write ``model`` to the directory ``path`` (replaced atomically if it exists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "meld-clara"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model.config), indent=2), encoding="utf-8")
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+            os.replace(staging, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    if allow_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    stand_ins = [(_AttributeDict, name) for name in _LIGHTNING_DICT_NAMES]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: this checkpoint holds pickled Python objects beyond tensors and dicts "
+            f"({first_line}); load it with allow_pickle=True (--allow-pickle) only if you trust its source"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+
+
+def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpected: Sequence[str], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in tensors)
+    mis_shaped = sorted(
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    extra = sorted(set(unexpected) | {k for k in tensors if k not in expected})
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra)}")
+    if mis_shaped:
+        problems.append(f"mis-shaped tensor(s): {'; '.join(mis_shaped)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the model: " + " | ".join(problems))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            expected[key].copy_(value)
+
+
+def reference_to_state_dict(
+    reference: Mapping[str, torch.Tensor], config: ClaraConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a reference ``state_dict`` (keys with ``model.``) to ours; also return the unused keys."""
+    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in reference.items()}
+    ours: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, sources in reference_key_map(config).items():
+        if all(s in stripped for s in sources):
+            ours[key] = torch.cat([stripped[s] for s in sources]) if len(sources) > 1 else stripped[sources[0]]
+            used.update(sources)
+    unused = sorted(PREFIX + k for k in stripped if k not in used)
+    return ours, unused
+
+
+def to_reference_state_dict(model: Clara) -> dict[str, torch.Tensor]:
+    """Our weights under the reference's key names (the inverse of ``reference_to_state_dict``)."""
+    state = model.state_dict()
+    reference: dict[str, torch.Tensor] = {}
+    for key, sources in reference_key_map(model.config).items():
+        value = state[key].detach().clone()
+        # The only fused tensor is the latent qkv: to_q (H·d rows) followed by to_kv (2·H·d rows).
+        parts = (value[: value.shape[0] // 3], value[value.shape[0] // 3 :]) if len(sources) > 1 else (value,)
+        for source, part in zip(sources, parts):
+            reference[PREFIX + source] = part.contiguous()
+    return reference
+
+
+def _load_reference(path: Path, payload: Mapping[str, Any], overrides: Sequence[str]) -> Clara:
+    if "hyper_parameters" not in payload:
+        raise CheckpointError(f"{path}: a reference checkpoint must carry 'hyper_parameters' (the architecture)")
+    try:
+        config = from_reference_hparams(dict(payload["hyper_parameters"]), source=f"{path}: hyper_parameters")
+        config = config_lib.replace(config, overrides) if overrides else config
+    except config_lib.ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    model = Clara(config)
+    tensors, unused = reference_to_state_dict(payload["state_dict"], config)
+    _check_and_load(model, tensors, unused, path)
+    return model
+
+
+def _load_ours(directory: Path, overrides: Sequence[str]) -> Clara:
+    config_path = directory / CONFIG_FILE
+    weights_path = directory / WEIGHTS_FILE
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise CheckpointError(f"{directory}: not a meld-clara checkpoint (no {needed.name})")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        config = config_lib.from_dict(ClaraConfig, config_lib.apply_overrides(data, overrides), source=str(config_path))
+    except (json.JSONDecodeError, config_lib.ConfigError) as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    model = Clara(config)
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    _check_and_load(model, tensors, (), weights_path)
+    return model
+
+
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, overrides: Sequence[str] = ()) -> Clara:
+    """Load a CLARA model (in eval mode) from our directory format or a reference Lightning ``.ckpt``.
+
+    ``overrides`` are ``key=value`` settings applied to the stored config, e.g. ``mask_padding=false``
+    or ``attention=eager``; they must not change tensor shapes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        model = _load_ours(path, overrides)
+    elif path.suffix == ".safetensors":
+        model = _load_ours(path.parent, overrides)
+    else:
+        payload = _torch_load(path, allow_pickle)
+        if not isinstance(payload, Mapping) or "state_dict" not in payload:
+            raise CheckpointError(
+                f"{path}: not a CLARA checkpoint (expected a Lightning .ckpt with 'state_dict' and "
+                f"'hyper_parameters', or a meld-clara checkpoint directory)"
+            )
+        if not any(str(k).startswith(PREFIX) for k in payload["state_dict"]):
+            raise CheckpointError(f"{path}: its state_dict has no '{PREFIX}' keys: not a CLARA model checkpoint")
+        model = _load_reference(path, payload, overrides)
+    return model.eval()

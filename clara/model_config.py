@@ -1,0 +1,169 @@
+"""CLARA's architecture settings, and the named presets in ``configs/model/``.
+
+Field defaults are the reference "medium" (100M) model.  ``from_reference_hparams`` maps the
+``hyper_parameters`` of a reference Lightning checkpoint onto these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from clara import config as config_lib
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = CONFIG_ROOT / "model"
+PRESETS = ("tiny", "small", "medium", "large")
+
+Attention = Literal["eager", "sdpa", "flash_attn"]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 50373
+    width: int = 512  # token embedding width = transformer d_model
+    layers: int = 10
+    heads: int = 8
+    ff_dim: int = 1024
+    out_channels: int = 512  # width after the encoder's ``project`` Linear
+    fc_dim: int = 512  # width of ``text_fc1`` after pooling
+    max_positions: int = 4096
+    dropout: float = 0.5  # post-LN layers' dropout (the reference's ``text_encoder_seq_dropout_prob``)
+    positions: Literal["learned", "sinusoidal"] = "learned"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    n_mels: int = 80
+    width: int = 512  # conv head channels = Perceiver input (context) width
+    max_positions: int = 4096  # position table after the stride-2 conv
+    num_latents: int = 512
+    latent_dim: int = 512
+    layers: int = 10  # latent self-attention blocks after the one cross-attention
+    cross_heads: int = 2
+    latent_heads: int = 16
+    cross_dim_head: int = 64
+    latent_dim_head: int = 64
+    ff_mult: int = 4
+    fc_dim: int = 512  # width of ``audio_fc1`` after pooling over the latent feature axis
+    token_keep: float = 0.5  # training only: fraction of audio tokens kept before cross-attention
+    cross_attention: Literal["softmax", "gelu"] = "softmax"
+
+
+@dataclass(frozen=True)
+class ClaraConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    output_dim: int = 512
+    mask_padding: bool = True  # False reproduces the reference exactly (padding is attended and pooled)
+    attention: Attention = "sdpa"
+    init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
+
+
+def preset_path(name: str) -> Path:
+    return PRESET_DIR / f"{name}.yaml"
+
+
+def load_model_config(name_or_path: str | Path = "medium", overrides: Sequence[str] = ()) -> ClaraConfig:
+    """A preset name (``tiny``/``small``/``medium``/``large``) or a YAML path, plus overrides."""
+    path = Path(name_or_path)
+    if str(name_or_path) in PRESETS:
+        path = preset_path(str(name_or_path))
+    elif not path.exists():
+        raise config_lib.ConfigError(
+            f"{name_or_path}: not a model preset ({', '.join(PRESETS)}) and no such YAML file"
+        )
+    return config_lib.load(ClaraConfig, path, overrides)
+
+
+# The reference LightningModule's constructor defaults: what a checkpoint means when its
+# ``hyper_parameters`` leave a field out.
+_REFERENCE_DEFAULTS = {
+    "output_dim": 512,
+    "text_encoder_embedding": 1024,
+    "text_encoder_pos_embedding_size": 1024,
+    "text_encoder_layers": 1,
+    "text_encoder_heads": 4,
+    "text_encoder_out_channels": 512,
+    "text_encoder_project": 512,
+    "text_encoder_seq_dropout_prob": 0.5,
+    "vocab_size": 50373,
+    "n_mels": 80,
+    "audio_encoder_layers": 5,
+    "audio_encoder_embedding": 512,
+    "audio_encoder_pos_embedding_size": 4096,
+    "audio_encoder_num_latents": 512,
+    "audio_encoder_latent_dim": 512,
+    "audio_encoder_project": 512,
+    "audio_encoder_cross_heads": 1,
+    "audio_encoder_latent_heads": 8,
+    "audio_encoder_cross_dim_head": 64,
+    "audio_encoder_latent_dim_head": 64,
+    "audio_encoder_seq_dropout_prob": 0.5,
+}
+
+_REFERENCE_FIELDS = {
+    "output_dim": ("output_dim",),
+    "text_encoder_embedding": ("text", "width"),
+    "text_encoder_pos_embedding_size": ("text", "max_positions"),
+    "text_encoder_layers": ("text", "layers"),
+    "text_encoder_heads": ("text", "heads"),
+    "text_encoder_out_channels": ("text", "out_channels"),
+    "text_encoder_project": ("text", "fc_dim"),
+    "text_encoder_seq_dropout_prob": ("text", "dropout"),
+    "vocab_size": ("text", "vocab_size"),
+    "n_mels": ("audio", "n_mels"),
+    "audio_encoder_layers": ("audio", "layers"),
+    "audio_encoder_embedding": ("audio", "width"),
+    "audio_encoder_pos_embedding_size": ("audio", "max_positions"),
+    "audio_encoder_num_latents": ("audio", "num_latents"),
+    "audio_encoder_latent_dim": ("audio", "latent_dim"),
+    "audio_encoder_project": ("audio", "fc_dim"),
+    "audio_encoder_cross_heads": ("audio", "cross_heads"),
+    "audio_encoder_latent_heads": ("audio", "latent_heads"),
+    "audio_encoder_cross_dim_head": ("audio", "cross_dim_head"),
+    "audio_encoder_latent_dim_head": ("audio", "latent_dim_head"),
+}
+# Reference hyper-parameters that do not change the architecture (optimiser, scheduler, dropouts
+# that the reference builds but never applies).
+_REFERENCE_IGNORED = {
+    "text_encoder_width",
+    "text_encoder_project_dropout_prob",
+    "audio_encoder_project_dropout_prob",
+    "learning_rate",
+    "learning_rate_patience",
+    "LR_sheduler_T_max",
+    "LR_sheduler_warmup_steps",
+    "LR_sheduler_min_lr",
+    "LR_sheduler_decay",
+    "lr_interval",
+}
+
+
+def from_reference_hparams(hparams: Mapping[str, Any], *, source: str = "hyper_parameters") -> ClaraConfig:
+    """Map a reference checkpoint's ``hyper_parameters`` onto a ``ClaraConfig``.
+
+    Fields the checkpoint leaves out take the reference constructor's defaults; unknown
+    architecture fields are an error.
+    """
+    data: dict[str, Any] = {"audio": {}, "text": {}}
+    unknown = []
+    for key, value in {**_REFERENCE_DEFAULTS, **dict(hparams)}.items():
+        if key in _REFERENCE_FIELDS:
+            target = data
+            *parents, leaf = _REFERENCE_FIELDS[key]
+            for parent in parents:
+                target = target[parent]
+            target[leaf] = value
+        elif key == "audio_encoder_seq_dropout_prob":
+            data["audio"]["token_keep"] = 1.0 - float(value)
+        elif key == "audio_encoder_weight_tie_layers":
+            if value:
+                raise config_lib.ConfigError(f"{source}: tied Perceiver layers are not supported")
+        elif key not in _REFERENCE_IGNORED:
+            unknown.append(key)
+    if unknown:
+        raise config_lib.ConfigError(f"{source}: unknown reference hyper-parameter(s) {', '.join(sorted(unknown))}")
+    return config_lib.from_dict(ClaraConfig, data, source=source)

@@ -1,0 +1,243 @@
+"""The model against the reference math, presets, masking and the attention backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clara.attention import attention, gelu_attention
+from clara.checkpoint import load_checkpoint
+from clara.model import Clara
+from clara.model_config import ClaraConfig, load_model_config
+from clara.perceiver import keep_random_tokens
+from tests.clara.reference_math import (
+    random_reference_state_dict,
+    reference_encode_audio,
+    reference_encode_text,
+    reference_state_dict_shapes,
+)
+
+REFERENCE_SIZES = {
+    # name: (reference hyper_parameters, shape arguments)
+    "tiny": (
+        dict(text_encoder_embedding=32, text_encoder_pos_embedding_size=512, text_encoder_layers=2,
+             text_encoder_heads=2, text_encoder_out_channels=32, text_encoder_project=32, output_dim=16,
+             audio_encoder_layers=2, audio_encoder_embedding=32, audio_encoder_pos_embedding_size=512,
+             audio_encoder_num_latents=32, audio_encoder_latent_dim=32, audio_encoder_project=32,
+             audio_encoder_cross_heads=1, audio_encoder_latent_heads=2, audio_encoder_cross_dim_head=64,
+             audio_encoder_latent_dim_head=64, audio_encoder_weight_tie_layers=False),
+        dict(text_layers=2, text_heads=2, audio_layers=2, cross_heads=1, latent_heads=2, width=32,
+             positions=512, latents=32, out=16),
+    ),
+    "medium": (
+        dict(text_encoder_embedding=512, text_encoder_pos_embedding_size=4096, text_encoder_layers=10,
+             text_encoder_heads=8, text_encoder_out_channels=512, text_encoder_project=512, output_dim=512,
+             vocab_size=50373, n_mels=80, audio_encoder_layers=10, audio_encoder_embedding=512,
+             audio_encoder_pos_embedding_size=4096, audio_encoder_num_latents=512, audio_encoder_latent_dim=512,
+             audio_encoder_project=512, audio_encoder_cross_heads=2, audio_encoder_latent_heads=16,
+             audio_encoder_cross_dim_head=64, audio_encoder_latent_dim_head=64,
+             audio_encoder_weight_tie_layers=False, audio_encoder_seq_dropout_prob=0.5,
+             text_encoder_seq_dropout_prob=0.5, text_encoder_project_dropout_prob=0.8, learning_rate=1e-4),
+        dict(text_layers=10, text_heads=8, audio_layers=10, cross_heads=2, latent_heads=16),
+    ),
+}
+
+
+def write_reference_checkpoint(tmp_path, size):
+    hparams, shape_args = REFERENCE_SIZES[size]
+    state = random_reference_state_dict(reference_state_dict_shapes(**shape_args))
+    path = tmp_path / f"clara-{size}.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "epoch": 3, "global_step": 1000}, path)
+    return path, state, shape_args
+
+
+@pytest.mark.parametrize("name,expected", [("small", 67_281_410), ("medium", 109_419_522), ("large", 641_476_610)])
+def test_preset_parameter_counts_match_the_reference(name, expected):
+    with torch.device("meta"):
+        model = Clara(load_model_config(name))
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_tiny_preset_is_tiny():
+    assert sum(p.numel() for p in Clara(load_model_config("tiny")).parameters()) < 2_000_000
+
+
+@pytest.mark.parametrize("size", ["tiny", "medium"])
+@pytest.mark.parametrize("mask_padding", [True, False])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_reference_checkpoint_matches_reference_math(tmp_path, size, mask_padding, backend):
+    path, state, args = write_reference_checkpoint(tmp_path, size)
+    model = load_checkpoint(path, overrides=[f"mask_padding={str(mask_padding).lower()}", f"attention={backend}"])
+    torch.manual_seed(1)
+    mel = torch.randn(2, 80, 282)  # 3 s at 48 kHz
+    tokens = torch.randint(1, 50373, (2, 17))
+    with torch.no_grad():
+        ours_audio = model.encode_audio(mel)
+        ours_text = model.encode_text(tokens)
+        ref_audio = reference_encode_audio(state, mel, layers=args["audio_layers"],
+                                           cross_heads=args["cross_heads"], latent_heads=args["latent_heads"])
+        ref_text = reference_encode_text(state, tokens, layers=args["text_layers"], heads=args["text_heads"])
+    assert (ours_audio - ref_audio).abs().max() <= 1e-5
+    assert (ours_text - ref_text).abs().max() <= 1e-5
+    # The temperatures are the reference's, as scales.
+    out = model(mel, tokens)
+    assert torch.allclose(out.audio_scale, state["model.audio_tempeture"].exp())
+
+
+def test_unmasked_mode_reproduces_reference_on_padded_batches(tmp_path):
+    path, state, args = write_reference_checkpoint(tmp_path, "tiny")
+    model = load_checkpoint(path, overrides=["mask_padding=false"])
+    mel = torch.randn(2, 80, 100)
+    mel[1, :, 60:] = 0  # zero-padded, as the reference's collate does
+    tokens = torch.randint(1, 50373, (2, 9))
+    tokens[0, 5:] = 0
+    with torch.no_grad():
+        ours = model.encode_audio(mel, torch.tensor([100, 60]))
+        ref = reference_encode_audio(state, mel, layers=2, cross_heads=1, latent_heads=2)
+        ours_t = model.encode_text(tokens, torch.tensor([5, 9]))
+        ref_t = reference_encode_text(state, tokens, layers=2, heads=2)
+    assert (ours - ref).abs().max() <= 1e-5
+    assert (ours_t - ref_t).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return Clara(load_model_config("tiny")).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_masked_batching_leaves_each_item_unchanged(tiny_model, backend):
+    tiny_model.set_attention(backend)
+    frames = [37, 120, 81, 120]  # odd and even lengths exercise the stride-2 conv's edge
+    mels = [torch.randn(80, n) for n in frames]
+    batch = torch.zeros(len(mels), 80, max(frames))
+    for i, m in enumerate(mels):
+        batch[i, :, : m.shape[1]] = m
+    texts = [torch.randint(1, 50373, (n,)) for n in (3, 11, 1, 7)]
+    tokens = torch.zeros(len(texts), 11, dtype=torch.long)
+    for i, t in enumerate(texts):
+        tokens[i, : len(t)] = t
+    with torch.no_grad():
+        batched_audio = tiny_model.encode_audio(batch, torch.tensor(frames))
+        batched_text = tiny_model.encode_text(tokens, torch.tensor([3, 11, 1, 7]))
+        for i in range(len(frames)):
+            alone_audio = tiny_model.encode_audio(mels[i][None])
+            alone_text = tiny_model.encode_text(texts[i][None])
+            assert (batched_audio[i] - alone_audio[0]).abs().max() <= 1e-5
+            assert (batched_text[i] - alone_text[0]).abs().max() <= 1e-5
+
+
+def test_without_masks_padding_changes_the_embedding(tiny_model):
+    """The control for the test above: the reference behaviour does depend on the batch."""
+    mel = torch.randn(1, 80, 40)
+    padded = torch.cat([mel, torch.zeros(1, 80, 60)], dim=2)
+    with torch.no_grad():
+        masked = tiny_model.encode_audio(padded, torch.tensor([40]))
+        tiny_model.config = tiny_model.config.__class__(**{**tiny_model.config.__dict__, "mask_padding": False})
+        unmasked = tiny_model.encode_audio(padded, torch.tensor([40]))
+        alone = tiny_model.encode_audio(mel)
+    assert (masked - alone).abs().max() <= 1e-5
+    assert (unmasked - alone).abs().max() > 1e-3
+
+
+def test_embeddings_are_unit_norm_and_heads_project(tiny_model):
+    with torch.no_grad():
+        a = tiny_model.encode_audio(torch.randn(3, 80, 50))
+        t = tiny_model.encode_text(torch.randint(1, 1000, (3, 6)))
+        raw = tiny_model.encode_text(torch.randint(1, 1000, (3, 6)), normalize=False)
+    assert a.shape == (3, 32) and t.shape == (3, 32)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)
+
+
+def test_temperatures_start_at_log_inverse_0_07():
+    model = Clara(load_model_config("tiny"))
+    assert model.audio_log_scale.item() == pytest.approx(2.659260, abs=1e-6)
+    assert model.text_log_scale.item() == pytest.approx(2.659260, abs=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_sdpa_matches_eager_attention(with_mask):
+    q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 13, 16), torch.randn(3, 4, 13, 16)
+    mask = torch.arange(13)[None] < torch.tensor([13, 5, 1])[:, None] if with_mask else None
+    eager = attention(q, k, v, key_mask=mask, backend="eager")
+    fused = attention(q, k, v, key_mask=mask, backend="sdpa")
+    assert (eager - fused).abs().max() <= 1e-5
+    # flash_attn without a GPU falls back to sdpa rather than failing.
+    assert (attention(q, k, v, key_mask=mask, backend="flash_attn") - eager).abs().max() <= 1e-5
+
+
+def test_masked_attention_ignores_padded_keys():
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    out = attention(q, k, v, key_mask=mask, backend="eager")
+    ref = torch.softmax(q @ k[:, :, :3].transpose(-1, -2) / 8**0.5, -1) @ v[:, :, :3]
+    assert (out - ref).abs().max() <= 1e-6
+
+
+def test_gelu_attention_is_what_its_docstring_says():
+    q, k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    out = gelu_attention(q, k, v, key_mask=mask)
+    for b, n in ((0, 6), (1, 2)):
+        w = torch.nn.functional.gelu(q[b, 0] @ k[b, 0, :n].T * 0.5)  # d = 4 -> scale 1/2
+        assert torch.allclose(out[b, 0], w @ v[b, 0, :n] / n, atol=1e-6)
+
+
+def test_gelu_cross_attention_option_runs_and_differs():
+    torch.manual_seed(0)
+    softmax_model = Clara(load_model_config("tiny")).eval()
+    gelu_model = Clara(load_model_config("tiny", ["audio.cross_attention=gelu"])).eval()
+    gelu_model.load_state_dict(softmax_model.state_dict())
+    mel = torch.randn(2, 80, 64)
+    with torch.no_grad():
+        assert (softmax_model.encode_audio(mel) - gelu_model.encode_audio(mel)).abs().max() > 1e-4
+
+
+def test_sinusoidal_text_positions_option():
+    model = Clara(load_model_config("tiny", ["text.positions=sinusoidal"])).eval()
+    assert model.text.position_embedding is None
+    table = model.text.position_table
+    assert torch.allclose(table[0, 0::2], torch.zeros(16)) and torch.allclose(table[0, 1::2], torch.ones(16))
+    assert table[3, 0].item() == pytest.approx(torch.sin(torch.tensor(3.0)).item(), abs=1e-6)
+    with torch.no_grad():
+        assert model.encode_text(torch.randint(1, 100, (2, 5))).shape == (2, 32)
+    assert "text.position_table" not in model.state_dict()
+
+
+def test_training_keeps_the_configured_fraction_of_real_tokens():
+    tokens = torch.arange(2 * 10, dtype=torch.float32).view(2, 10, 1)
+    mask = torch.arange(10)[None] < torch.tensor([10, 4])[:, None]
+    kept, kept_mask = keep_random_tokens(tokens, mask, 0.5)
+    assert kept.shape == (2, 5, 1)
+    assert kept_mask.sum(1).tolist() == [5, 2]
+    # Every kept, unmasked token of item 1 is one of its 4 real tokens (values 10..13).
+    real = kept[1, kept_mask[1], 0]
+    assert ((real >= 10) & (real <= 13)).all() and len(set(real.tolist())) == 2
+
+
+def test_training_mode_drops_tokens_and_eval_does_not():
+    torch.manual_seed(0)
+    model = Clara(load_model_config("tiny", ["audio.token_keep=0.5"]))
+    mel = torch.randn(1, 80, 64)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.encode_audio(mel), model.encode_audio(mel)
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c, d = model.encode_audio(mel), model.encode_audio(mel)
+    assert not torch.equal(c, d)
+
+
+def test_unknown_config_key_is_rejected_with_its_name():
+    from clara.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key.*lyers"):
+        load_model_config("tiny", ["audio.lyers=3"])
+
+
+def test_default_config_is_medium():
+    assert load_model_config("medium") == ClaraConfig()
