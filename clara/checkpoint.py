@@ -4,8 +4,8 @@ Our format is a directory holding ``model.safetensors`` (tensors only, no code) 
 (the resolved :class:`ClaraConfig`).  ``load_checkpoint`` also reads the reference's Lightning
 ``.ckpt`` (``state_dict`` under ``model.``, architecture in ``hyper_parameters``).  Pickle-based files
 are read with PyTorch's weights-only unpickler, which refuses to run code; the only non-tensor class
-allowed in is Lightning's ``AttributeDict`` (a plain dict), mapped onto a stand-in so Lightning need
-not be installed.  A file that needs more must be opted into with ``allow_pickle=True``.
+allowed in is Lightning's ``AttributeDict`` (a dict with attribute access), read as a plain ``dict``
+so Lightning need not be installed.  A file that needs more must be opted into with ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, of the wrong kind, or does not fit the model."""
-
-
-class _AttributeDict(dict):
-    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access) when unpickling."""
 
 
 _LIGHTNING_DICT_NAMES = (
@@ -70,7 +66,7 @@ def save_checkpoint(model: Clara, path: str | Path) -> Path:
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
     if allow_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
-    stand_ins = [(_AttributeDict, name) for name in _LIGHTNING_DICT_NAMES]
+    stand_ins = [(dict, name) for name in _LIGHTNING_DICT_NAMES]
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -80,8 +76,8 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
             f"{path}: this checkpoint holds pickled Python objects beyond tensors and dicts "
             f"({first_line}); load it with allow_pickle=True (--allow-pickle) only if you trust its source"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+    except Exception as err:  # torch raises many types (RuntimeError, KeyError, EOFError) for non-checkpoints
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
 def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpected: Sequence[str], source: Path) -> None:

@@ -1,0 +1,163 @@
+"""MELD's split CSVs (``{split}_sent_emo.csv``) parsed into validated, clean ``Utterance`` records."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from meld.errors import MeldDataError
+from meld.labels import EMOTIONS, SENTIMENTS, label_index
+from meld.text_repair import repair_text
+
+if TYPE_CHECKING:
+    from meld.layout import SplitLocation
+
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+
+COLUMNS: tuple[str, ...] = (
+    "Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
+    "Season", "Episode", "StartTime", "EndTime",
+)
+_INT_COLUMNS = ("Sr No.", "Dialogue_ID", "Utterance_ID", "Season", "Episode")
+
+_TIMESTAMP = re.compile(r"([0-9]{1,2}):([0-9]{2}):([0-9]{2}),([0-9]{2,3})")
+# Tried in order. A file re-saved by Excel on Windows is cp1252; what neither decodes falls back to
+# Latin-1, which decodes any bytes, and repair_text maps the C1 controls that leaves.
+_ENCODINGS = ("utf-8-sig", "cp1252")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One CSV row. The key is (split, dialogue_id, utterance_id); ``sr_no`` is not unique in train."""
+
+    split: str
+    dialogue_id: int
+    utterance_id: int
+    speaker: str
+    text: str
+    emotion: str
+    sentiment: str
+    season: int
+    episode: int
+    start_s: float
+    end_s: float
+    sr_no: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/dia{self.dialogue_id}_utt{self.utterance_id}"
+
+    @property
+    def clip_name(self) -> str:
+        return f"dia{self.dialogue_id}_utt{self.utterance_id}.mp4"
+
+
+def parse_timestamp(s: str) -> float:
+    """Seconds from an SRT-style ``h:mm:ss,ms`` or ``hh:mm:ss,ms`` time.
+
+    The part after the comma is a decimal fraction of a second, so ",28" is 0.280 s, not 0.028 s. Three
+    rows of MELD have two digits there (train dia437_utt2, test dia187_utt2 and dia233_utt8, all
+    EndTime); reading them as a fraction matches the subtitle frame grid of their episodes (test
+    "0:11:41,41" falls on a 23.976 fps frame boundary, "0:11:41,041" does not), and if a final digit was
+    simply lost the error is under 10 ms instead of up to 900 ms. Raises ValueError on any other format.
+    """
+    match = _TIMESTAMP.fullmatch(s.strip())
+    if match is None:
+        raise ValueError(f"{s!r} is not a time like 0:16:21,731 (h:mm:ss,ms)")
+    hours, minutes, seconds, fraction = match.groups()
+    if int(minutes) >= 60 or int(seconds) >= 60:
+        raise ValueError(f"{s!r} has minutes or seconds above 59")
+    millis = int(fraction.ljust(3, "0"))
+    return (int(hours) * 3_600_000 + int(minutes) * 60_000 + int(seconds) * 1000 + millis) / 1000
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    for encoding in _ENCODINGS:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")
+
+
+def _parse_int(value: str, column: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value.strip()):
+        raise ValueError(f"{column} {value!r} is not a non-negative whole number")
+    return int(value)
+
+
+def _parse_row(row: dict[str, str], split: str) -> Utterance:
+    ints = {column: _parse_int(row[column], column) for column in _INT_COLUMNS}
+    times: dict[str, float] = {}
+    for column in ("StartTime", "EndTime"):
+        try:
+            times[column] = parse_timestamp(row[column])
+        except ValueError as err:
+            raise ValueError(f"{column}: {err}") from None
+    return Utterance(
+        split=split,
+        dialogue_id=ints["Dialogue_ID"],
+        utterance_id=ints["Utterance_ID"],
+        speaker=repair_text(row["Speaker"]),
+        text=repair_text(row["Utterance"]),
+        emotion=EMOTIONS[label_index("emotion", row["Emotion"])],
+        sentiment=SENTIMENTS[label_index("sentiment", row["Sentiment"])],
+        season=ints["Season"],
+        episode=ints["Episode"],
+        start_s=times["StartTime"],
+        end_s=times["EndTime"],
+        sr_no=ints["Sr No."],
+    )
+
+
+def read_split_csv(path: str | Path, split: str) -> list[Utterance]:
+    """All rows of one split's CSV, in file order, with text repaired and every field validated.
+
+    Accepts UTF-8 (with or without BOM), and cp1252/Latin-1 bytes for files re-saved on Windows. Extra
+    columns are ignored. Raises MeldDataError naming the file, line and field of the first problem.
+    """
+    path = Path(path)
+    if split not in SPLITS:
+        raise MeldDataError(f"unknown split {split!r} for {path}; expected one of {', '.join(SPLITS)}")
+    if not path.is_file():
+        raise MeldDataError(f"{path}: file not found (expected the {split} split's CSV)")
+    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise MeldDataError(f"{path}: the file is empty (expected a header row: {', '.join(COLUMNS)})")
+    missing = [column for column in COLUMNS if column not in header]
+    if missing:
+        raise MeldDataError(
+            f"{path}: missing column(s) {', '.join(missing)}; a MELD CSV has {', '.join(COLUMNS)}"
+        )
+    utterances: list[Utterance] = []
+    line_of_key: dict[str, int] = {}
+    for fields in reader:
+        line = reader.line_num
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise MeldDataError(f"{path}, line {line}: {len(fields)} fields, expected {len(header)}")
+        try:
+            utterance = _parse_row(dict(zip(header, fields)), split)
+        except ValueError as err:
+            raise MeldDataError(f"{path}, line {line}: {err}") from None
+        if utterance.key in line_of_key:
+            raise MeldDataError(
+                f"{path}: lines {line_of_key[utterance.key]} and {line} both have Dialogue_ID "
+                f"{utterance.dialogue_id}, Utterance_ID {utterance.utterance_id} ({utterance.key})"
+            )
+        line_of_key[utterance.key] = line
+        utterances.append(utterance)
+    return utterances
+
+
+def load_splits(locations: Mapping[str, SplitLocation]) -> dict[str, list[Utterance]]:
+    """``read_split_csv`` for each located split, e.g. the result of ``meld.layout.find_layout``."""
+    return {split: read_split_csv(location.csv, location.split) for split, location in locations.items()}

@@ -1,0 +1,135 @@
+"""Our checkpoint format, the reference Lightning format, and the errors for bad files."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_reference_state_dict
+from clara.model import Clara
+from clara.model_config import load_model_config
+from clara.model_config import from_reference_hparams
+from tests.clara.test_model import REFERENCE_SIZES, write_reference_checkpoint
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Clara(load_model_config("tiny", ["audio.cross_attention=gelu"])).eval()
+
+
+def test_round_trip_keeps_weights_and_config(tmp_path, model):
+    save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == model.config and not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # Saving again over an existing checkpoint replaces it whole.
+    save_checkpoint(loaded, tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt" / "model.safetensors").config == model.config
+
+
+def test_reference_export_import_round_trip(tmp_path):
+    hparams = REFERENCE_SIZES["tiny"][0]
+    original = Clara(from_reference_hparams(hparams))
+    reference = to_reference_state_dict(original)
+    assert all(k.startswith("model.") for k in reference)
+    # The fused latent qkv splits back into the reference's to_q and to_kv.
+    assert reference["model.audio_encoder.layers.1.0.fn.to_q.weight"].shape == (128, 32)
+    assert reference["model.audio_encoder.layers.1.0.fn.to_kv.weight"].shape == (256, 32)
+    torch.save({"state_dict": reference, "hyper_parameters": hparams}, tmp_path / "exported.ckpt")
+    loaded = load_checkpoint(tmp_path / "exported.ckpt")
+    for key, value in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_reference_checkpoint_has_282_tensors_at_medium(tmp_path):
+    _, state, _ = write_reference_checkpoint(tmp_path, "medium")
+    assert len(state) == 282
+
+
+def test_lightning_attribute_dict_loads_without_lightning_or_pickle_opt_in(tmp_path):
+    """Lightning pickles hyper_parameters as its AttributeDict: a dict we can read safely."""
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    module = types.ModuleType("lightning_fabric.utilities.data")
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__ = module.__name__
+    AttributeDict.__qualname__ = "AttributeDict"
+    module.AttributeDict = AttributeDict
+    fake = {"lightning_fabric": types.ModuleType("lightning_fabric"),
+            "lightning_fabric.utilities": types.ModuleType("lightning_fabric.utilities"),
+            module.__name__: module}
+    sys.modules.update(fake)
+    try:
+        payload["hyper_parameters"] = AttributeDict(payload["hyper_parameters"])
+        torch.save(payload, path)
+    finally:
+        for name in fake:
+            del sys.modules[name]
+    loaded = load_checkpoint(path)
+    assert loaded.config.text.layers == 2
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_refused_unless_opted_in(tmp_path, capsys):
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    payload["callbacks"] = Evil()
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        load_checkpoint(path)
+    assert "this must never run" not in capsys.readouterr().out
+    assert load_checkpoint(path, allow_pickle=True).config.text.layers == 2
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path):
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dict"]["model.text_fc1.bias"]
+    payload["state_dict"]["model.extra.weight"] = torch.zeros(3)
+    payload["state_dict"]["model.conv1.bias"] = torch.zeros(7)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "missing 1 tensor(s): text.fc.bias" in message
+    assert "unexpected 1 tensor(s): model.extra.weight" in message
+    assert "audio.conv1.bias (checkpoint (7,), model (32,))" in message
+
+
+def test_wrong_kinds_of_file_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nothing.ckpt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a CLARA checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "lightning.ckpt")
+    with pytest.raises(CheckpointError, match="no 'model.' keys"):
+        load_checkpoint(tmp_path / "lightning.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(CheckpointError, match="text.ckpt"):
+        load_checkpoint(tmp_path / "text.ckpt")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path / "empty_dir")
+
+
+def test_tied_reference_layers_are_rejected(tmp_path):
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    payload["hyper_parameters"]["audio_encoder_weight_tie_layers"] = True
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="tied Perceiver layers"):
+        load_checkpoint(path)
