@@ -7,7 +7,8 @@ steps, then the mean over timed steps, synchronised.  FLOPs per sample are count
 
 Each variant is a ``-``-joined name: an attention backend (``eager``, ``sdpa``, ``flash_attn``), a
 precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', ``bf16`` = bf16
-autocast), and optional flags: ``compile`` (torch.compile), ``varlen`` (clip lengths drawn from
+autocast), and optional flags: ``compile`` (torch.compile), ``autotune`` (compile with
+max-autotune, no CUDA graphs), ``cudagraphs`` (compile with reduce-overhead), ``varlen`` (clip lengths drawn from
 1-12 s, MELD-like, padded and masked), ``infer`` (eval forward of both towers, no grad).
 MFU is TFLOP/s over the ceiling measured on this device (a large bf16 matmul on GPU, fp32 on CPU).
 
@@ -39,12 +40,15 @@ DEFAULT_GPU_VARIANTS = (
 )
 
 
+_COMPILE_MODES = {"compile": "default", "autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     attention: str
     precision: str
-    compile: bool
+    compile: str  # "" (eager), or a torch.compile mode
     varlen: bool
     infer: bool
 
@@ -52,10 +56,11 @@ class Variant:
     def parse(cls, name: str) -> "Variant":
         parts = name.split("-")
         flags = set(parts[2:])
-        unknown = flags - {"compile", "varlen", "infer"}
+        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer"}
         if len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16") or unknown:
-            raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-compile][-varlen][-infer]")
-        return cls(name, parts[0], parts[1], "compile" in flags, "varlen" in flags, "infer" in flags)
+            raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-compile|-autotune|-cudagraphs][-varlen][-infer]")
+        mode = next((m for flag, m in _COMPILE_MODES.items() if flag in flags), "")
+        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags)
 
 
 def make_batch(batch: int, frames: int, text_len: int, varlen: bool, device: torch.device, seed: int = 0):
@@ -85,7 +90,7 @@ def build(variant: Variant, config_name: str, device: torch.device):
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
     # Compiling the model's forward (and so its backward); the optimizer step stays the fused kernel.
-    runner = torch.compile(model, dynamic=variant.varlen) if variant.compile else model
+    runner = torch.compile(model, mode=variant.compile, dynamic=variant.varlen) if variant.compile else model
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
 
@@ -111,7 +116,7 @@ def count_flops_per_sample(variant: Variant, config_name: str, device: torch.dev
     # The workload's FLOPs do not depend on the kernel, so they are counted once on the eager math
     # (the counter does not see inside every fused kernel), uncompiled, and for inference on a plain
     # forward: the counter's module tracker needs autograd, and a forward costs the same without it.
-    probe = Variant(variant.name, "eager", "fp32", False, False, False)
+    probe = Variant(variant.name, "eager", "fp32", "", False, False)
     model, step = build(probe, config_name, device)
     batch = 4
     inputs = make_batch(batch, frames, text_len, False, device)
