@@ -8,7 +8,9 @@ steps, then the mean over timed steps, synchronised.  FLOPs per sample are count
 Each variant is a ``-``-joined name: an attention backend (``eager``, ``sdpa``, ``flash_attn``), a
 precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', ``bf16`` = bf16
 autocast), and optional flags: ``compile`` (torch.compile), ``autotune`` (compile with
-max-autotune, no CUDA graphs), ``cudagraphs`` (compile with reduce-overhead), ``varlen`` (clip lengths drawn from
+max-autotune, no CUDA graphs), ``cudagraphs`` (compile with reduce-overhead), ``fa2`` (restrict
+SDPA to its FlashAttention-2 kernel, or memory-efficient where a mask rules flash out, instead of
+letting PyTorch pick cuDNN), ``varlen`` (clip lengths drawn from
 1-12 s, MELD-like, padded and masked), ``infer`` (eval forward of both towers, no grad).
 MFU is TFLOP/s over the ceiling measured on this device (a large bf16 matmul on GPU, fp32 on CPU).
 
@@ -51,16 +53,17 @@ class Variant:
     compile: str  # "" (eager), or a torch.compile mode
     varlen: bool
     infer: bool
+    fa2: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         parts = name.split("-")
         flags = set(parts[2:])
-        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer"}
+        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer", "fa2"}
         if len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16") or unknown:
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-compile|-autotune|-cudagraphs][-varlen][-infer]")
         mode = next((m for flag, m in _COMPILE_MODES.items() if flag in flags), "")
-        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags)
+        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags, "fa2" in flags)
 
 
 def make_batch(batch: int, frames: int, text_len: int, varlen: bool, device: torch.device, seed: int = 0):
@@ -78,9 +81,15 @@ def make_batch(batch: int, frames: int, text_len: int, varlen: bool, device: tor
 
 
 def autocast_for(variant: Variant, device: torch.device):
+    """The step's numeric context: bf16 autocast for bf16 variants, and the SDPA kernel choice."""
+    stack = contextlib.ExitStack()
     if variant.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if variant.fa2:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]))
+    return stack
 
 
 def build(variant: Variant, config_name: str, device: torch.device):

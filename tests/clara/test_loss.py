@@ -62,6 +62,11 @@ def _worker(rank, world, port, audio, text, queue):
         loss = ContrastiveLoss(gather=True)(local_audio, local_text, torch.tensor(12.0), torch.tensor(7.0))
         loss.backward()
         queue.put((rank, loss.item(), local_audio.grad.tolist()))  # plain lists: no shared memory
+        queue.close()
+        queue.join_thread()
+        # Both processes finish their collectives before either tears gloo down; tearing down
+        # while the peer still talks aborts the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
