@@ -1,0 +1,68 @@
+"""The config system: YAML + overrides into frozen dataclasses, with errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from clara import config as config_lib
+from clara.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "run"
+    inner: Inner = field(default_factory=Inner)
+    tags: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+def test_yaml_and_overrides_build_frozen_dataclasses(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ninner:\n  steps: 5\ntags: [a, b]\n")
+    cfg = config_lib.load(Outer, path, ["inner.lr=2e-3", "inner.kind=b", "limit=7"])
+    assert cfg == Outer(name="x", inner=Inner(lr=0.002, steps=5, kind="b"), tags=("a", "b"), limit=7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "y"
+    assert config_lib.from_dict(Outer, config_lib.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["inner.stpes=3"], r"inner: unknown key\(s\) stpes for Inner"),
+        (["inner.steps=three"], r"inner.steps: expected an integer, got 'three'"),
+        (["inner.lr=fast"], r"inner.lr: expected a number, got 'fast'"),
+        (["inner.kind=c"], r"inner.kind: 'c' is not one of \['a', 'b'\]"),
+        (["inner"], r"expected key=value"),
+        (["name.x=1"], r"name: expected a string, got \{'x': 1\}"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.load(Outer, None, overrides)
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        config_lib.load(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        config_lib.load(Outer, bad)
+
+
+def test_replace_and_save_round_trip(tmp_path):
+    cfg = config_lib.replace(Outer(), ["inner.steps=3"])
+    config_lib.save_yaml(cfg, tmp_path / "resolved.yaml")
+    assert config_lib.load(Outer, tmp_path / "resolved.yaml") == cfg
