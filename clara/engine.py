@@ -1,0 +1,458 @@
+"""One training engine for CLARA pretraining and for fine-tuning.
+
+A *task* says what one training step computes; the engine does everything around it: devices and
+``torchrun`` process groups (DDP), mixed precision, AdamW with the warmup + cosine-restarts
+schedule, gradient accumulation and clipping, TensorBoard and progress, periodic held-out
+evaluation, atomic checkpoints and exact resume.
+
+A task is any object with
+
+* ``training_step(model, batch) -> (loss, logs)``: ``model`` is the (possibly DDP-wrapped) model,
+  ``batch`` the collated batch already on the device; ``loss`` a scalar tensor; ``logs`` a
+  ``dict[str, float | Tensor]`` of scalars to average and log (the same keys on every process);
+* optionally ``evaluate(model) -> dict[str, float]``: run on the main process only, with the bare
+  model in eval mode under ``torch.no_grad()``; the RNG states are restored afterwards, so how often
+  one evaluates never changes training.
+
+Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, step, epoch, the
+position in the epoch and every process's python / numpy / torch (and CUDA) RNG state.  The data
+order is a pure function of (seed, epoch), so skipping the batches already seen in the current
+epoch puts the loader where the interrupted run was; datasets with their own per-sample randomness
+get ``set_epoch(epoch)`` before each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from clara import config as config_lib
+from clara import distributed
+from clara.checkpoint import CheckpointError
+from clara.io_utils import atomic_path
+from clara.optim import WarmupCosineRestarts, build_optimizer
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # optimiser steps; 0 = train for ``epochs``
+    epochs: int = 120
+    batch_size: int = 16  # per process and micro-batch
+    accumulation: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 1000  # at the start of every cycle
+    cycle_steps: int = 5000  # 0 = one cycle over the whole run
+    weight_decay: float = 0.01
+    decay_1d: bool = False  # also decay biases, norms and temperatures (the reference did)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on GPU only; CPU runs fp32
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the start (if eval_at_start) and at the end
+    eval_at_start: bool = True
+    checkpoint_every: int = 0  # 0 = only at the end
+    seed: int = 1234
+    out_dir: str = "runs/clara"
+    num_workers: int = 0
+    resume: bool | None = None  # None: resume when out_dir has a checkpoint; true: must; false: start over
+    find_unused_parameters: bool = False  # DDP, for models whose steps leave some parameters unused
+    progress: bool = True  # tqdm bar (shown only on a terminal, main process)
+
+
+class Task(Protocol):
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Mapping[str, Any]]: ...
+
+
+@dataclass
+class FitResult:
+    step: int
+    epoch: int
+    seconds: float
+    resumed_from: int | None  # the checkpoint step this run started from, None for a fresh run
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per log: step + means
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # step + the task's metrics
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types ``torch.load(weights_only=True)`` reads back."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached]}
+    state["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of indices for one process, resumable mid-epoch.
+
+    Each epoch shuffles all indices with a generator seeded by (seed, epoch) and cuts the order into
+    global batches of ``batch_size x world_size``; process ``rank`` takes slice ``rank`` of each.
+    Incomplete global batches are dropped (contrastive losses want full batches; DDP wants equal
+    counts), and the count is cut to a multiple of ``multiple_of`` (the accumulation).
+    ``set_epoch(epoch, skip)`` starts the next iteration after ``skip`` batches.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, multiple_of: int = 1) -> None:  # fmt: skip
+        self.num_samples, self.batch_size, self.seed, self.shuffle = num_samples, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        global_batches = num_samples // (batch_size * world_size)
+        self.batches_per_epoch = global_batches // multiple_of * multiple_of
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.skip)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(self.num_samples)
+        global_batch = self.batch_size * self.world_size
+        for index in range(self.skip, self.batches_per_epoch):
+            start = index * global_batch + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor (inside dicts, lists, tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+def _check(config: TrainConfig) -> None:
+    positive = ("batch_size", "accumulation", "log_every")
+    problems = [f"{name} must be at least 1, got {getattr(config, name)}" for name in positive if getattr(config, name) < 1]
+    non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers")
+    problems += [f"{name} must be >= 0, got {getattr(config, name)}" for name in non_negative if getattr(config, name) < 0]
+    if config.steps == 0 and config.epochs == 0:
+        problems.append("set steps or epochs above 0")
+    if config.cycle_steps and config.warmup_steps >= config.cycle_steps:
+        problems.append(f"warmup_steps ({config.warmup_steps}) must be below cycle_steps ({config.cycle_steps})")
+    if not config.cycle_steps and config.steps and config.warmup_steps >= config.steps:
+        problems.append(f"warmup_steps ({config.warmup_steps}) must be below steps ({config.steps})")
+    if problems:
+        raise config_lib.ConfigError("train: " + "; ".join(problems))
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` with ``task``; ``fit()`` runs (or resumes) to the last step."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module, task: Task, train_data: Dataset, *,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, env: distributed.DistEnv | None = None) -> None:  # fmt: skip
+        _check(config)
+        self.config = config
+        self.env = env or distributed.init(config.device)
+        self.device = self.env.device
+        self.task = task
+        self.train_data = train_data
+        self.out_dir = Path(config.out_dir)
+        self.model = model.to(self.device)
+
+        self.sampler = ResumableBatchSampler(
+            len(train_data), config.batch_size, rank=self.env.rank, world_size=self.env.world_size,
+            seed=config.seed, multiple_of=config.accumulation,
+        )  # fmt: skip
+        self.steps_per_epoch = self.sampler.batches_per_epoch // config.accumulation
+        self.samples_per_step = config.batch_size * config.accumulation * self.env.world_size
+        if self.steps_per_epoch == 0:
+            raise config_lib.ConfigError(
+                f"train: {len(train_data)} training samples make no full step of batch_size {config.batch_size} "
+                f"x accumulation {config.accumulation} x {self.env.world_size} process(es); lower batch_size"
+            )
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        # The loader draws worker seeds from its own generator, not from the global RNG, so creating
+        # a loader mid-epoch on resume leaves the global RNG exactly where the first run had it.
+        self.loader = DataLoader(
+            train_data, batch_sampler=self.sampler, collate_fn=collate_fn, num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
+        )  # fmt: skip
+
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, decay_1d=config.decay_1d)
+        try:
+            self.scheduler = WarmupCosineRestarts(
+                self.optimizer, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                cycle_steps=config.cycle_steps or self.total_steps,
+            )  # fmt: skip
+        except ValueError as err:  # warmup longer than an epoch-based run
+            raise config_lib.ConfigError(f"train: {err}") from None
+        self.precision = self._resolve_precision()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.wrapped: nn.Module = self.model
+        if self.env.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            unused = config.find_unused_parameters
+            self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=unused)
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self.writer = None
+
+    def _resolve_precision(self) -> str:
+        requested = self.config.precision
+        if self.device.type != "cuda":
+            if requested in ("bf16", "fp16"):
+                self._print(f"precision={requested} applies to GPUs; training in fp32 on {self.device}")
+            return "fp32"
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _print(self, message: str) -> None:
+        if self.env.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, rng: dict[str, Any] | None = None) -> Path:
+        """Write ``out_dir/checkpoint.pt`` atomically, with ``rng`` (default: the current RNG state)
+        as this process's; every process must call it."""
+        states = distributed.all_gather_object(rng if rng is not None else rng_state())
+        path = self.out_dir / CHECKPOINT_FILE
+        if self.env.is_main:
+            payload = {
+                "format": "meld-clara-train/1", "config": config_lib.to_dict(self.config),
+                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "samples_per_step": self.samples_per_step, "rng": states,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            }  # fmt: skip
+            with atomic_path(path) as tmp:
+                torch.save(payload, tmp)
+        distributed.barrier()
+        return path
+
+    def _resume(self) -> bool:
+        path = self.out_dir / CHECKPOINT_FILE
+        if self.config.resume is False or not path.is_file():
+            if self.config.resume is True:
+                raise CheckpointError(f"{path}: train.resume=true but there is no checkpoint to resume from")
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as err:
+            message = f"{path}: not a readable training checkpoint ({err}); delete it or set train.resume=false"
+            raise CheckpointError(message) from None
+        if state.get("format") != "meld-clara-train/1":
+            raise CheckpointError(f"{path}: not a meld-clara training checkpoint; delete it or set train.resume=false")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if state["samples_per_step"] != self.samples_per_step:
+            # Another batch size or process count: continue from the same sample of the epoch, not exactly.
+            self.step_in_epoch = min(self.step_in_epoch * state["samples_per_step"] // self.samples_per_step, self.steps_per_epoch)
+            self._print(f"{path}: batch geometry changed since the checkpoint; resuming approximately")
+        if len(state["rng"]) == self.env.world_size:
+            set_rng_state(state["rng"][self.env.rank])
+        else:
+            seed_everything(self.config.seed + self.env.rank + self.step)
+        self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+        return True
+
+    # -- logging and evaluation ----------------------------------------------------------------
+
+    def _record(self, prefix: str, values: dict[str, float]) -> None:
+        record = {"step": self.step, **{f"{prefix}/{k}": v for k, v in values.items()}}
+        (self.history if prefix == "train" else self.evaluations).append(record)
+        if not self.env.is_main:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, self.step)
+        self.writer.flush()
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        self._print(f"[{prefix} step {self.step}/{self.total_steps}] {shown}")
+
+    def _trim_metrics(self, last_kept: int) -> None:
+        """Keep only the ``metrics.jsonl`` records up to step ``last_kept``."""
+        path = self.out_dir / METRICS_FILE
+        if self.env.is_main and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_kept]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's held-out metrics at the current step (empty if the task has no ``evaluate``)."""
+        metrics: dict[str, float] = {}
+        if hasattr(self.task, "evaluate") and self.env.is_main:
+            self.model.eval()
+            with preserved_rng(), torch.no_grad(), self._autocast():
+                metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+            self.model.train()
+            self._record("eval", metrics)
+        distributed.barrier()
+        return metrics
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
+        """One optimiser step over ``accumulation`` micro-batches; returns the summed logs."""
+        accumulation = self.config.accumulation
+        sums: dict[str, Any] = {}
+        for micro in range(accumulation):
+            batch = move_to(next(batches), self.device)
+            # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+            last = micro == accumulation - 1
+            sync = nullcontext() if last or self.env.world_size == 1 else self.wrapped.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, logs = self.task.training_step(self.wrapped, batch)
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            for key, value in {"loss": loss, **logs}.items():
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                sums[key] = sums.get(key, 0.0) + value / accumulation
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit).detach().float()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        return sums
+
+    def _start(self) -> int | None:
+        """Resume or seed, and open the logs; returns the step resumed from (None for a fresh run)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self._resume()
+        if not resumed:
+            seed_everything(self.config.seed + self.env.rank)
+        # Records past the checkpoint were written by the interrupted run; a fresh run drops them all.
+        last_kept = self.step if resumed else -1
+        self._trim_metrics(last_kept)
+        if self.env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=last_kept + 1)
+        self._print(
+            f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.device} in {self.precision}: "
+            f"{self.config.batch_size} x {self.config.accumulation} x {self.env.world_size} samples per step; "
+            f"output in {self.out_dir}"
+        )
+        if resumed and self.step >= self.total_steps:
+            self._print(f"the checkpoint already holds all {self.total_steps} steps; train.resume=false starts over")
+        return self.step if resumed else None
+
+    def fit(self) -> FitResult:
+        """Train from scratch or from ``out_dir``'s checkpoint to ``total_steps``; returns the logs."""
+        resumed_from = self._start()
+        started = time.perf_counter()
+        if resumed_from is None and self.config.eval_at_start:
+            self.evaluate()
+        show = self.config.progress and self.env.is_main and sys.stderr.isatty()
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not show, dynamic_ncols=True, unit="step")
+        window: dict[str, Any] = {}
+        window_steps, busy = 0, 0.0  # busy: seconds spent in training steps, data loading included
+        step_start_rng = rng_state()  # what a checkpoint of the last finished step must hold
+        try:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.config.accumulation)
+                if hasattr(self.train_data, "set_epoch"):
+                    self.train_data.set_epoch(self.epoch)
+                batches = iter(self.loader)
+                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    tick = time.perf_counter()
+                    for key, value in self._train_step(batches).items():
+                        window[key] = window.get(key, 0.0) + value
+                    busy += time.perf_counter() - tick
+                    step_start_rng = rng_state()
+                    self.step, self.step_in_epoch, window_steps = self.step + 1, self.step_in_epoch + 1, window_steps + 1
+                    progress.update(1)
+                    if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                        means = {k: float(v) / window_steps for k, v in window.items()}
+                        means["samples_per_s"] = window_steps * self.samples_per_step / max(busy, 1e-9)
+                        means = distributed.all_reduce_mean(means, self.device)
+                        progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+                        self._record("train", means)
+                        window, window_steps, busy = {}, 0, 0.0
+                    if self.step < self.total_steps:  # the last step is evaluated and saved below
+                        if self.config.eval_every and self.step % self.config.eval_every == 0:
+                            self.evaluate()
+                        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                            self.save()
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        except KeyboardInterrupt:
+            # Single process only (under DDP the others may be gone already), stored as if the
+            # unfinished step had never started.
+            if self.env.world_size == 1 and self.step > (resumed_from or 0):
+                self._print(f"interrupted: saving step {self.step} to {self.save(step_start_rng)}")
+            raise
+        finally:
+            progress.close()
+        self.evaluate()
+        self.save()
+        if self.writer is not None:
+            self.writer.close()
+        seconds = time.perf_counter() - started
+        return FitResult(self.step, self.epoch, seconds, resumed_from, self.history, self.evaluations)

@@ -1,0 +1,217 @@
+"""CLARA contrastive pretraining: ``python -m clara.pretrain [--config YAML] [key=value ...]``.
+
+Without ``--config`` the settings come from ``configs/pretrain/demo.yaml``: a synthetic
+audio-caption set is built in the cache (``$MELD_CLARA_CACHE`` or ``~/.cache/meld-clara``) and the
+tiny model pretrains on it for a few minutes on a CPU, printing progress and a summary of held-out
+retrieval before and after.  ``configs/pretrain/reference.yaml`` documents the reference recipe.
+Several processes: ``torchrun --nproc_per_node N -m clara.pretrain ...`` (negatives are gathered
+from every process).
+
+Outputs in ``train.out_dir``: ``checkpoint.pt`` (the training state, for resuming), ``model/``
+(the weights, for ``clara.checkpoint.load_checkpoint``), ``config.yaml``, ``metrics.jsonl`` and
+``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from clara import config as config_lib
+from clara import distributed
+from clara.audio_frontend import LogMel
+from clara.audio_io import AudioDecodeError
+from clara.augment import AugmentConfig, MelAugment, WaveAugment, check_config
+from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from clara.demo_pairs import build_demo
+from clara.engine import TrainConfig, Trainer, seed_everything
+from clara.loss import ContrastiveLoss
+from clara.model import Clara
+from clara.model_config import CONFIG_ROOT, load_model_config
+from clara.pretrain_data import DataError, EnvMixDataset, PairDataset, PretrainCollate
+from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
+from clara.tokenizer import Tokenizer
+
+DEMO_CONFIG = CONFIG_ROOT / "pretrain" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # "demo", a .jsonl/.csv manifest, or tar shards (file, folder, glob; comma-separated)
+    eval: str = ""  # held-out pairs for retrieval metrics, same forms; "" = none
+    env: str = ""  # environmental sounds (a manifest or shards) for augment.mix; "" = no mixing
+    max_seconds: float = 10.0  # clips are cut to their first max_seconds
+    language: str = "en"  # for items without a language
+    cache_audio: bool = False  # keep decoded clips in memory (small sets; each loader worker keeps its own)
+    eval_batch_size: int = 64
+    demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: str = "tiny"  # a preset name (tiny, small, medium, large) or a model YAML
+    init: str = ""  # start from these weights (our checkpoint folder or the reference .ckpt); replaces `model`
+    tokenizer_merges: Literal["reference", "corrected"] = "reference"
+    gather: bool = True  # negatives from every process under torchrun
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ContrastiveTask:
+    """Augment -> log-mel -> mask -> both towers -> symmetric contrastive loss; held-out retrieval."""
+
+    def __init__(
+        self,
+        augment: AugmentConfig,
+        device: torch.device,
+        *,
+        gather: bool,
+        eval_data: PairDataset | None = None,
+        tokenizer: Tokenizer | None = None,
+        eval_batch_size: int = 64,
+    ) -> None:
+        self.device = device
+        self.frontend = LogMel().to(device)
+        self.wave_augment = WaveAugment(augment)
+        self.mel_augment = MelAugment(augment.masking)
+        self.loss = ContrastiveLoss(gather=gather)
+        self.eval_data = eval_data
+        self.tokenizer = tokenizer
+        self.eval_batch_size = eval_batch_size
+        if eval_data is not None:
+            # Held-out captions can repeat: embed each once; text_of_audio[i] is audio i's caption.
+            self.eval_captions = sorted({record.caption for record in eval_data.records})
+            position = {caption: i for i, caption in enumerate(self.eval_captions)}
+            self.text_of_audio = torch.tensor([position[record.caption] for record in eval_data.records])
+            self.chance = chance_levels(self.text_of_audio, len(self.eval_captions))
+
+    def training_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        wave = self.wave_augment(batch["wave"])  # [B, N]
+        mel, frames = self.frontend(wave, batch["wave_lengths"])  # [B, 80, T], [B]
+        mel = self.mel_augment(mel, frames)
+        out = model(mel, batch["tokens"], frames, batch["token_lengths"])
+        loss = self.loss(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale)
+        a2t, t2a = in_batch_top1(out.audio_embeds.detach() @ out.text_embeds.detach().T)
+        logs = {"audio_scale": out.audio_scale.detach(), "text_scale": out.text_scale.detach(), "a2t_top1": a2t, "t2a_top1": t2a}
+        return loss, logs
+
+    def evaluate(self, model: Clara) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        collate = PretrainCollate(self.tokenizer)
+        audio = []
+        for batch in DataLoader(self.eval_data, batch_size=self.eval_batch_size, collate_fn=collate):
+            mel, frames = self.frontend(batch["wave"].to(self.device), batch["wave_lengths"].to(self.device))
+            audio.append(model.encode_audio(mel, frames).float())
+        texts = []
+        for start in range(0, len(self.eval_captions), self.eval_batch_size):
+            tokens, lengths = self.tokenizer.encode_batch(self.eval_captions[start : start + self.eval_batch_size])
+            texts.append(model.encode_text(tokens.to(self.device), lengths.to(self.device)).float())
+        return retrieval_metrics(torch.cat(audio), torch.cat(texts), self.text_of_audio.to(self.device))
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
+    config = config_lib.load(PretrainConfig, path if path is not None else DEMO_CONFIG, overrides)
+    check_config(config.augment)
+    if not config.data.train:
+        raise config_lib.ConfigError("data.train: set a manifest (.jsonl/.csv), tar shards, or 'demo'")
+    return config
+
+
+def resolve_demo(config: PretrainConfig, env: distributed.DistEnv) -> PretrainConfig:
+    """``data.train=demo``: build the synthetic set (main process first) and point the data at it."""
+    if config.data.train != "demo":
+        return config
+    if env.is_main:
+        build_demo(config.data.demo_dir or None)
+    distributed.barrier()
+    paths = build_demo(config.data.demo_dir or None)  # finds the finished build
+    data = config.data
+    data = replace(data, train=str(paths.train), eval=data.eval or str(paths.eval), env=data.env or str(paths.env))
+    return replace(config, data=data)
+
+
+def build_model(config: PretrainConfig) -> Clara:
+    if config.init:
+        return load_checkpoint(config.init).train()
+    return Clara(load_model_config(config.model))
+
+
+def run(config: PretrainConfig) -> dict[str, Any]:
+    """Pretrain as ``config`` says; returns the summary (also printed on the main process)."""
+    env = distributed.init(config.train.device)
+    config = resolve_demo(config, env)
+    seed_everything(config.train.seed)  # the same initial weights in every process
+    model = build_model(config)
+    data = config.data
+    tokenizer = Tokenizer(language=data.language, merges=config.tokenizer_merges, max_length=model.config.text.max_positions)
+    train_data = PairDataset(data.train, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
+    if data.env and config.augment.mix.p > 0:
+        env_data = PairDataset(data.env, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
+        train_data = EnvMixDataset(train_data, env_data, config.augment.mix, seed=config.train.seed)
+    # Only the main process evaluates.
+    eval_data = None
+    if data.eval and env.is_main:
+        eval_data = PairDataset(data.eval, max_seconds=data.max_seconds, language=data.language, cache_audio=True)
+    task = ContrastiveTask(
+        config.augment, env.device, gather=config.gather, eval_data=eval_data, tokenizer=tokenizer,
+        eval_batch_size=data.eval_batch_size,
+    )  # fmt: skip
+    trainer = Trainer(config.train, model, task, train_data, collate_fn=PretrainCollate(tokenizer), env=env)
+    out_dir = Path(config.train.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.save_yaml(config, out_dir / "config.yaml")
+    result = trainer.fit()
+    summary: dict[str, Any] = {"steps": result.step, "seconds": round(result.seconds, 1), "out_dir": str(out_dir)}
+    if env.is_main:
+        save_checkpoint(model, out_dir / "model")
+        if result.history:
+            summary["final_loss"] = result.history[-1]["train/loss"]
+        if result.evaluations:
+            summary["eval_first"], summary["eval_last"] = result.evaluations[0], result.evaluations[-1]
+        if eval_data is not None:
+            summary["chance"] = task.chance
+        _print_summary(summary, len(train_data), eval_data)
+    distributed.barrier()
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], train_size: int, eval_data: PairDataset | None) -> None:
+    print(f"\npretrained {summary['steps']} steps on {train_size} pairs in {summary['seconds']} s")
+    if "final_loss" in summary:
+        print(f"final training loss {summary['final_loss']:.4f}")
+    if eval_data is not None and "eval_last" in summary:
+        first, last, chance = summary["eval_first"], summary["eval_last"], summary["chance"]
+        steps = f"step {last['step']}" if first is last else f"step {first['step']} -> step {last['step']}"
+        print(f"held-out retrieval on {len(eval_data)} clips ({steps}; chance):")
+        for key in chance:
+            before = "" if first is last else f"{first['eval/' + key]:.3f} -> "
+            print(f"  {key:<10} {before}{last['eval/' + key]:.3f}   (chance {chance[key]:.3f})")
+    print(f"weights: {summary['out_dir']}/model   training state: {summary['out_dir']}/checkpoint.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clara.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help=f"a pretraining YAML (default: {DEMO_CONFIG.relative_to(CONFIG_ROOT.parent)})")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 augment.reverb.p=0.5")
+    args = parser.parse_args(argv)
+    try:
+        run(load_config(args.config, args.overrides))
+    except (config_lib.ConfigError, DataError, CheckpointError, AudioDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

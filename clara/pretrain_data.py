@@ -1,0 +1,262 @@
+"""Audio-caption pairs for pretraining: manifests, tar shards, environmental-sound mixing, collation.
+
+Sources:
+
+* a manifest, JSONL (one object per line) or CSV (with a header), with the fields ``audio`` (a
+  path, relative to the manifest's folder or absolute), ``caption`` and optionally ``language``;
+* webdataset-style tar shards: members named ``<key>.<ext>``, one audio member (flac, wav, mp3,
+  ogg, opus, m4a) and one ``json`` member per key, the JSON holding ``text`` (a string, or a list
+  whose first string is used) and optionally ``language`` or ``original_data.language``, as the
+  reference's shards do.  Shards are indexed once with the standard library's ``tarfile``; items
+  are then read by offset, so the dataset is map-style and shuffles like a manifest.
+
+Items are dicts ``{"wave": [N] float 48 kHz mono, "caption": str, "language": str}``.
+:class:`PretrainCollate` pads waveforms and tokenises captions; the log-mel is computed on the
+device by the task, after the waveform augmentations.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clara.audio_io import load_audio
+from clara.augment import CaptionRewriter, MixConfig, fit_env, merge_captions, mix, rms
+
+AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
+
+
+class DataError(ValueError):
+    """A manifest or shard that cannot be read, named with the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class Record:
+    audio: str  # a file path, or "<shard>#<member>" for tar members
+    caption: str
+    language: str | None = None
+
+
+def _record(fields: dict[str, Any], base: Path, where: str) -> Record:
+    audio, caption = fields.get("audio"), fields.get("caption")
+    if not isinstance(audio, str) or not audio.strip():
+        raise DataError(f"{where}: expected a non-empty 'audio' path")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(f"{where}: expected a non-empty 'caption'")
+    language = fields.get("language") or None
+    if language is not None and not isinstance(language, str):
+        raise DataError(f"{where}: 'language' must be a string such as 'en'")
+    return Record(audio=str((base / audio).resolve()), caption=caption.strip(), language=language)
+
+
+def read_manifest(path: str | Path) -> list[Record]:
+    """Records of a ``.jsonl`` or ``.csv`` manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    records = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(fields, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            records.append(_record(fields, path.parent, f"{path}:{number}"))
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"audio", "caption"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: the header needs the column(s) {', '.join(sorted(missing))}")
+            for number, row in enumerate(reader, start=2):
+                records.append(_record(row, path.parent, f"{path}:{number}"))
+    else:
+        raise DataError(f"{path}: expected a .jsonl or .csv manifest")
+    if not records:
+        raise DataError(f"{path}: the manifest lists no samples")
+    return records
+
+
+def _caption_of(meta: dict[str, Any]) -> tuple[str | None, str | None]:
+    text = meta.get("text")
+    if isinstance(text, list):
+        text = next((t for t in text if isinstance(t, str) and t.strip()), None)
+    original = meta.get("original_data")
+    language = meta.get("language") or (original.get("language") if isinstance(original, dict) else None)
+    return (text.strip() if isinstance(text, str) and text.strip() else None), language
+
+
+def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, int]]]:
+    """(record, (shard, data offset, size) of its audio member) for every complete sample."""
+    samples = []
+    for shard in paths:
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile():
+                        folder, name = os.path.split(member.name)
+                        key, _, extension = name.partition(".")
+                        groups.setdefault(os.path.join(folder, key), {})[extension.lower()] = member
+                for key, members in groups.items():
+                    audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
+                    if audio is None or "json" not in members:
+                        continue
+                    try:
+                        meta = json.loads(tar.extractfile(members["json"]).read())
+                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                        raise DataError(f"{shard}: {members['json'].name}: not valid JSON ({err})") from None
+                    caption, language = _caption_of(meta if isinstance(meta, dict) else {})
+                    if caption is None:
+                        raise DataError(f"{shard}: {members['json'].name}: expected a non-empty 'text'")
+                    record = Record(audio=f"{shard}#{audio.name}", caption=caption, language=language)
+                    samples.append((record, (shard, audio.offset_data, audio.size)))
+        except tarfile.TarError as err:
+            raise DataError(f"{shard}: not a readable tar file ({err})") from None
+    return samples
+
+
+def expand_source(spec: str) -> list[Path]:
+    """``a.tar,b.tar``, a glob such as ``shards/*.tar``, or a folder of ``.tar`` files -> shard paths."""
+    paths: list[Path] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        expanded = os.path.expanduser(part)
+        if os.path.isdir(expanded):
+            paths += sorted(Path(expanded).glob("*.tar"))
+        elif glob.has_magic(expanded):
+            paths += sorted(Path(p) for p in glob.glob(expanded))
+        else:
+            paths.append(Path(expanded))
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: shard not found")
+    if not paths:
+        raise DataError(f"{spec}: matches no .tar shards")
+    return paths
+
+
+class PairDataset(Dataset):
+    """Audio-caption pairs from a manifest or tar shards; decodes (and optionally caches) audio."""
+
+    def __init__(self, source: str, *, max_seconds: float | None = 10.0, language: str = "en", cache_audio: bool = False):
+        self.source = source
+        self.max_seconds = max_seconds
+        self.language = language
+        self.cache_audio = cache_audio
+        self._cache: dict[int, torch.Tensor] = {}
+        if source.endswith((".jsonl", ".csv")):
+            self.records = read_manifest(source)
+            self._members: list[tuple[Path, int, int]] | None = None
+        else:
+            indexed = index_shards(expand_source(source))
+            if not indexed:
+                raise DataError(f"{source}: the shards hold no complete (audio + json) samples")
+            self.records = [record for record, _ in indexed]
+            self._members = [member for _, member in indexed]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _decode(self, index: int) -> torch.Tensor:
+        if self._members is None:
+            return load_audio(self.records[index].audio, max_seconds=self.max_seconds)
+        shard, offset, size = self._members[index]
+        with open(shard, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        # PyAV decodes from a path here; the member goes through a temporary file.
+        suffix = "." + self.records[index].audio.rsplit(".", 1)[-1]
+        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            return load_audio(tmp.name, max_seconds=self.max_seconds)
+
+    def wave(self, index: int) -> torch.Tensor:
+        if index in self._cache:
+            return self._cache[index]
+        wave = self._decode(index)
+        if self.cache_audio:
+            self._cache[index] = wave
+        return wave
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        return {"wave": self.wave(index), "caption": record.caption, "language": record.language or self.language}
+
+
+class EnvMixDataset(Dataset):
+    """Mixes environmental sounds into a pair dataset, the seed's â = λ·speech + (1 − λ)·env.
+
+    Whether item ``i`` is mixed in epoch ``e``, with which env clip, from which offset and with which
+    λ are drawn from a generator seeded by (seed, e, i): the same in every worker, process and
+    resumed run.  The caption becomes ``template.format(speech=..., env=...)``, rewritten by the
+    local language model when ``lm_path`` is set.
+    """
+
+    def __init__(self, base: Dataset, env: PairDataset, config: MixConfig, seed: int):
+        self.base = base
+        self.env = env
+        self.config = config
+        self.seed = seed
+        self.epoch = 0
+        self.rewriter = CaptionRewriter(config) if config.lm_path else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.base[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.config.p <= 0 or len(self.env) == 0 or rng.random() >= self.config.p:
+            return item
+        env_item = self.env[int(rng.integers(len(self.env)))]
+        lam = float(rng.uniform(*self.config.lam))
+        speech = item["wave"]
+        noise = fit_env(env_item["wave"], speech.shape[-1], offset=int(rng.integers(max(1, env_item["wave"].numel()))))
+        if self.config.match_loudness:
+            noise = noise * (rms(speech) / rms(noise).clamp_min(1e-8))
+        caption = merge_captions(self.config.template, item["caption"], env_item["caption"])
+        if self.rewriter is not None:
+            caption = self.rewriter(caption)
+        return {**item, "wave": mix(speech, noise, lam), "caption": caption, "lam": lam}
+
+
+class PretrainCollate:
+    """Items -> ``{"wave" [B, N] zero-padded, "wave_lengths" [B], "tokens" [B, L] (pad 0),
+    "token_lengths" [B], "captions": list[str]}``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = torch.tensor([item["wave"].shape[-1] for item in items], dtype=torch.long)
+        waves = torch.zeros(len(items), int(lengths.max()))
+        for row, item in enumerate(items):
+            waves[row, : item["wave"].shape[-1]] = item["wave"]
+        captions = [item["caption"] for item in items]
+        tokens, token_lengths = self.tokenizer.encode_batch(captions, [item["language"] for item in items])
+        return {
+            "wave": waves,
+            "wave_lengths": lengths,
+            "tokens": tokens,
+            "token_lengths": token_lengths,
+            "captions": captions,
+        }

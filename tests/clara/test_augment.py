@@ -1,0 +1,268 @@
+"""Each augmentation does what it must: λ range and formula, clip bounds, mask widths, f0 ratio, reverb tail."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clara.augment import (
+    AugmentConfig,
+    ClippingConfig,
+    MaskingConfig,
+    MixConfig,
+    PitchConfig,
+    ReverbConfig,
+    WaveAugment,
+    check_config,
+    fit_env,
+    hard_clip,
+    merge_captions,
+    mix,
+    pitch_shift,
+    reverberate,
+    spec_mask,
+    synthetic_rir,
+)
+from clara.config import ConfigError, from_dict
+from clara.pretrain_data import EnvMixDataset
+
+SR = 48_000
+
+
+def harmonic_tone(f0: float, seconds: float = 1.0) -> torch.Tensor:
+    t = torch.arange(int(seconds * SR)) / SR
+    return sum(torch.sin(2 * math.pi * f0 * h * t) / h for h in (1, 2, 3)).float()
+
+
+def fundamental(wave: torch.Tensor, low: float = 80.0, high: float = 600.0) -> float:
+    """The strongest spectral peak in [low, high] Hz, refined by parabolic interpolation."""
+    x = wave.double().numpy() * np.hanning(wave.numel())
+    spectrum = np.abs(np.fft.rfft(x, 8 * x.size))
+    freqs = np.fft.rfftfreq(8 * x.size, 1 / SR)
+    band = np.nonzero((freqs >= low) & (freqs <= high))[0]
+    i = band[np.argmax(spectrum[band])]
+    a, b, c = np.log(spectrum[i - 1 : i + 2])
+    return float(freqs[i] + 0.5 * (a - c) / (a - 2 * b + c) * (freqs[1] - freqs[0]))
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, waves, captions):
+        self.waves, self.captions = waves, captions
+
+    def __len__(self):
+        return len(self.waves)
+
+    def __getitem__(self, i):
+        return {"wave": self.waves[i], "caption": self.captions[i], "language": "en"}
+
+
+# -- environmental-sound mixing ---------------------------------------------------------------
+
+
+def test_mix_is_the_seed_formula():
+    speech, env = torch.randn(3, 100), torch.randn(3, 100)
+    lam = torch.tensor([0.01, 0.5, 0.8])
+    assert torch.allclose(mix(speech, env, lam), lam[:, None] * speech + (1 - lam[:, None]) * env)
+    assert torch.allclose(mix(speech[0], env[0], 0.3), 0.3 * speech[0] + 0.7 * env[0])
+
+
+def _is_looped_from(part: torch.Tensor, clip: torch.Tensor) -> bool:
+    """Whether ``part`` is ``clip`` looped from some offset (``fit_env``)."""
+    starts = torch.nonzero((clip - part[0]).abs() < 1e-4).flatten().tolist()
+    return any(torch.allclose(part, fit_env(clip, part.numel(), start), atol=1e-4) for start in starts)
+
+
+def test_env_mixing_draws_lambda_in_range_and_applies_the_formula():
+    n = 480
+    speech = [torch.randn(n) for _ in range(64)]
+    env = _Pairs([torch.randn(700) for _ in range(3)], ["rain", "wind noise", "hum"])
+    config = MixConfig(p=1.0, lam=(0.01, 0.8), match_loudness=False)
+    dataset = EnvMixDataset(_Pairs(speech, [f"word {i}" for i in range(64)]), env, config, seed=0)
+    lams = []
+    for i in range(64):
+        item = dataset[i]
+        lam = item["lam"]
+        lams.append(lam)
+        assert 0.01 <= lam <= 0.8
+        # The env part is the mixture minus the speech part; it must be one env clip, looped.
+        env_part = (item["wave"] - lam * speech[i]) / (1 - lam)
+        matches = [_is_looped_from(env_part, clip["wave"]) for clip in env]
+        assert sum(matches) == 1
+        env_caption = env.captions[matches.index(True)]
+        assert item["caption"] == f"A person saying word {i}, background {env_caption}"
+    assert max(lams) - min(lams) > 0.5  # the draws spread over the range
+
+
+def test_env_mixing_is_a_function_of_seed_epoch_and_index():
+    speech = _Pairs([torch.randn(200) for _ in range(8)], ["a"] * 8)
+    env = _Pairs([torch.randn(300)], ["rain"])
+    first = EnvMixDataset(speech, env, MixConfig(p=0.5), seed=3)
+    second = EnvMixDataset(speech, env, MixConfig(p=0.5), seed=3)
+    assert all(torch.equal(first[i]["wave"], second[i]["wave"]) for i in range(8))
+    second.set_epoch(1)
+    assert not all(torch.equal(first[i]["wave"], second[i]["wave"]) for i in range(8))
+
+
+def test_loudness_matching_scales_env_to_the_speech_rms():
+    speech = _Pairs([torch.full((100,), 0.5)], ["a"])
+    env = _Pairs([torch.full((100,), 4.0)], ["hum"])
+    item = EnvMixDataset(speech, env, MixConfig(p=1.0, match_loudness=True), seed=0)[0]
+    assert torch.allclose(item["wave"], torch.full((100,), 0.5))  # λ·0.5 + (1 − λ)·0.5
+
+
+def test_caption_merge_template():
+    assert merge_captions("A person saying {speech}, background {env}", "it's raining outside.", " wind noise") == (
+        "A person saying it's raining outside, background wind noise"
+    )
+
+
+# -- clipping ---------------------------------------------------------------------------------
+
+
+def test_hard_clip_bounds():
+    wave = torch.randn(4, 1000) * torch.tensor([[0.1], [1.0], [3.0], [10.0]])
+    fraction = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    clipped = hard_clip(wave, fraction)
+    peak = wave.abs().amax(dim=1)
+    assert torch.all(clipped.abs().amax(dim=1) <= fraction * peak + 1e-6)
+    assert torch.allclose(clipped.abs().amax(dim=1), fraction * peak)  # the level is reached
+    inside = wave.abs() < (fraction * peak)[:, None]
+    assert torch.equal(clipped[inside], wave[inside])  # samples under the level are untouched
+
+
+# -- masking ----------------------------------------------------------------------------------
+
+
+def _runs(row: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor."""
+    runs, count = [], 0
+    for value in row.tolist() + [False]:
+        if value:
+            count += 1
+        elif count:
+            runs.append(count)
+            count = 0
+    return runs
+
+
+def test_spec_mask_widths_and_fill():
+    config = MaskingConfig(p=1.0, time_masks=1, max_time_width=7, freq_masks=1, max_freq_width=5, fill=-1.0)
+    mel = torch.rand(64, 80, 50) + 0.5  # never equal to the fill
+    lengths = torch.randint(20, 51, (64,))
+    masked, mask = spec_mask(mel, lengths, config)
+    assert torch.all(masked[mask] == -1.0)
+    assert torch.equal(masked[~mask], mel[~mask])
+    widths_seen = set()
+    for b in range(64):
+        time_cols = mask[b].all(dim=0)  # frames masked in every bin: the time mask
+        freq_rows = mask[b, :, : int(lengths[b])].all(dim=1)  # bins masked over all valid frames
+        for width in _runs(time_cols):
+            assert width <= 7
+            widths_seen.add(width)
+        assert all(width <= 5 for width in _runs(freq_rows))
+        assert not mask[b, :, int(lengths[b]) :].any()  # padding frames are never masked
+    assert max(widths_seen) >= 5  # the widths really spread up to the bound
+
+
+def test_spec_mask_apply_selects_items():
+    config = MaskingConfig(p=1.0, time_masks=2, max_time_width=10, freq_masks=2, max_freq_width=10)
+    _, mask = spec_mask(torch.rand(2, 80, 40), torch.tensor([40, 40]), config, apply=torch.tensor([True, False]))
+    assert not mask[1].any()
+
+
+# -- pitch ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.8, 1.12, 1.25])
+def test_pitch_shift_moves_f0_by_the_ratio_and_keeps_length(ratio):
+    tone = harmonic_tone(200.0)
+    shifted = pitch_shift(tone[None], ratio)[0]
+    assert shifted.shape == tone.shape
+    assert fundamental(tone) == pytest.approx(200.0, rel=0.01)
+    assert fundamental(shifted) == pytest.approx(200.0 * ratio, rel=0.03)
+
+
+def test_wave_augment_pitch_keeps_shape():
+    config = AugmentConfig(pitch=PitchConfig(p=1.0, ratio=(1.1, 1.1)))
+    waves = torch.stack([harmonic_tone(150.0, 0.5), harmonic_tone(250.0, 0.5)])
+    out = WaveAugment(config)(waves)
+    assert out.shape == waves.shape
+    assert fundamental(out[0]) == pytest.approx(165.0, rel=0.03)
+
+
+# -- reverb -----------------------------------------------------------------------------------
+
+
+def _decay_time(response: torch.Tensor, db: float) -> float:
+    """Seconds until the backward-integrated (Schroeder) energy falls ``db`` below its start."""
+    energy = response.double().square().flip(0).cumsum(0).flip(0)
+    curve = 10 * torch.log10(energy / energy[0])
+    return float(torch.nonzero(curve < -db)[0, 0]) / SR
+
+
+def test_reverb_tail_grows_with_rt60_and_length_is_kept():
+    impulse = torch.zeros(3, 2 * SR)
+    impulse[:, 0] = 1.0
+    rt60 = torch.tensor([0.2, 0.5, 1.0])
+    out = reverberate(impulse, rt60, torch.zeros(3))
+    assert out.shape == impulse.shape
+    # With DRR 0 dB half the energy is the direct sound (-3 dB at once); the tail then loses 60 dB
+    # per RT60, so the curve crosses -23 dB at 20/60 of the RT60.
+    times = [_decay_time(out[i], 23.0) for i in range(3)]
+    assert times[0] < times[1] < times[2]
+    for time, expected in zip(times, rt60.tolist()):
+        assert time == pytest.approx(expected / 3, rel=0.25)
+
+
+def test_synthetic_rir_direct_to_reverberant_ratio():
+    rir = synthetic_rir(torch.tensor([0.4, 0.4]), torch.tensor([0.0, 10.0]))
+    tail_energy = rir[:, 1:].square().sum(dim=1)
+    assert torch.allclose(rir[:, 0], torch.ones(2))
+    assert torch.allclose(tail_energy, torch.tensor([1.0, 0.1]), rtol=1e-4)
+
+
+def test_wave_augment_keeps_peak_under_reverb_and_clips():
+    config = AugmentConfig(reverb=ReverbConfig(p=1.0), clipping=ClippingConfig(p=1.0, fraction=(0.5, 0.5)))
+    waves = torch.randn(4, SR // 2)
+    out = WaveAugment(config)(waves)
+    assert out.shape == waves.shape
+    assert torch.allclose(out.abs().amax(dim=1), 0.5 * waves.abs().amax(dim=1), rtol=1e-4)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_augment_config_from_yaml_mapping_and_range_errors():
+    config = from_dict(AugmentConfig, {"mix": {"p": 0.5, "lam": [0.1, 0.6]}, "reverb": {"p": 0.2}})
+    assert config.mix.lam == (0.1, 0.6) and config.reverb.p == 0.2
+    check_config(config)
+    with pytest.raises(ConfigError, match=r"mix\.lam"):
+        check_config(from_dict(AugmentConfig, {"mix": {"lam": [0.9, 0.2]}}))
+    with pytest.raises(ConfigError, match=r"clipping\.p"):
+        check_config(from_dict(AugmentConfig, {"clipping": {"p": 1.5}}))
+    with pytest.raises(ConfigError, match="template"):
+        check_config(from_dict(AugmentConfig, {"mix": {"template": "no placeholders"}}))
+
+
+def test_missing_language_model_directory_is_a_config_error(tmp_path):
+    speech = _Pairs([torch.randn(10)], ["a"])
+    with pytest.raises(ConfigError, match="lm_path"):
+        EnvMixDataset(speech, speech, MixConfig(p=1.0, lm_path=str(tmp_path / "absent")), seed=0)
+
+
+def test_merged_captions_go_through_the_rewriter(tmp_path):
+    speech = _Pairs([torch.randn(10)], ["it's raining outside"])
+    env = _Pairs([torch.randn(10)], ["wind noise"])
+    dataset = EnvMixDataset(speech, env, MixConfig(p=1.0, lm_path=str(tmp_path)), seed=0)
+    prompts = []
+
+    def fake_pipeline(prompt, **options):  # stands in for a local transformers model
+        prompts.append(prompt)
+        return [{"generated_text": " Someone says it is raining as wind blows.\nSecond line"}]
+
+    dataset.rewriter._pipeline = fake_pipeline
+    assert dataset[0]["caption"] == "Someone says it is raining as wind blows."
+    assert "A person saying it's raining outside, background wind noise" in prompts[0]

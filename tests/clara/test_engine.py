@@ -1,0 +1,190 @@
+"""The training engine on a toy regression task: learning, exact resume, sampler, logging."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from clara.checkpoint import CheckpointError
+from clara.config import ConfigError
+from clara.engine import CHECKPOINT_FILE, METRICS_FILE, ResumableBatchSampler, TrainConfig, Trainer, move_to
+
+WEIGHTS = torch.tensor([1.5, -2.0, 0.5, 3.0])
+
+
+class ToyData(Dataset):
+    """y = x · w plus per-(epoch, index) noise, like a dataset with its own augmentation."""
+
+    def __init__(self, size: int = 48):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(size, 4, generator=generator)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int):
+        noise = float(np.random.default_rng([self.epoch, index]).normal(0, 0.01))
+        return {"x": self.x[index], "y": self.x[index] @ WEIGHTS + noise}
+
+
+class ToyTask:
+    """MSE with input jitter drawn from the global torch RNG (so resume must restore it)."""
+
+    def __init__(self, interrupt_at_call: int | None = None):
+        self.calls = 0
+        self.interrupt_at_call = interrupt_at_call
+
+    def training_step(self, model, batch):
+        self.calls += 1
+        if self.calls == self.interrupt_at_call:
+            raise KeyboardInterrupt
+        x = batch["x"] + 0.01 * torch.randn_like(batch["x"])
+        loss = nn.functional.mse_loss(model(x).squeeze(-1), batch["y"])
+        return loss, {"jitter": x.std()}
+
+    def evaluate(self, model):
+        x = torch.linspace(-1, 1, 16, device=next(model.parameters()).device)[:, None].repeat(1, 4)
+        return {"mse": float(nn.functional.mse_loss(model(x).squeeze(-1).float(), x @ WEIGHTS.to(x.device)))}
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+
+
+def fit(out_dir, task=None, **overrides):
+    settings = dict(
+        steps=10, batch_size=4, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
+        log_every=1, eval_every=5, seed=7, out_dir=str(out_dir), device="cpu",
+    )
+    settings.update(overrides)
+    trainer = Trainer(TrainConfig(**settings), toy_model(), task or ToyTask(), ToyData())
+    return trainer.fit(), trainer
+
+
+def losses(result) -> dict[int, float]:
+    return {record["step"]: record["train/loss"] for record in result.history}
+
+
+def test_training_reduces_the_loss(tmp_path):
+    result, trainer = fit(tmp_path, steps=30, log_every=5)
+    assert trainer.steps_per_epoch == 6  # 48 samples / (4 x 2)
+    assert result.step == 30 and result.epoch == 5
+    history = [record["train/loss"] for record in result.history]
+    assert history[-1] < 0.5 * history[0]
+    assert result.evaluations[-1]["eval/mse"] < result.evaluations[0]["eval/mse"]
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s", "train/jitter"} <= set(result.history[0])
+
+
+def test_stop_and_resume_gives_the_same_losses(tmp_path):
+    full, full_trainer = fit(tmp_path / "full")
+    first, _ = fit(tmp_path / "split", steps=4)  # stops mid-epoch (6 steps per epoch)
+    second, second_trainer = fit(tmp_path / "split")  # resumes automatically from step 4
+    assert second.resumed_from == 4
+    assert losses(first) == pytest.approx({s: v for s, v in losses(full).items() if s <= 4}, abs=1e-7)
+    assert losses(second) == pytest.approx({s: v for s, v in losses(full).items() if s > 4}, abs=1e-7)
+    for a, b in zip(full_trainer.model.parameters(), second_trainer.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    # metrics.jsonl holds one train record per step, first run and resumed run together.
+    records = [json.loads(line) for line in (tmp_path / "split" / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+
+
+def test_interrupt_saves_the_last_step_and_resume_is_exact(tmp_path):
+    full, _ = fit(tmp_path / "full", num_workers=1)
+    # Interrupted in the second micro-batch of step 8 (after the epoch boundary at 6).
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut", task=ToyTask(interrupt_at_call=16), num_workers=1)
+    state = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (7, 1, 1)
+    resumed, _ = fit(tmp_path / "cut", num_workers=1)
+    assert losses(resumed) == pytest.approx({s: v for s, v in losses(full).items() if s > 7}, abs=1e-7)
+
+
+def test_resume_flags(tmp_path):
+    with pytest.raises(CheckpointError, match="resume=true"):
+        fit(tmp_path, resume=True)
+    fit(tmp_path, steps=2)
+    fresh, _ = fit(tmp_path, steps=3, resume=False)
+    assert fresh.resumed_from is None and [r["step"] for r in fresh.history] == [1, 2, 3]
+
+
+def test_checkpoint_holds_the_training_state(tmp_path):
+    fit(tmp_path, steps=3, checkpoint_every=2)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["step"] == 3
+    assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(state)
+    assert {"python", "numpy", "torch"} <= set(state["rng"][0])
+    assert not list(tmp_path.glob(".*.tmp"))  # no staging files left behind
+
+
+def test_tensorboard_events_hold_the_logged_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(tmp_path, steps=4, log_every=2)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/jitter", "eval/mse"} <= tags
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 4]
+    assert [event.step for event in events.Scalars("eval/mse")] == [0, 4]
+
+
+def test_bad_settings_are_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size must be at least 1.*warmup_steps"):
+        fit(tmp_path, batch_size=0, warmup_steps=20)
+    with pytest.raises(ConfigError, match="no full step"):
+        fit(tmp_path, batch_size=64)
+
+
+def test_sampler_shards_are_disjoint_and_resumable():
+    ranks = [ResumableBatchSampler(50, 4, rank=r, world_size=2, seed=1) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    batches = [list(sampler) for sampler in ranks]
+    assert len(batches[0]) == len(batches[1]) == 6  # 50 // 8 global batches
+    seen = [i for rank in batches for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 48
+    ranks[0].set_epoch(3, skip=4)
+    assert list(ranks[0]) == batches[0][4:]
+    ranks[0].set_epoch(4)
+    assert list(ranks[0]) != batches[0]
+    assert ResumableBatchSampler(50, 4, multiple_of=4).batches_per_epoch == 12
+
+
+def test_move_to_walks_containers():
+    batch = {"a": torch.ones(2), "b": [torch.zeros(1), "text"], "c": (torch.ones(1),)}
+    moved = move_to(batch, torch.device("cpu"))
+    assert moved["b"][1] == "text" and isinstance(moved["c"], tuple)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_mixed_precision_and_exact_resume(tmp_path, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+    class DtypeTask(ToyTask):
+        def training_step(self, model, batch):
+            loss, logs = super().training_step(model, batch)
+            self.dtype = model[0](batch["x"]).dtype  # under the engine's autocast
+            return loss, logs
+
+    settings = dict(device="cuda", precision=precision)
+    task = DtypeTask()
+    full, trainer = fit(tmp_path / "full", task=task, **settings)
+    assert trainer.precision == precision and (trainer.scaler is not None) == (precision == "fp16")
+    assert task.dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+    assert trainer.optimizer.defaults["fused"]
+    fit(tmp_path / "split", task=DtypeTask(), steps=4, **settings)
+    resumed, _ = fit(tmp_path / "split", task=DtypeTask(), **settings)  # restores the CUDA RNG too
+    assert losses(resumed) == pytest.approx({s: v for s, v in losses(full).items() if s > 4}, abs=1e-6)

@@ -1,0 +1,228 @@
+"""CLARA pretraining end to end: data sources, the CLI, learning, exact resume, TensorBoard, DDP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from clara.checkpoint import load_checkpoint
+from clara.demo_pairs import build_demo
+from clara.pretrain import load_config, main, run
+from clara.pretrain_data import DataError, PairDataset, read_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHORT_RUN = (
+    "train.steps=20", "train.batch_size=16", "train.lr=0.002", "train.warmup_steps=4", "train.log_every=5", "train.eval_every=10",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """48 training kinds once each, 48 held-out clips, 4 environmental sounds; half-second clips."""
+    return build_demo(tmp_path_factory.mktemp("demo") / "pairs", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+
+
+def demo_config(demo, out_dir, *overrides):
+    data = [f"data.train={demo.train}", f"data.eval={demo.eval}", f"data.env={demo.env}"]
+    return load_config(None, [*data, f"train.out_dir={out_dir}", "train.device=cpu", *overrides])
+
+
+@pytest.fixture(scope="module")
+def short_run(demo, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("short-run")
+    return run(demo_config(demo, out_dir, *SHORT_RUN)), out_dir
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def test_demo_is_deterministic_and_reused(demo, tmp_path):
+    again = build_demo(tmp_path / "again", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    assert again.train.read_text() == demo.train.read_text()
+    assert (again.root / "train" / "00007.wav").read_bytes() == (demo.root / "train" / "00007.wav").read_bytes()
+    stamp = (demo.root / "demo.json").stat().st_mtime_ns
+    build_demo(demo.root, train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    assert (demo.root / "demo.json").stat().st_mtime_ns == stamp  # an identical build is not redone
+    captions = [record.caption for record in read_manifest(demo.eval)]
+    assert len(set(captions)) == len(captions) == 48
+
+
+def test_csv_manifest_and_tar_shards_give_the_same_pairs(demo, tmp_path):
+    records = read_manifest(demo.eval)[:3]
+    csv_path = tmp_path / "pairs.csv"
+    lines = ["audio,caption,language"] + [f"{r.audio},\"{r.caption}\",en" for r in records]
+    csv_path.write_text("\n".join(lines) + "\n")
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for i, record in enumerate(records):
+            tar.add(record.audio, arcname=f"sample{i:03d}.wav")
+            meta = json.dumps({"text": [record.caption], "original_data": {"language": "en"}}).encode()
+            info = tarfile.TarInfo(f"sample{i:03d}.json")
+            info.size = len(meta)
+            tar.addfile(info, io.BytesIO(meta))
+    from_csv = PairDataset(str(csv_path))
+    from_tar = PairDataset(str(tmp_path / "*.tar"))
+    assert len(from_csv) == len(from_tar) == 3
+    for i in range(3):
+        assert from_csv[i]["caption"] == from_tar[i]["caption"] == records[i].caption
+        assert from_tar[i]["language"] == "en"
+        assert torch.equal(from_csv[i]["wave"], from_tar[i]["wave"])
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "a.wav", "caption": "x"}\n{"audio": "b.wav"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a non-empty 'caption'"):
+        read_manifest(bad)
+    with pytest.raises(DataError, match="manifest not found"):
+        read_manifest(tmp_path / "absent.jsonl")
+    with pytest.raises(DataError, match="matches no .tar shards"):
+        PairDataset(str(tmp_path / "none-*.tar"))
+
+
+def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    assert main([f"data.train={tmp_path / 'absent.jsonl'}", f"train.out_dir={tmp_path}"]) == 2
+    assert main(["--config", str(REPO_ROOT / "configs" / "pretrain" / "reference.yaml")]) == 2
+    assert main(["augment.mix.lam=[0.9, 0.1]", f"train.out_dir={tmp_path}"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "absent.jsonl" in errors[0] and "data.train" in errors[1] and "mix.lam" in errors[2]
+
+
+def test_reference_recipe_config_loads():
+    config = load_config(REPO_ROOT / "configs" / "pretrain" / "reference.yaml", ["data.train=shards/*.tar"])
+    assert (config.train.lr, config.train.min_lr, config.train.warmup_steps, config.train.cycle_steps) == (1e-4, 1e-6, 1000, 5000)
+    assert (config.train.batch_size, config.train.accumulation, config.train.grad_clip, config.train.seed) == (16, 5, 1.0, 1234)
+    assert config.augment.mix.lam == (0.01, 0.8)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def test_short_pretraining_lowers_the_loss_and_writes_outputs(short_run):
+    summary, out_dir = short_run
+    assert summary["steps"] == 20
+    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["train/loss"] for record in history if "train/loss" in record]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = load_checkpoint(out_dir / "model")
+    assert model.encode_text(torch.tensor([[50259, 50372, 257]])).shape == (1, 32)
+    assert (out_dir / "config.yaml").is_file() and (out_dir / "checkpoint.pt").is_file()
+
+
+def test_tensorboard_holds_the_pretraining_tags(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out_dir = short_run
+    events = EventAccumulator(str(out_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    train = {"loss", "lr", "audio_scale", "text_scale", "a2t_top1", "t2a_top1", "samples_per_s", "grad_norm"}
+    held_out = {f"{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
+    assert {f"train/{t}" for t in train} | {f"eval/{t}" for t in held_out} <= tags
+    assert [event.step for event in events.Scalars("eval/a2t_R@1")] == [0, 10, 20]
+
+
+def test_stop_and_resume_match_an_uninterrupted_run(demo, tmp_path):
+    # Every augmentation on, so resume must restore the torch RNG, the mixing draws and the data order.
+    settings = (
+        "train.steps=8", "train.batch_size=8", "train.log_every=1", "train.eval_at_start=false",
+        "train.warmup_steps=2", "train.cycle_steps=10", "train.lr=0.002",
+        "augment.pitch.p=0.5", "augment.reverb.p=0.5", "augment.clipping.p=0.5", "augment.masking.p=0.5", "augment.mix.p=0.5",
+    )  # fmt: skip
+    def losses(out_dir):
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        return [record["train/loss"] for record in records if "train/loss" in record]
+
+    run(demo_config(demo, tmp_path / "full", *settings))
+    run(demo_config(demo, tmp_path / "split", *settings, "train.steps=3"))  # 6 steps per epoch: mid-epoch
+    resumed = run(demo_config(demo, tmp_path / "split", *settings))
+    assert resumed["steps"] == 8
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "full"), abs=1e-5)
+
+
+def test_ddp_two_processes_match_one_process_on_the_global_batch(demo, tmp_path):
+    """torchrun with 2 gloo processes of 4 pairs gathers negatives; losses equal one process of 8."""
+    # No randomness inside a step (no dropout, token dropout or augmentation), so both runs see the
+    # same computation; only the sum order of the gradient all-reduce differs.
+    tiny = (REPO_ROOT / "configs" / "model" / "tiny.yaml").read_text()
+    model_yaml = tmp_path / "tiny-deterministic.yaml"
+    model_yaml.write_text(tiny.replace("token_keep: 0.5", "token_keep: 1.0").replace("dropout: 0.1", "dropout: 0.0"))
+    settings = [
+        f"model={model_yaml}", f"data.train={demo.train}", f"data.eval={demo.eval}", "train.device=cpu",
+        "train.steps=4", "train.log_every=1", "train.eval_at_start=false", "train.warmup_steps=1", "train.lr=0.002",
+        *(f"augment.{name}.p=0" for name in ("pitch", "reverb", "clipping", "masking", "mix")),
+    ]  # fmt: skip
+    single = tmp_path / "single"
+    run(load_config(None, [*settings, "train.batch_size=8", f"train.out_dir={single}"]))
+    double = tmp_path / "double"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "clara.pretrain", *settings, "train.batch_size=4", f"train.out_dir={double}"]  # fmt: skip
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    def losses(out_dir):
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        return [record["train/loss"] for record in records if "train/loss" in record]
+
+    assert len(losses(double)) == 4
+    assert losses(double) == pytest.approx(losses(single), abs=2e-4)
+    state = torch.load(double / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per process
+
+
+@pytest.mark.slow
+def test_demo_pretraining_lifts_held_out_retrieval_above_chance(tmp_path, monkeypatch):
+    """The no-argument demo: the full synthetic set, the demo config, a few minutes on a CPU."""
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache"))
+    summary = run(load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.device=cpu"]))
+    first, last, chance = summary["eval_first"], summary["eval_last"], summary["chance"]
+    for direction in ("a2t", "t2a"):
+        assert first[f"eval/{direction}_R@1"] <= 2 * chance[f"{direction}_R@1"]
+        assert last[f"eval/{direction}_R@1"] >= 3 * chance[f"{direction}_R@1"]
+        assert last[f"eval/{direction}_R@5"] >= 3 * chance[f"{direction}_R@5"]
+
+
+@pytest.mark.gpu
+def test_gpu_pretraining_steps_with_every_augmentation(tmp_path):
+    """Batched augmentations, log-mel and both towers on the GPU under bf16 autocast (synthetic data,
+    so no audio decoder or tokenizer files are needed)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from clara.augment import AugmentConfig
+    from clara.config import from_dict
+    from clara.engine import TrainConfig, Trainer
+    from clara.model import Clara
+    from clara.model_config import load_model_config
+    from clara.pretrain import ContrastiveTask
+
+    generator = torch.Generator().manual_seed(0)
+    items = [
+        {"wave": torch.randn(int(torch.randint(24000, 48000, (1,), generator=generator)), generator=generator) * 0.1,
+         "tokens": torch.randint(0, 50000, (int(torch.randint(4, 12, (1,), generator=generator)),), generator=generator)}
+        for _ in range(32)
+    ]  # fmt: skip
+
+    def collate(batch):
+        waves = torch.nn.utils.rnn.pad_sequence([item["wave"] for item in batch], batch_first=True)
+        tokens = torch.nn.utils.rnn.pad_sequence([item["tokens"] for item in batch], batch_first=True)
+        return {
+            "wave": waves, "wave_lengths": torch.tensor([item["wave"].numel() for item in batch]),
+            "tokens": tokens, "token_lengths": torch.tensor([item["tokens"].numel() for item in batch]),
+        }  # fmt: skip
+
+    augment = from_dict(AugmentConfig, {name: {"p": 0.5} for name in ("pitch", "reverb", "clipping", "masking")})
+    config = TrainConfig(steps=6, batch_size=8, warmup_steps=1, lr=1e-3, log_every=1, eval_at_start=False, out_dir=str(tmp_path))
+    task = ContrastiveTask(augment, torch.device("cuda"), gather=True)
+    trainer = Trainer(config, Clara(load_model_config("tiny")), task, items, collate_fn=collate)
+    result = trainer.fit()
+    assert trainer.precision == "bf16" and trainer.device.type == "cuda"
+    assert all(torch.isfinite(torch.tensor(record["train/loss"])) for record in result.history)
