@@ -1,0 +1,149 @@
+"""Per-clip work of ``meld.prepare``: decode one clip, check it, compute its log-mel; and the worker pool.
+
+This module is what the worker processes import, so it stays small: no CSV parsing, no reporting.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clara.audio_io import AudioDecodeError, load_audio
+from meld.feature_cache import OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord
+
+
+@dataclass(frozen=True)
+class ClipTask:
+    """One clip to decode; everything a worker process needs (it is pickled)."""
+
+    key: str
+    path: str  # absolute
+    file: str  # relative to the data root, as recorded
+    size: int
+    mtime_ns: int
+    csv_seconds: float  # EndTime - StartTime, for the truncation reason
+    settings: AudioSettings
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        return self.file, self.size, self.mtime_ns
+
+
+_LOG_MELS: dict[AudioSettings, torch.nn.Module] = {}  # one LogMel per process and settings
+
+
+def process_clip(task: ClipTask) -> tuple[ClipRecord, np.ndarray | None]:
+    """Decode one clip and compute its log-mel: its record and float16 [T, n_mels] (None if not cached)."""
+    s = task.settings
+    source = {"key": task.key, "file": task.file, "size": task.size, "mtime_ns": task.mtime_ns}
+    cap = s.max_samples
+    try:
+        # One sample past the cap tells a clip longer than the cap from one exactly as long.
+        limit = None if cap is None else (cap + 1) / s.sample_rate
+        wave = load_audio(task.path, max_seconds=limit, sample_rate=s.sample_rate)  # [N]
+    except AudioDecodeError as err:
+        # The message names the file; the record has it already.
+        reason = str(err).removeprefix(f"{task.path}: ").replace(f": '{task.path}'", "")
+        return ClipRecord(**source, status=UNDECODABLE, reason=reason), None
+    except Exception as err:  # noqa: BLE001 - a failure load_audio did not foresee must not stop a 13,000-clip run
+        reason = f"cannot decode audio ({type(err).__name__}: {err})"
+        return ClipRecord(**source, status=UNDECODABLE, reason=reason), None
+    truncated = cap is not None and wave.shape[0] > cap
+    wave = wave[:cap] if truncated else wave
+    n = wave.shape[0]
+    if n < s.min_seconds * s.sample_rate:
+        reason = f"{n / s.sample_rate:.3f} s of audio, under the {s.min_seconds:g} s minimum"
+        reason = reason if n else "no audio samples"
+        return ClipRecord(**source, status=SILENT_OR_EMPTY, reason=reason, samples=n), None
+    peak = float(wave.abs().max())
+    if peak <= 10 ** (s.silence_dbfs / 20):
+        level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.1f} dBFS"
+        reason = f"silent: {level}, at or under {s.silence_dbfs:g} dBFS"
+        return ClipRecord(**source, status=SILENT_OR_EMPTY, reason=reason, samples=n), None
+    if s not in _LOG_MELS:
+        _LOG_MELS[s] = s.log_mel()
+    with torch.inference_mode():
+        mel, frames = _LOG_MELS[s](wave)  # [n_mels, T], 0-d
+    status, reason = OK, ""
+    if truncated:
+        status = TRUNCATED
+        reason = (f"longer than {s.max_seconds:g} s (CSV span {task.csv_seconds:.1f} s); "
+                  f"kept the first {s.max_seconds:g} s")
+    record = ClipRecord(**source, status=status, reason=reason, samples=n, frames=int(frames))
+    return record, mel.T.numpy().astype(np.float16)
+
+
+def _exit_when_parent_dies(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group: the parent alone handles it and stops the pool. One torch
+    # thread per worker, as the workers already use every core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    # A pool worker outlives a parent killed with SIGKILL, blocked on its task queue for good (and the
+    # forkserver with it); this thread ends the worker as soon as the parent is gone.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_when_parent_dies, args=(parent.sentinel,), daemon=True).start()
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Inline runs compute like a worker (one thread), so the cache does not depend on ``--workers``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one: the server imports this module (torch included) once and forks
+    each worker from that clean process, which is quick and safe. Forking the parent instead could
+    deadlock torch's thread pools; spawning would import torch in every worker."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "av"])
+    return context
+
+
+def run_clips(tasks: Sequence[ClipTask], workers: int, done: Callable[[ClipRecord, np.ndarray | None], None]) -> None:
+    """``process_clip`` for every task, ``done`` called in this process as each finishes (any order)."""
+    if workers <= 1 or len(tasks) <= 1:
+        with _one_torch_thread():
+            for task in tasks:
+                done(*process_clip(task))
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_worker_init)
+    futures = [pool.submit(process_clip, task) for task in tasks]
+    waiting = set(futures)
+    try:
+        for future in as_completed(futures):
+            waiting.discard(future)
+            done(*future.result())
+    except KeyboardInterrupt:
+        # Drop the queued clips, let the running ones finish, and hand over every result that came
+        # back: an interruption loses no finished clip.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in waiting:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                done(*future.result())
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,286 @@
+"""MELD as PyTorch datasets: cached log-mel features, tokens (optionally with dialogue context), labels.
+
+    datasets = build_datasets(data_root, config)         # {"train": MeldDataset, "dev": ..., "test": ...}
+    loader = make_dataloader(datasets["train"], config.batch_size, shuffle=True)
+    batch = next(iter(loader))                           # padded tensors and lengths, see ``collate``
+    counts = class_counts(datasets)["train"]["emotion"]  # for class weights, in meld.labels order
+
+Audio comes from the feature cache ``python -m meld.prepare`` writes; rows whose clip is not cached
+(missing, undecodable, silent) are left out of audio datasets and listed in ``dataset.dropped``. Text
+needs only the CSVs, so ``modality="text"`` also runs on a CSV-only MELD folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from clara.config import ConfigError
+from clara.tokenizer import Tokenizer
+from meld.context import dialogue_context, format_with_context
+from meld.demo import ensure_demo
+from meld.errors import MeldDataError
+from meld.feature_cache import AudioSettings, SplitStore, audio_cache_dir, default_cache_root, store_path
+from meld.labels import TARGETS, label_index
+from meld.labels import class_counts as count_labels
+from meld.layout import find_layout
+from meld.records import SPLITS, Utterance, load_splits
+
+Modality = Literal["audio", "text", "both"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model is fed (``configs/data/default.yaml``); ``audio`` also keys the feature cache."""
+
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    modality: Modality = "both"
+    context_turns: int = 0  # previous turns, with speaker names, before the text; 0: the utterance alone
+    max_tokens: int = 512  # a longer text loses its oldest context turns first, then its end
+    language: str = "en"
+    batch_size: int = 16
+    bucket_by_length: bool = True  # batches of similar length, so less padding
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.context_turns < 0:
+            raise ConfigError(f"context_turns must be >= 0, got {self.context_turns}")
+        if self.max_tokens < 3:
+            raise ConfigError(f"max_tokens must be at least 3 (2 special tokens and a word), got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.modality in ("audio", "both")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.modality in ("text", "both")
+
+
+def _encode(tokenizer: Tokenizer, utt: Utterance, context: list[tuple[str, str]], max_tokens: int) -> list[int]:
+    """Token ids of the utterance after as many of its latest context turns as fit in ``max_tokens``."""
+    if not context:
+        return tokenizer.encode(utt.text)[:max_tokens]
+    for start in range(len(context) + 1):
+        ids = tokenizer.encode(format_with_context(utt, context[start:]))
+        if len(ids) <= max_tokens:
+            return ids
+    return ids[:max_tokens]
+
+
+class MeldDataset(Dataset):
+    """One split's utterances as dicts (see ``__getitem__``); ``lengths`` drive length bucketing."""
+
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        *,
+        store: SplitStore | None = None,
+        tokenizer: Tokenizer | None = None,
+        context_turns: int = 0,
+        max_tokens: int = 512,
+    ) -> None:
+        """``store`` gives audio (rows without a cached clip are dropped), ``tokenizer`` gives text; at least one."""
+        if store is None and tokenizer is None:
+            raise ValueError("a MeldDataset needs a feature store (audio), a tokenizer (text) or both")
+        self.store = store
+        self.dropped: list[tuple[str, str]] = []  # (key, why) of rows left out for lack of audio
+        if store is None:
+            self.utterances = list(utterances)
+        else:
+            why = {record.key: f"{record.status}: {record.reason}" for record in store.records}
+            self.utterances = [utt for utt in utterances if utt.key in store]
+            unknown = "no cached clip: missing, or the CSV changed since prepare ran"
+            self.dropped = [(u.key, why.get(u.key, unknown)) for u in utterances if u.key not in store]
+        self.tokens: list[torch.Tensor] | None = None
+        if tokenizer is not None:
+            # Context comes from every row of the split, also those dropped for lack of audio.
+            context = dialogue_context(utterances, context_turns)
+            self.tokens = [
+                torch.tensor(_encode(tokenizer, utt, context[utt.key], max_tokens), dtype=torch.long)
+                for utt in self.utterances
+            ]
+        if store is not None:
+            frames = {record.key: record.frames for record in store.records}
+            self.lengths = [frames[utt.key] for utt in self.utterances]
+        else:
+            self.lengths = [len(ids) for ids in self.tokens]
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, index: int) -> dict:
+        """key, emotion and sentiment indices, speaker, dialogue_id; mel float32 [n_mels, T]; tokens long [L]."""
+        utt = self.utterances[index]
+        item = {
+            "key": utt.key,
+            "emotion": label_index("emotion", utt.emotion),
+            "sentiment": label_index("sentiment", utt.sentiment),
+            "speaker": utt.speaker,
+            "dialogue_id": utt.dialogue_id,
+        }
+        if self.store is not None:
+            item["mel"] = torch.from_numpy(self.store.log_mel(utt.key))
+        if self.tokens is not None:
+            item["tokens"] = self.tokens[index]
+        return item
+
+    def class_counts(self) -> dict[str, list[int]]:
+        return {
+            target: count_labels([label_index(target, getattr(u, target)) for u in self.utterances], len(labels))
+            for target, labels in TARGETS.items()
+        }
+
+
+def _pad(sequences: Sequence[torch.Tensor], dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad along the last dim with zeros: ([B, *dims, max len], lengths [B])."""
+    lengths = torch.tensor([seq.shape[-1] for seq in sequences], dtype=torch.long)
+    out = torch.zeros(len(sequences), *dims, int(lengths.max()), dtype=sequences[0].dtype)
+    for row, seq in zip(out, sequences):
+        row[..., : seq.shape[-1]] = seq
+    return out, lengths
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Batch of items: keys, speakers (lists); emotion, sentiment, dialogue_ids [B]; and, as present,
+    mel [B, n_mels, T] + mel_lengths [B] (padded with 0.0, as LogMel pads), tokens [B, L] + token_lengths [B]
+    (padded with id 0, Tokenizer.pad_id)."""
+    batch = {
+        "keys": [item["key"] for item in items],
+        "speakers": [item["speaker"] for item in items],
+        "emotion": torch.tensor([item["emotion"] for item in items], dtype=torch.long),
+        "sentiment": torch.tensor([item["sentiment"] for item in items], dtype=torch.long),
+        "dialogue_ids": torch.tensor([item["dialogue_id"] for item in items], dtype=torch.long),
+    }
+    if "mel" in items[0]:
+        batch["mel"], batch["mel_lengths"] = _pad([item["mel"] for item in items], (items[0]["mel"].shape[0],))
+    if "tokens" in items[0]:
+        batch["tokens"], batch["token_lengths"] = _pad([item["tokens"] for item in items], ())
+    return batch
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of indices of similar length.
+
+    Shuffled: each epoch, a random permutation is cut into pools of ``pool_batches`` batches; each
+    pool is sorted by length and cut into batches, and the batches are shuffled. Not shuffled: sorted
+    by length throughout (least padding, a fixed order for evaluation). The epoch advances on each
+    iteration, or is set with ``set_epoch``; the same seed and epoch give the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, pool_batches: int = 50) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.pool = batch_size * pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pools(self, order: np.ndarray) -> list[np.ndarray]:
+        return [order[start : start + self.pool] for start in range(0, len(order), self.pool)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            pools = self._pools(rng.permutation(len(self.lengths)))
+        else:
+            pools = [np.arange(len(self.lengths))]
+        batches = []
+        for pool in pools:
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches += [pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        if self.drop_last:
+            batches = [batch for batch in batches if len(batch) == self.batch_size]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self.epoch += 1
+        yield from batches
+
+    def __len__(self) -> int:
+        everything = np.arange(len(self.lengths))
+        sizes = [len(pool) for pool in self._pools(everything)] if self.shuffle else [len(everything)]
+        round_up = not self.drop_last
+        return sum((size + (self.batch_size - 1) * round_up) // self.batch_size for size in sizes)
+
+
+def make_dataloader(dataset: MeldDataset, batch_size: int, *, shuffle: bool = False, bucket_by_length: bool = True,
+                    num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader yielding ``collate`` batches; seeded, so the same seed gives the same batches."""
+    common = {"collate_fn": collate, "num_workers": num_workers, "persistent_workers": num_workers > 0}
+    if bucket_by_length:
+        sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
+                      **common)
+
+
+def build_datasets(
+    data_root: str | Path | None = None,
+    config: DataConfig = DataConfig(),
+    *,
+    splits: Sequence[str] = SPLITS,
+    cache_root: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> dict[str, MeldDataset]:
+    """One MeldDataset per split of the MELD at ``data_root`` (the demo if None).
+
+    ``cache_root`` is prepare's ``--cache`` (default: the dataset's folder in the user cache). Raises
+    MeldDataError when the CSVs, or for audio the prepared features, are not there.
+    """
+    root = Path(data_root) if data_root is not None else ensure_demo()
+    utterances = load_splits(find_layout(root, splits, need_clips=False))
+    stores: dict[str, SplitStore | None] = dict.fromkeys(splits)
+    if config.uses_audio:
+        cache_dir = audio_cache_dir(cache_root if cache_root is not None else default_cache_root(root), config.audio)
+        for split in splits:
+            path = store_path(cache_dir, split)
+            if not path.is_file():
+                cache = f" --cache {cache_root}" if cache_root is not None else ""
+                raise MeldDataError(
+                    f"no audio features for the {split} split in {cache_dir}: run "
+                    f"`python -m meld.prepare --data {root}{cache}` with the same audio settings first, "
+                    "or use modality text"
+                )
+            stores[split] = SplitStore(path)
+    if config.uses_text and tokenizer is None:
+        tokenizer = Tokenizer(config.language)
+    return {
+        split: MeldDataset(
+            utterances[split],
+            store=stores[split],
+            tokenizer=tokenizer if config.uses_text else None,
+            context_turns=config.context_turns,
+            max_tokens=config.max_tokens,
+        )
+        for split in splits
+    }
+
+
+def build_loaders(data_root: str | Path | None = None, config: DataConfig = DataConfig(), *,
+                  cache_root: str | Path | None = None, seed: int = 0) -> dict[str, DataLoader]:
+    """DataLoaders for train (shuffled) and dev and test (in a fixed order), as ``config`` says."""
+    datasets = build_datasets(data_root, config, cache_root=cache_root)
+    return {
+        split: make_dataloader(dataset, config.batch_size, shuffle=split == "train",
+                               bucket_by_length=config.bucket_by_length, num_workers=config.num_workers, seed=seed)
+        for split, dataset in datasets.items()
+    }
+
+
+def class_counts(datasets: Mapping[str, MeldDataset]) -> dict[str, dict[str, list[int]]]:
+    """Per split, the count of each emotion and sentiment (meld.labels order) among the dataset's items."""
+    return {split: dataset.class_counts() for split, dataset in datasets.items()}

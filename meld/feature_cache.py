@@ -1,0 +1,277 @@
+"""The audio feature cache: log-mel spectrograms of MELD clips, keyed by the settings that made them.
+
+Layout under a cache root (``--cache DIR``)::
+
+    DIR/audio-<key>/settings.json           the AudioSettings and format version that <key> hashes
+    DIR/audio-<key>/{train,dev,test}.safetensors   one consolidated store per split (below)
+    DIR/audio-<key>/journal/run-0001.log    clips finished by runs not yet consolidated (below)
+    DIR/audio-<key>/prepare_report.json     what the last prepare run found
+
+A split store is one safetensors file, written atomically, memory-mapped when read:
+
+- tensor ``mel``: float16 [sum of T, n_mels], every cached clip's frames time-major, one clip after the
+  other in CSV order; a clip is rows ``offset : offset + frames`` (its [n_mels, T] log-mel, transposed),
+  its offset being the sum of the frames of the cached clips before it;
+- metadata ``meld_clara``: JSON ``{"format", "settings", "records": [...]}`` with one record per clip
+  that was decoded (cached or not; see ``ClipRecord``), in CSV order. A single metadata key, because
+  safetensors writes several in hash order, and the same inputs must give the same bytes.
+
+The journal makes a run resumable without losing finished clips: the preparing process appends one
+record per clip (header with CRC32, JSON ``ClipRecord``, float16 [T, n_mels] bytes) and flushes it. A run
+killed mid-append leaves a torn last record, which fails its length or CRC check and is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from clara.audio_frontend import SAMPLE_RATE, LogMel
+from clara.config import ConfigError, to_dict
+from clara.io_utils import atomic_path, atomic_write_text
+from meld.errors import MeldDataError
+
+CACHE_FORMAT = 1
+CACHE_ENV = "MELD_CLARA_CACHE"
+
+# Clip outcomes. The first two are stored with their mel; the rest only as a record with the reason.
+OK = "ok"
+TRUNCATED = "truncated"
+UNDECODABLE = "undecodable"
+SILENT_OR_EMPTY = "silent_or_empty"
+CACHED = (OK, TRUNCATED)
+
+_META_KEY = "meld_clara"
+_JOURNAL_MAGIC = b"MCJ1"
+_JOURNAL_HEADER = struct.Struct("<4sIIQ")  # magic, crc32(meta + data), len(meta), len(data)
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """Everything that decides the cached features; any change gives a different cache key.
+
+    The mel fields are ``clara.audio_frontend.LogMel``'s (CLARA's front-end by default). ``max_seconds``
+    caps long clips (MELD has wrongly cut ones of 305 s; None: no cap); clips shorter than
+    ``min_seconds`` or with a peak below ``silence_dbfs`` are reported as silent or empty, not cached.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 80
+    f_min: float = 0.0
+    f_max: float = 8000.0
+    top_db: float = 80.0
+    max_seconds: float | None = 30.0
+    min_seconds: float = 0.15
+    silence_dbfs: float = -80.0
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"audio.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"audio.max_seconds must be positive (or null for no cap), got {self.max_seconds}")
+        if self.min_seconds < 0:
+            raise ConfigError(f"audio.min_seconds must be >= 0, got {self.min_seconds}")
+
+    @property
+    def max_samples(self) -> int | None:
+        return None if self.max_seconds is None else int(round(self.max_seconds * self.sample_rate))
+
+    def key(self) -> str:
+        """12 hex digits of SHA-256 over the settings and the cache format version."""
+        blob = json.dumps({"format": CACHE_FORMAT, **to_dict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def log_mel(self) -> LogMel:
+        return LogMel(self.sample_rate, self.n_fft, self.hop_length, self.n_mels, self.f_min, self.f_max, self.top_db)
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """The outcome for one clip, and the source file it came from (a changed file is prepared again)."""
+
+    key: str  # "train/dia0_utt0", as Utterance.key
+    file: str  # the clip, relative to the data root
+    size: int  # bytes and mtime of the clip when it was decoded
+    mtime_ns: int
+    status: str  # OK, TRUNCATED, UNDECODABLE or SILENT_OR_EMPTY
+    reason: str = ""  # why, for anything but OK
+    samples: int = 0  # decoded samples kept (after the cap)
+    frames: int = 0  # mel frames stored; 0 unless cached
+
+    @property
+    def cached(self) -> bool:
+        return self.status in CACHED
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        """What identifies the file decoded: a clip whose source changed is decoded again."""
+        return self.file, self.size, self.mtime_ns
+
+
+@dataclass
+class CachedClip:
+    """A record and where its mel lies: in a split store or a journal file (read on demand)."""
+
+    record: ClipRecord
+    store: SplitStore | None = None
+    journal: Path | None = None
+    journal_offset: int = 0
+    n_mels: int = field(default=0, repr=False)
+
+    def mel(self) -> np.ndarray:
+        """float16 [T, n_mels]"""
+        if self.store is not None:
+            return self.store.frames(self.record.key)
+        count = self.record.frames * self.n_mels
+        data = np.fromfile(self.journal, dtype=np.float16, count=count, offset=self.journal_offset)
+        return data.reshape(self.record.frames, self.n_mels)
+
+
+def default_cache_root(data_root: str | Path) -> Path:
+    """``$MELD_CLARA_CACHE`` (or ~/.cache/meld-clara) /features/<folder name>-<hash of its full path>.
+
+    One folder per dataset, so the demo and a real MELD copy never share (and overwrite) a cache.
+    """
+    base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara")
+    resolved = Path(data_root).resolve()
+    return base / "features" / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def audio_cache_dir(cache_root: str | Path, settings: AudioSettings) -> Path:
+    return Path(cache_root) / f"audio-{settings.key()}"
+
+
+def store_path(cache_dir: Path, split: str) -> Path:
+    return cache_dir / f"{split}.safetensors"
+
+
+def write_settings(cache_dir: Path, settings: AudioSettings) -> None:
+    text = json.dumps({"format": CACHE_FORMAT, "key": settings.key(), "settings": to_dict(settings)}, indent=2)
+    atomic_write_text(cache_dir / "settings.json", text + "\n")
+
+
+class SplitStore:
+    """Read access to one split's consolidated store; picklable, so DataLoader workers can share it.
+
+    The file is opened (memory-mapped) on first use in each process, never pickled itself.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="np") as handle:
+                meta = json.loads((handle.metadata() or {})[_META_KEY])
+                self.n_mels = handle.get_slice("mel").get_shape()[1]
+        except (OSError, KeyError, ValueError, SafetensorError) as err:
+            raise MeldDataError(f"{self.path}: not a readable feature store ({err}); run meld.prepare again") from None
+        if meta.get("format") != CACHE_FORMAT:
+            raise MeldDataError(f"{self.path}: cache format {meta.get('format')}, expected {CACHE_FORMAT}")
+        self.settings = meta["settings"]
+        self.records = [ClipRecord(**record) for record in meta["records"]]
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for record in self.records:
+            if record.cached:
+                self._offsets[record.key] = (offset, record.frames)
+                offset += record.frames
+        self._mel = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mel": None}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._offsets
+
+    def frames(self, key: str) -> np.ndarray:
+        """float16 [T, n_mels] of a cached clip (a KeyError for any other key)."""
+        offset, frames = self._offsets[key]
+        if self._mel is None:
+            self._mel = safe_open(str(self.path), framework="np").get_slice("mel")
+        return self._mel[offset : offset + frames]
+
+    def log_mel(self, key: str) -> np.ndarray:
+        """float32 [n_mels, T], as LogMel returned it (up to float16 rounding)."""
+        return np.ascontiguousarray(self.frames(key).T, dtype=np.float32)
+
+
+def write_store(path: Path, settings: AudioSettings, clips: Sequence[CachedClip]) -> None:
+    """Write ``clips`` (in the order given) as a split store, atomically."""
+    total = sum(clip.record.frames for clip in clips if clip.record.cached)
+    mel = np.zeros((total, settings.n_mels), dtype=np.float16)  # [sum T, n_mels]
+    offset = 0
+    for clip in clips:
+        if clip.record.cached:
+            mel[offset : offset + clip.record.frames] = clip.mel()
+            offset += clip.record.frames
+    meta = {"format": CACHE_FORMAT, "settings": to_dict(settings), "records": [asdict(c.record) for c in clips]}
+    with atomic_path(path) as tmp:
+        save_file({"mel": mel}, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+class Journal:
+    """Append-only log of finished clips for one run: ``journal/run-NNNN.log``, created on first append."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+        self._file = None
+
+    def append(self, record: ClipRecord, mel: np.ndarray | None) -> CachedClip:
+        """Write one clip (``mel``: float16 [frames, n_mels] for cached clips, else None); return where it is."""
+        if self._file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            runs = [int(p.stem.split("-")[1]) for p in self.directory.glob("run-*.log")]
+            self.path = self.directory / f"run-{max(runs, default=0) + 1:04d}.log"
+            self._file = open(self.path, "xb")
+        meta = json.dumps(asdict(record)).encode()
+        data = b"" if mel is None else np.ascontiguousarray(mel, dtype=np.float16).tobytes()
+        crc = zlib.crc32(data, zlib.crc32(meta))
+        data_offset = self._file.tell() + _JOURNAL_HEADER.size + len(meta)
+        self._file.write(_JOURNAL_HEADER.pack(_JOURNAL_MAGIC, crc, len(meta), len(data)) + meta + data)
+        # Flushed to the OS at once: a killed process loses nothing it appended. (No fsync per clip:
+        # that guards against power loss only, at a cost per clip.)
+        self._file.flush()
+        n_mels = 0 if mel is None else mel.shape[1]
+        return CachedClip(record, journal=self.path, journal_offset=data_offset, n_mels=n_mels)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def journal_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("run-*.log"))
+
+
+def read_journal(path: Path, n_mels: int) -> Iterator[CachedClip]:
+    """The intact records of one journal file, in order; stops at the first torn or corrupt one."""
+    with open(path, "rb") as f:
+        position = 0
+        while True:
+            header = f.read(_JOURNAL_HEADER.size)
+            if len(header) < _JOURNAL_HEADER.size:
+                return
+            magic, crc, meta_len, data_len = _JOURNAL_HEADER.unpack(header)
+            meta, data = f.read(meta_len), f.read(data_len)
+            if magic != _JOURNAL_MAGIC or len(meta) < meta_len or len(data) < data_len:
+                return
+            if zlib.crc32(data, zlib.crc32(meta)) != crc:
+                return
+            record = ClipRecord(**json.loads(meta))
+            data_offset = position + _JOURNAL_HEADER.size + meta_len
+            yield CachedClip(record, journal=path, journal_offset=data_offset, n_mels=n_mels)
+            position = data_offset + data_len

@@ -1,0 +1,121 @@
+"""The feature cache format: settings key, journal (with torn tails), split stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from clara.config import ConfigError
+from meld import feature_cache
+from meld.errors import MeldDataError
+from meld.feature_cache import (
+    OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord, Journal, SplitStore, audio_cache_dir,
+    default_cache_root, journal_files, read_journal, write_store,
+)
+
+
+def record(key: str, status: str = OK, frames: int = 0) -> ClipRecord:
+    return ClipRecord(key=key, file=f"clips/{key.split('/')[1]}.mp4", size=100, mtime_ns=7, status=status,
+                      reason="" if status == OK else "why", samples=frames * 512, frames=frames)
+
+
+def mel(frames: int, fill: float) -> np.ndarray:
+    """float16 [frames, 80], values that differ per frame and mel."""
+    values = fill + np.arange(frames * 80).reshape(frames, 80) / (frames * 80)
+    return values.astype(np.float16)
+
+
+def test_key_depends_on_every_setting_and_the_format(monkeypatch):
+    base = AudioSettings()
+    assert base.key() == AudioSettings().key() and len(base.key()) == 12
+    changes = {"sample_rate": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 64, "f_min": 20.0,
+               "f_max": 7600.0, "top_db": 60.0, "max_seconds": 20.0, "min_seconds": 0.3, "silence_dbfs": -70.0}
+    assert set(changes) == {f.name for f in dataclasses.fields(AudioSettings)}
+    keys = {dataclasses.replace(base, **{name: value}).key() for name, value in changes.items()}
+    keys.add(dataclasses.replace(base, max_seconds=None).key())
+    assert len(keys) == len(changes) + 1 and base.key() not in keys
+    before = base.key()
+    monkeypatch.setattr(feature_cache, "CACHE_FORMAT", feature_cache.CACHE_FORMAT + 1)
+    assert AudioSettings().key() != before
+
+
+def test_cache_dirs(tmp_path, monkeypatch):
+    settings = AudioSettings()
+    assert audio_cache_dir(tmp_path, settings) == tmp_path / f"audio-{settings.key()}"
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "home"))
+    first, second = default_cache_root(tmp_path / "a" / "MELD.Raw"), default_cache_root(tmp_path / "b" / "MELD.Raw")
+    assert first.parent == tmp_path / "home" / "features" and first.name.startswith("MELD.Raw-")
+    assert first != second  # two copies of MELD never share a cache
+
+
+@pytest.mark.parametrize("bad", [{"max_seconds": 0.0}, {"min_seconds": -1.0}, {"n_mels": 0}])
+def test_bad_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        AudioSettings(**bad)
+
+
+def test_journal_round_trip_and_torn_tail(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    written = [
+        journal.append(record("train/dia0_utt0", OK, 5), mel(5, 0.0)),
+        journal.append(record("train/dia0_utt1", UNDECODABLE), None),
+        journal.append(record("train/dia0_utt2", TRUNCATED, 3), mel(3, -0.5)),
+    ]
+    journal.close()
+    path = journal_files(tmp_path / "journal")[0]
+    assert path.name == "run-0001.log" and all(clip.journal == path for clip in written)
+    read = list(read_journal(path, 80))
+    assert [clip.record for clip in read] == [clip.record for clip in written]
+    np.testing.assert_array_equal(read[0].mel(), mel(5, 0.0))
+    np.testing.assert_array_equal(read[2].mel(), mel(3, -0.5))
+
+    # kill -9 in the middle of an append leaves a torn record: it is dropped, the ones before are kept.
+    data = path.read_bytes()
+    for cut in (len(data) - 1, len(data) - 3 * 80 * 2, len(data) - 3 * 80 * 2 - 10):
+        path.write_bytes(data[:cut])
+        assert [clip.record.key for clip in read_journal(path, 80)] == ["train/dia0_utt0", "train/dia0_utt1"]
+    # A flipped byte fails the CRC: nothing from there on is trusted.
+    corrupt = bytearray(data)
+    corrupt[-5] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    assert len(list(read_journal(path, 80))) == 2
+
+    # The next run writes a file of its own.
+    Journal(tmp_path / "journal").append(record("dev/dia1_utt0", SILENT_OR_EMPTY), None)
+    assert [p.name for p in journal_files(tmp_path / "journal")] == ["run-0001.log", "run-0002.log"]
+
+
+def test_store_round_trip_is_deterministic_and_picklable(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    clips = [
+        journal.append(record("dev/dia0_utt0", OK, 4), mel(4, 0.25)),
+        journal.append(record("dev/dia0_utt1", SILENT_OR_EMPTY), None),
+        journal.append(record("dev/dia0_utt2", TRUNCATED, 6), mel(6, -0.75)),
+    ]
+    journal.close()
+    write_store(tmp_path / "a.safetensors", AudioSettings(), clips)
+    write_store(tmp_path / "b.safetensors", AudioSettings(), clips)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+    store = SplitStore(tmp_path / "a.safetensors")
+    assert store.records == [clip.record for clip in clips]
+    assert "dev/dia0_utt0" in store and "dev/dia0_utt1" not in store
+    log_mel = store.log_mel("dev/dia0_utt2")
+    assert log_mel.shape == (80, 6) and log_mel.dtype == np.float32
+    np.testing.assert_array_equal(log_mel, mel(6, -0.75).T.astype(np.float32))
+    copy = pickle.loads(pickle.dumps(store))  # as DataLoader workers get it, after the parent read from it
+    np.testing.assert_array_equal(copy.frames("dev/dia0_utt0"), mel(4, 0.25))
+
+    # Rewriting from the store itself (what a rerun that drops a row does) keeps the data.
+    again = [feature_cache.CachedClip(r, store=store) for r in store.records]
+    write_store(tmp_path / "c.safetensors", AudioSettings(), again)
+    assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+
+
+def test_unreadable_store_is_a_clear_error(tmp_path):
+    (tmp_path / "train.safetensors").write_bytes(b"not a store")
+    with pytest.raises(MeldDataError, match="not a readable feature store"):
+        SplitStore(tmp_path / "train.safetensors")
