@@ -10,7 +10,7 @@ precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', `
 autocast), and optional flags: ``compile`` (torch.compile), ``autotune`` (compile with
 max-autotune, no CUDA graphs), ``cudagraphs`` (compile with reduce-overhead), ``fa2`` (restrict
 SDPA to its FlashAttention-2 kernel, or memory-efficient where a mask rules flash out, instead of
-letting PyTorch pick cuDNN), ``varlen`` (clip lengths drawn from
+letting PyTorch pick cuDNN), ``ckpt`` (activation checkpointing), ``varlen`` (clip lengths drawn from
 1-12 s, MELD-like, padded and masked), ``infer`` (eval forward of both towers, no grad).
 MFU is TFLOP/s over the ceiling measured on this device (a large bf16 matmul on GPU, fp32 on CPU).
 
@@ -54,16 +54,17 @@ class Variant:
     varlen: bool
     infer: bool
     fa2: bool = False
+    ckpt: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         parts = name.split("-")
         flags = set(parts[2:])
-        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer", "fa2"}
+        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer", "fa2", "ckpt"}
         if len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16") or unknown:
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-compile|-autotune|-cudagraphs][-varlen][-infer]")
         mode = next((m for flag, m in _COMPILE_MODES.items() if flag in flags), "")
-        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags, "fa2" in flags)
+        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags, "fa2" in flags, "ckpt" in flags)
 
 
 def make_batch(batch: int, frames: int, text_len: int, varlen: bool, device: torch.device, seed: int = 0):
@@ -95,7 +96,8 @@ def autocast_for(variant: Variant, device: torch.device):
 def build(variant: Variant, config_name: str, device: torch.device):
     torch.set_float32_matmul_precision("medium" if variant.precision == "tf32" else "highest")
     torch.manual_seed(0)
-    model = Clara(load_model_config(config_name, [f"attention={variant.attention}"])).to(device)
+    overrides = [f"attention={variant.attention}", f"activation_checkpointing={str(variant.ckpt).lower()}"]
+    model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
     # Compiling the model's forward (and so its backward); the optimizer step stays the fused kernel.

@@ -33,8 +33,9 @@ class Clara(nn.Module):
         super().__init__()
         config = config or ClaraConfig()
         self.config = config
-        self.audio = AudioEncoder(config.audio, backend=config.attention)
-        self.text = TextEncoder(config.text, backend=config.attention)
+        recompute = config.activation_checkpointing
+        self.audio = AudioEncoder(config.audio, backend=config.attention, activation_checkpointing=recompute)
+        self.text = TextEncoder(config.text, backend=config.attention, activation_checkpointing=recompute)
         self.audio_head = nn.Linear(config.audio.fc_dim, config.output_dim)
         self.text_head = nn.Linear(config.text.fc_dim, config.output_dim)
         # Stored as logs and used as exp(), unclamped, like the reference's temperatures.

@@ -59,6 +59,9 @@ class ClaraConfig:
     output_dim: int = 512
     mask_padding: bool = True  # False reproduces the reference exactly (padding is attended and pooled)
     attention: Attention = "sdpa"
+    # Training only: recompute each transformer/latent block in the backward pass instead of keeping
+    # its activations (less memory for big batches, about a third more compute).
+    activation_checkpointing: bool = False
     init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
 
 

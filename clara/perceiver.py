@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
 from clara.attention import attention, gelu_attention
 from clara.model_config import AudioConfig
 
@@ -119,9 +121,10 @@ def keep_random_tokens(
 
 
 class Perceiver(nn.Module):
-    def __init__(self, config: AudioConfig, backend: str):
+    def __init__(self, config: AudioConfig, backend: str, *, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.latent_dim))
         self.cross_attn = CrossAttention(config, backend)
         self.cross_ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
@@ -135,6 +138,9 @@ class Perceiver(nn.Module):
         x = x + self.cross_attn(x, tokens, key_mask)
         x = x + self.cross_ff(x)
         for block in self.layers:
-            x = block(x)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 

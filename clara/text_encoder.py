@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clara.attention import attention
 from clara.masking import length_mask, masked_max, masked_mean
@@ -56,9 +57,10 @@ class TextLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, config: TextConfig, *, backend: str = "sdpa"):
+    def __init__(self, config: TextConfig, *, backend: str = "sdpa", activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.max_positions, config.width)
@@ -91,7 +93,10 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(tokens) + self.positions(length, tokens.device)  # [B, L, W]
         mask = length_mask(lengths, length) if (mask_padding and lengths is not None) else None  # [B, L]
         for layer in self.layers:
-            x = layer(x, mask)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
         x = self.project_norm(self.project(self.final_norm(x)))  # [B, L, C]
         x = self.pool_norm(x)
         pooled = masked_mean(x, mask, dim=1) + masked_max(x, mask, dim=1)  # [B, C]
