@@ -1,0 +1,307 @@
+"""Fine-tuning CLARA on MELD: ``python -m meld.finetune [--data ROOT] [--checkpoint CKPT] [options] [key=value ...]``.
+
+With no arguments it runs end to end on the built-in demo (built and prepared first when needed):
+a tiny CLARA from scratch, audio and text, fine-tuned in a few minutes on a CPU, then the test table.
+``--config`` takes a YAML or a preset name from ``configs/finetune/`` (``linear_probe``, ``full``,
+``text_only``); ``key=value`` overrides apply on top, and the flags below on top of those.
+
+The run directory (``--out``, default ``runs/finetune-<timestamp>``) holds ``config.yaml`` (resolved),
+``metrics.json`` (``{"dev": {...}, "test": {...}}``, the epoch with the best dev macro-F1), ``report.md``
+with ``confusion_test.png``, ``predictions.csv``, ``model/`` (the selected classifier, for
+``python -m meld.predict --run``), ``checkpoint.pt`` (the training state: an interrupted run resumes
+when the same command is run again), ``best.safetensors`` + ``best.json`` (the selection so far),
+``status.json`` (running, complete, stopped or interrupted), ``metrics.jsonl`` and ``tensorboard/``. With ``--seeds N`` each
+seed gets ``seed-<s>/`` and the top level reports mean ± std and keeps the seed with the best dev macro-F1.
+
+For sweeps: ``load_config(path, overrides)`` and ``run_finetune(config, out_dir=..., epoch_callback=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
+
+from clara import config as config_lib
+from clara import distributed
+from clara.audio_io import AudioDecodeError
+from clara.checkpoint import CheckpointError, load_checkpoint
+from clara.engine import Trainer, seed_everything
+from clara.io_utils import atomic_write_text
+from clara.model import Clara
+from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
+from clara.tokenizer import Tokenizer
+from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
+from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
+from meld.dataset import MeldDataset, build_datasets
+from meld.demo import ensure_demo
+from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
+from meld.errors import MeldDataError
+from meld.feature_cache import default_cache_root
+from meld.finetune_config import FinetuneConfig
+from meld.finetune_data import BalancedView, Collate, HFTextView
+from meld.finetune_report import write_run_outputs, write_seed_summary
+from meld.finetune_task import BEST_WEIGHTS, ClassificationTask, labels_of
+from meld.fusion import FusionHead
+from meld.hf_text import HFTextEncoder, load_hf_tokenizer
+from meld.inference import forward_all
+from meld.labels import TARGETS
+from meld.layer_decay import decayed_groups, install
+from meld.losses import build_loss
+from meld.metrics import classification_metrics, mean_std
+
+PRESET_DIR = CONFIG_ROOT / "finetune"
+DEMO_CONFIG = PRESET_DIR / "demo.yaml"
+STATUS_FILE = "status.json"
+USER_ERRORS = (config_lib.ConfigError, MeldDataError, CheckpointError, AudioDecodeError)
+
+
+def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
+    """The demo config (``path`` None), a YAML file or a preset name of configs/finetune/, plus overrides."""
+    if path is None:
+        resolved = DEMO_CONFIG
+    elif not Path(path).exists() and (PRESET_DIR / f"{path}.yaml").is_file():
+        resolved = PRESET_DIR / f"{path}.yaml"
+    else:
+        resolved = Path(path)
+    return config_lib.load(FinetuneConfig, resolved, list(overrides))
+
+
+def _write_status(out_dir: Path, status: str, **details) -> None:
+    atomic_write_text(out_dir / STATUS_FILE, json.dumps({"status": status, **details}) + "\n")
+
+
+class _Data:
+    """The datasets of one run, shared by its seeds, and what the classifier needs to read them."""
+
+    def __init__(self, config: FinetuneConfig, clara_config: ClaraConfig | None) -> None:
+        data = config.data
+        if clara_config is not None and data.uses_text and data.max_tokens > clara_config.text.max_positions:
+            raise config_lib.ConfigError(
+                f"data.max_tokens ({data.max_tokens}) exceeds the CLARA text tower's {clara_config.text.max_positions} "
+                f"positions; set data.max_tokens={clara_config.text.max_positions}")
+        self.root = Path(config.data_root) if config.data_root else ensure_demo(log=print)
+        self.cache_root = Path(config.cache_root) if config.cache_root else default_cache_root(self.root)
+        if data.uses_audio and config.prepare:
+            from meld.prepare import prepare
+
+            report = prepare(self.root, self.cache_root, data.audio)
+            print(f"audio features: {report['run']['decoded']} clips decoded, {report['run']['reused']} reused")
+        self.datasets: dict[str, MeldDataset] = build_datasets(self.root, data, cache_root=self.cache_root)
+        self.hf_tokenizer = load_hf_tokenizer(config.model.hf_text) if config.model.hf_text else None
+        self.views: dict = dict(self.datasets)
+        if self.hf_tokenizer is not None:
+            self.views = {split: HFTextView(ds, self.hf_tokenizer, context_turns=data.context_turns,
+                                            max_tokens=config.model.hf_max_tokens) for split, ds in self.datasets.items()}
+        pad = self.hf_tokenizer.pad_token_id if self.hf_tokenizer is not None else 0
+        self.collate = Collate(pad or 0)
+        for split, dataset in self.datasets.items():
+            if len(dataset) == 0:
+                raise MeldDataError(f"the {split} split of {self.root} has no usable utterances for modality {data.modality}")
+
+    def fingerprint(self, config: FinetuneConfig) -> dict:
+        return {"root": str(self.root.resolve()), "data": config_lib.to_dict(config.data), "features": config.model.features,
+                "hf_max_tokens": config.model.hf_max_tokens,
+                "keys": {split: [utt.key for utt in ds.utterances] for split, ds in self.datasets.items()}}
+
+
+def _load_clara(config: FinetuneConfig) -> Clara | None:
+    """The CLARA checkpoint (loaded once, copied per seed), or None for a from-scratch model."""
+    path = config.model.checkpoint
+    if not path:
+        return None
+    if is_classifier_dir(Path(path)):
+        raise CheckpointError(f"{path}: a fine-tuned MELD classifier, not a CLARA checkpoint; "
+                              "classify with `python -m meld.predict --run`, or give a CLARA checkpoint")
+    return load_checkpoint(path, allow_pickle=config.model.allow_pickle)
+
+
+def build_classifier(config: FinetuneConfig, clara: Clara | None, class_names: tuple[str, ...],
+                     hf_tokenizer=None) -> tuple[MeldClassifier, dict]:  # fmt: skip
+    """The classifier (weights from ``clara`` or, without it, from scratch with the current seed) and its head shape."""
+    model = config.model
+    inputs = input_names(config.data.modality, bool(model.hf_text), model.hf_text_mode)
+    needs_clara = "audio" in inputs or "text" in inputs
+    clara = (copy.deepcopy(clara) if clara is not None else Clara(load_model_config(model.clara))) if needs_clara else None
+    hf_text = HFTextEncoder.from_folder(model.hf_text) if model.hf_text else None
+    dims = input_dims(clara, hf_text, inputs, model.features)
+    options = {"fusion": model.fusion, "fusion_dim": model.fusion_dim, "hidden_dim": model.hidden_dim,
+               "dropout": model.dropout, "modality_dropout": model.modality_dropout}
+    head = FusionHead(dims, len(class_names), **options)
+    classifier = MeldClassifier(clara, head, inputs=inputs, features=model.features, hf_text=hf_text)
+    if model.zero_shot_init:
+        zero_shot_init(classifier, class_names, model.prompt, Tokenizer(config.data.language))
+    return classifier, {"dims": dims, "options": options}
+
+
+def _train_view(config: FinetuneConfig, train: torch.utils.data.Dataset, seed: int) -> torch.utils.data.Dataset:
+    if config.loss.sampler != "balanced":
+        return train
+    return BalancedView(train, labels_of(train, config.target).tolist(), seed)
+
+
+def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir: Path, seed: int,
+              epoch_callback: Callable[[int, dict], None] | None) -> dict:  # fmt: skip
+    """Train one seed into ``out_dir``; write its outputs; return its metrics document."""
+    env = distributed.init(config.train.device)
+    class_names = TARGETS[config.target]
+    seed_everything(seed)  # a from-scratch CLARA and the head start from this seed
+    classifier, head_shape = build_classifier(config, clara, class_names, data.hf_tokenizer)
+    counts = set_trainable(classifier, config.strategy.name, config.strategy.unfreeze_layers)
+    print(f"seed {seed}: {config.strategy.name} on {'+'.join(classifier.inputs)}; trainable parameters "
+          + ", ".join(f"{part} {count:,}" for part, count in counts.items()))
+    train_counts = data.datasets["train"].class_counts()[config.target]
+    loss = config.loss
+    criterion = build_loss(loss.name, train_counts, power=loss.class_weight_power, gamma=loss.focal_gamma,
+                           focal_weighted=loss.focal_weighted, label_smoothing=loss.label_smoothing)
+    eval_batch = config.data.batch_size
+    if config.strategy.name == "linear_probe":
+        classifier.to(env.device).eval()
+        fingerprint = {**data.fingerprint(config), "inputs": classifier.inputs}
+        path = path_for(data.cache_root, cache_key(classifier.encoders(), fingerprint))
+
+        def encode() -> dict:
+            return {split: forward_all(classifier, view, data.collate, config.strategy.embed_batch_size, env.device,
+                                       head=False)["embeddings"] for split, view in data.views.items()}
+
+        started = time.perf_counter()
+        embeddings, cached = load_or_encode(path, encode)
+        print(f"embeddings {'read from' if cached else 'computed in ' + format(time.perf_counter() - started, '.1f') + ' s, cached in'} {path}")
+        views = {split: EmbeddingDataset(embeddings[split], data.datasets[split]) for split in data.datasets}
+        model, collate_fn = HeadOnly(classifier.head), None
+    else:
+        views, model, collate_fn = data.views, classifier, data.collate
+    train_view = _train_view(config, views["train"], seed)
+    per_step = config.train.batch_size * config.train.accumulation * env.world_size
+    steps_per_epoch = max(1, len(train_view) // per_step)
+    train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=steps_per_epoch, eval_at_start=False,
+                           checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
+    total_steps = train_config.steps or train_config.epochs * steps_per_epoch
+    if not train_config.cycle_steps and train_config.warmup_steps >= total_steps:
+        # Small data (a demo, a sweep's subset): a warmup meant for a longer run would never end.
+        print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
+        train_config = replace(train_config, warmup_steps=total_steps // 10)
+    task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
+                              eval_batch, out_dir, epoch_callback)
+    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env)
+    task.trainer = trainer
+    if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:
+        install(trainer, decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay))
+    _write_status(out_dir, "running", seed=seed)
+    try:
+        result = trainer.fit()
+    except BaseException as err:
+        if trainer.writer is not None:
+            trainer.writer.close()
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "stopped"
+        _write_status(out_dir, status, seed=seed, step=trainer.step, error=f"{type(err).__name__}: {err}")
+        raise
+    model.load_state_dict(load_file(str(out_dir / BEST_WEIGHTS)))
+    model.eval()
+    outputs = {split: forward_all(model, views[split], collate_fn or default_collate, eval_batch, trainer.device)
+               for split in ("dev", "test")}
+    gold = {split: labels_of(views[split], config.target) for split in outputs}
+    doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)
+           for split in outputs}
+    doc["selection"] = {**task.best, "seed": seed, "train_seconds": round(result.seconds, 1)}
+    spec = classifier_spec(classifier, target=config.target, class_names=class_names, head=head_shape, data=config.data,
+                           hf_max_tokens=config.model.hf_max_tokens)
+    save_classifier(out_dir / "model", classifier.cpu(), spec, data.hf_tokenizer)
+    write_run_outputs(out_dir, config, doc, outputs["test"], gold["test"], [u.key for u in views["test"].utterances],
+                      class_names, step=trainer.step)
+    _write_status(out_dir, "complete", seed=seed)
+    return doc
+
+
+def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Fine-tune as ``config`` says into ``out_dir``; return the metrics.json document.
+
+    ``epoch_callback(epoch, dev_metrics)`` runs after each epoch's dev evaluation (epochs count from
+    1); an exception it raises propagates, after ``status.json`` records the stop and every file in
+    ``out_dir`` is complete (all are written atomically).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    config_lib.save_yaml(config, out_dir / "config.yaml")
+    clara = _load_clara(config)
+    clara_config = clara.config if clara is not None else load_model_config(config.model.clara)
+    data = _Data(config, clara_config)
+    seeds = [config.train.seed + offset for offset in range(config.seeds)]
+    if len(seeds) == 1:
+        return _run_seed(config, data, clara, out_dir, seeds[0], epoch_callback)
+    docs = {seed: _run_seed(config, data, clara, out_dir / f"seed-{seed}", seed, epoch_callback) for seed in seeds}
+    best = max(seeds, key=lambda seed: (docs[seed]["dev"]["macro_f1"], -seed))
+    summary = mean_std([{"dev": docs[s]["dev"], "test": docs[s]["test"]} for s in seeds])
+    doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "selection": docs[best]["selection"],
+           "mean_std": summary, "seeds": {str(s): {split: docs[s][split]["macro_f1"] for split in ("dev", "test")}
+                                          for s in seeds}}
+    for name in ("model", "predictions.csv", "confusion_test.png"):
+        source, target = out_dir / f"seed-{best}" / name, out_dir / name
+        if source.is_dir():
+            staging = out_dir / f".{name}.copy"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        elif source.is_file():
+            shutil.copyfile(source, out_dir / f".{name}.copy")
+            (out_dir / f".{name}.copy").replace(target)
+    write_seed_summary(out_dir, config, doc, TARGETS[config.target])
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meld.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a fine-tune YAML or preset name (linear_probe, full, text_only); default: demo")
+    parser.add_argument("--data", help="MELD root (MELD.Raw, or the CSVs alone for --modality text); default: the demo")
+    parser.add_argument("--checkpoint", help="a CLARA checkpoint (our folder or the reference .ckpt); default: "
+                        "a tiny CLARA from scratch")
+    parser.add_argument("--modality", choices=("audio", "text", "both"))
+    parser.add_argument("--seeds", type=int, help="train N seeds and report mean ± std")
+    parser.add_argument("--out", help="run directory (default runs/finetune-<timestamp>); an existing one resumes")
+    parser.add_argument("--cache", help="meld.prepare's --cache for the audio features")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. strategy.name=linear_probe loss.name=focal")
+    args = parser.parse_args(argv)
+    flags = {"data_root": args.data, "model.checkpoint": args.checkpoint, "data.modality": args.modality,
+             "seeds": args.seeds, "cache_root": args.cache}
+    # JSON is valid YAML: paths with odd characters pass through the override parser unchanged.
+    overrides = [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)]
+    out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    try:
+        config = load_config(args.config, overrides)
+        doc = run_finetune(config, out_dir=out_dir)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command with --out {out_dir} to resume", file=sys.stderr)
+        return 130
+    finally:
+        distributed.shutdown()
+    from meld.report import format_table
+
+    print()
+    print(format_table(doc, TARGETS[config.target]))
+    if "mean_std" in doc:
+        test = doc["mean_std"]["test"]
+        print(f"\nover {config.seeds} seeds: test macro-F1 {100 * test['macro_f1']['mean']:.2f} ± "
+              f"{100 * test['macro_f1']['std']:.2f}, weighted-F1 {100 * test['weighted_f1']['mean']:.2f} ± "
+              f"{100 * test['weighted_f1']['std']:.2f}")
+    print(f"\nrun directory: {out_dir}  (report.md, metrics.json, predictions.csv, model/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Settings of ``python -m meld.finetune``: one frozen dataclass tree, loaded from YAML plus overrides.
+
+    data:     meld.dataset.DataConfig (modality, dialogue context, audio cache key, eval batch size)
+    model:    the classifier on CLARA (checkpoint, features, fusion, head, optional transformers text)
+    strategy: linear_probe | partial | full, with top-k unfreezing and layer-wise LR decay
+    loss:     ce | weighted_ce | focal, class-weight power, balanced sampling
+    train:    clara.engine.TrainConfig (the one training engine's settings; out_dir is set per run)
+
+``configs/finetune/demo.yaml`` holds the defaults of the no-argument demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clara.config import ConfigError
+from clara.engine import TrainConfig
+from meld.dataset import DataConfig
+
+Fusion = Literal["concat", "gated", "attention"]
+Strategy = Literal["linear_probe", "partial", "full"]
+DEFAULT_PROMPT = "a person talking in a {label} voice"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    clara: str = "tiny"  # architecture when no checkpoint is given: a preset name or a model YAML (from scratch)
+    checkpoint: str = ""  # a CLARA checkpoint: our folder or the reference .ckpt; "" = `clara` from scratch
+    allow_pickle: bool = False  # only for reference checkpoints you trust (see clara.checkpoint)
+    features: Literal["projected", "pooled"] = "projected"  # CLARA's joint-space embedding, or the tower's pooled features
+    hf_text: str = ""  # a LOCAL transformers model folder (e.g. RoBERTa); mean-pooled text features
+    hf_text_mode: Literal["replace", "beside"] = "replace"  # in place of CLARA's text tower, or as a third input
+    hf_max_tokens: int = 256
+    fusion: Fusion = "concat"
+    fusion_dim: int = 128  # width of the gated / attention fusion space
+    hidden_dim: int = 0  # 0: a linear head on the fused features; > 0: one hidden layer of this width
+    dropout: float = 0.1
+    modality_dropout: float = 0.0  # training: chance that an example loses one of its inputs (see meld.fusion)
+    zero_shot_init: bool = False  # audio block of a linear concat head = class prompt embeddings
+    prompt: str = DEFAULT_PROMPT  # {label} is replaced by each class name
+
+    def __post_init__(self) -> None:
+        if self.fusion_dim < 1 or self.hidden_dim < 0 or self.hf_max_tokens < 3:
+            raise ConfigError("model: fusion_dim must be >= 1, hidden_dim >= 0, hf_max_tokens >= 3")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError(f"model.dropout and model.modality_dropout must be in [0, 1), got {self.dropout}, "
+                              f"{self.modality_dropout}")
+        if "{label}" not in self.prompt:
+            raise ConfigError(f"model.prompt must contain {{label}}, got {self.prompt!r}")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: Strategy = "full"
+    unfreeze_layers: int = 1  # partial: the top k transformer / latent layers of each tower (and all above them)
+    layer_decay: float = 1.0  # LR multiplier per layer going down from the head; 1 = one rate for all
+    embed_batch_size: int = 64  # linear_probe: batch size of the one-off encoding pass
+
+    def __post_init__(self) -> None:
+        if self.unfreeze_layers < 0:
+            raise ConfigError(f"strategy.unfreeze_layers must be >= 0, got {self.unfreeze_layers}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"strategy.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.embed_batch_size < 1:
+            raise ConfigError(f"strategy.embed_batch_size must be >= 1, got {self.embed_batch_size}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: Literal["ce", "weighted_ce", "focal"] = "weighted_ce"
+    class_weight_power: float = 0.5  # weight of class c = (mean count / count_c) ** power; 0 = unweighted
+    focal_gamma: float = 2.0
+    focal_weighted: bool = True  # focal loss with the class weights as its alpha
+    label_smoothing: float = 0.0
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: every class equally likely per draw
+
+    def __post_init__(self) -> None:
+        if self.class_weight_power < 0 or self.focal_gamma < 0:
+            raise ConfigError("loss: class_weight_power and focal_gamma must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    data_root: str = ""  # a MELD folder (MELD.Raw, or CSVs only for modality text); "" = the built-in demo
+    cache_root: str = ""  # meld.prepare's --cache; "" = its default for the data root
+    target: Literal["emotion", "sentiment"] = "emotion"
+    seeds: int = 1  # runs with seeds train.seed, train.seed + 1, ...; the report gives mean ± std
+    prepare: bool = True  # for audio: bring the feature cache up to date first (a no-op when it is)
+    tensorboard_extras: bool = True  # confusion figures, PR curves, hparams and the test-set projector
+    threads: int = 0  # torch intra-op CPU threads; 0 = torch's default. Tiny models run best on 1, and
+    #                   on a shared CPU more threads spin-wait for each other (10x slower was measured)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
+        if self.model.hf_text and self.model.hf_text_mode == "replace" and self.data.modality == "audio":
+            raise ConfigError("model.hf_text is a text encoder; use data.modality text or both with it")
+        if self.model.zero_shot_init:
+            if not self.data.uses_audio or self.model.fusion != "concat" or self.model.hidden_dim:
+                raise ConfigError("model.zero_shot_init needs audio in data.modality, fusion concat and hidden_dim 0")
+            if self.model.features != "projected":
+                raise ConfigError("model.zero_shot_init needs model.features projected (the joint audio-text space)")

@@ -1,0 +1,89 @@
+"""Fine-tuning's view of the MELD datasets: transformers tokens, balanced resampling, ordered batching.
+
+``meld.dataset`` gives items with log-mel and CLARA tokens; this module adds what fine-tuning needs
+around them without changing them:
+
+* ``HFTextView``: each item also carries the ids of the transformers tokenizer (with the same
+  dialogue context as CLARA's text), collated by ``Collate`` into ``hf_ids`` / ``hf_mask`` [B, L].
+* ``BalancedView``: each epoch, a fresh draw of N items with every class equally likely, a pure
+  function of (seed, epoch), so the engine's exact resume still holds.
+* ``ordered_batches``: index batches sorted by length, for evaluation and encoding with little padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from meld.context import dialogue_context, format_with_context
+from meld.dataset import MeldDataset, collate
+
+
+class HFTextView(Dataset):
+    def __init__(self, base: MeldDataset, tokenizer, *, context_turns: int, max_tokens: int) -> None:
+        self.base = base
+        self.utterances = base.utterances
+        self.lengths = base.lengths
+        # Context from the dataset's own rows (for audio datasets, rows without a clip are not among them).
+        context = dialogue_context(base.utterances, context_turns)
+        self.ids = []
+        for utt in base.utterances:
+            turns = context[utt.key]
+            text = format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
+            self.ids.append(torch.tensor(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.base[index], "hf_ids": self.ids[index]}
+
+
+class BalancedView(Dataset):
+    """``len(base)`` items per epoch, drawn with replacement with probability 1 / (classes x count of its class)."""
+
+    def __init__(self, base: Dataset, labels: Sequence[int], seed: int) -> None:
+        self.base = base
+        labels_arr = np.asarray(labels)
+        counts = np.bincount(labels_arr)
+        self.probabilities = 1.0 / (np.count_nonzero(counts) * counts[labels_arr])  # [N], sums to 1
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng((self.seed, epoch))
+        self.indices = rng.choice(len(self.base), size=len(self.base), p=self.probabilities)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.base[int(self.indices[index])]
+
+
+class Collate:
+    """``meld.dataset.collate`` plus, where items have them, transformers ids padded with ``pad_id``."""
+
+    def __init__(self, pad_id: int = 0) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = collate(items)
+        if "hf_ids" in items[0]:
+            ids = [item["hf_ids"] for item in items]
+            width = max(len(row) for row in ids)
+            batch["hf_ids"] = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+            batch["hf_mask"] = torch.zeros(len(ids), width, dtype=torch.long)
+            for row, seq in enumerate(ids):
+                batch["hf_ids"][row, : len(seq)] = seq
+                batch["hf_mask"][row, : len(seq)] = 1
+        return batch
+
+
+def ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches; every index appears once."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]

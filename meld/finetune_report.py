@@ -1,0 +1,64 @@
+"""What a fine-tune run writes after training: metrics.json, predictions.csv, report.md, the confusion
+PNG and the TensorBoard extras (test confusion figure, per-class PR curves, hparams, test-set projector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from clara import config as config_lib
+from meld.report import (
+    log_confusion_figure, log_embeddings, log_hparams, log_pr_curves, save_confusion_png, write_metrics_json,
+    write_predictions_csv, write_report_md,
+)
+
+CONFUSION_PNG = "confusion_test.png"
+
+
+def _title(config) -> str:
+    source = config.model.checkpoint or f"CLARA {config.model.clara} from scratch"
+    return (f"MELD {config.target}: {config.strategy.name} on {config.data.modality} "
+            f"({source}, fusion {config.model.fusion}, loss {config.loss.name})")
+
+
+def _selection_section(doc: Mapping) -> dict[str, str]:
+    selection = doc.get("selection", {})
+    if not selection:
+        return {}
+    return {"Model selection": f"The checkpoint of epoch {selection['epoch']} (step {selection['step']}), the best dev "
+                               f"macro-F1 ({100 * selection['macro_f1']:.2f}) of seed {selection['seed']}."}
+
+
+def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping, gold: torch.Tensor,
+                      keys: Sequence[str], class_names: Sequence[str], *, step: int) -> None:  # fmt: skip
+    """One seed's files; ``test_outputs`` are ``meld.inference.forward_all``'s (logits [N, C], fused [N, F])."""
+    probabilities = test_outputs["logits"].softmax(-1).numpy()  # [N, C]
+    pred = probabilities.argmax(-1)
+    write_metrics_json(out_dir / "metrics.json", doc)
+    write_predictions_csv(out_dir / "predictions.csv", keys, gold.tolist(), pred.tolist(), probabilities, class_names)
+    save_confusion_png(out_dir / CONFUSION_PNG, doc["test"]["confusion_matrix"], class_names, "test")
+    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=CONFUSION_PNG,
+                    extra_sections=_selection_section(doc))
+    if not config.tensorboard_extras:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    try:
+        log_confusion_figure(writer, "test/confusion_matrix", doc["test"]["confusion_matrix"], class_names, step)
+        log_pr_curves(writer, "test/pr", gold.tolist(), probabilities, class_names, step)
+        scalars = {split: {k: v for k, v in doc[split].items() if isinstance(v, float)} for split in ("dev", "test")}
+        log_hparams(writer, config_lib.to_dict(config), scalars)
+        log_embeddings(writer, test_outputs["fused"].numpy(), [class_names[g] for g in gold.tolist()], "test/fused", step)
+    finally:
+        writer.close()
+
+
+def write_seed_summary(out_dir: Path, config, doc: Mapping, class_names: Sequence[str]) -> None:
+    """The top level of a multi-seed run: the selected seed's metrics beside mean ± std over all seeds."""
+    write_metrics_json(out_dir / "metrics.json", doc)
+    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=CONFUSION_PNG,
+                    seeds=doc["mean_std"], extra_sections=_selection_section(doc))

@@ -1,0 +1,78 @@
+"""The engine task of fine-tuning: one classification loss per step, dev evaluation with model selection.
+
+After every epoch the engine calls ``evaluate``: the dev split is classified, its metrics logged (with
+a confusion-matrix figure in TensorBoard), and the weights saved to ``best.safetensors`` when dev
+macro-F1 beats every earlier epoch (ties keep the earlier one). ``best.json`` records which epoch
+that was, so a resumed run keeps selecting against the same best. Then ``epoch_callback(epoch,
+dev_metrics)`` runs; an exception it raises (a sweep pruning the trial) propagates out of ``fit``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from clara.io_utils import atomic_path, atomic_write_text
+from meld.inference import forward_all
+from meld.labels import label_index
+from meld.metrics import SCALARS, classification_metrics
+from meld.report import log_confusion_figure
+
+BEST_WEIGHTS = "best.safetensors"
+BEST_STATE = "best.json"
+
+
+def labels_of(dataset: Dataset, target: str) -> torch.Tensor:
+    """[N] class indices of ``target`` for every utterance of a dataset, in its order."""
+    return torch.tensor([label_index(target, getattr(utt, target)) for utt in dataset.utterances], dtype=torch.long)
+
+
+class ClassificationTask:
+    def __init__(self, loss: torch.nn.Module, target: str, class_names: tuple[str, ...], dev: Dataset,
+                 collate_fn: Callable, batch_size: int, out_dir: Path,
+                 epoch_callback: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
+        self.loss = loss
+        self.target = target
+        self.class_names = class_names
+        self.dev = dev
+        self.dev_labels = labels_of(dev, target)
+        self.collate_fn = collate_fn
+        self.batch_size = batch_size
+        self.out_dir = out_dir
+        self.epoch_callback = epoch_callback
+        self.trainer = None  # set once the Trainer exists: evaluation needs its step, writer and device
+        state = out_dir / BEST_STATE
+        self.best = json.loads(state.read_text(encoding="utf-8")) if state.is_file() else None
+
+    def training_step(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = model(batch)  # [B, C]
+        gold = batch[self.target]  # [B]
+        return self.loss(logits, gold), {"accuracy": (logits.argmax(-1) == gold).float().mean()}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        trainer = self.trainer
+        out = forward_all(model, self.dev, self.collate_fn, self.batch_size, trainer.device)
+        pred = out["logits"].argmax(-1)
+        metrics = classification_metrics(self.dev_labels.tolist(), pred.tolist(), self.class_names)
+        epoch = trainer.step // trainer.steps_per_epoch
+        if self.best is None or metrics["macro_f1"] > self.best["macro_f1"]:
+            self.best = {"epoch": epoch, "step": trainer.step, "macro_f1": metrics["macro_f1"]}
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+            with atomic_path(self.out_dir / BEST_WEIGHTS) as tmp:
+                save_file(tensors, str(tmp))
+            atomic_write_text(self.out_dir / BEST_STATE, json.dumps(self.best) + "\n")
+        if trainer.writer is not None:
+            log_confusion_figure(trainer.writer, "dev/confusion_matrix", metrics["confusion_matrix"], self.class_names,
+                                 trainer.step)
+        if self.epoch_callback is not None:
+            self.epoch_callback(epoch, metrics)
+        scalars = {key: metrics[key] for key in SCALARS}
+        scalars["loss"] = float(F.cross_entropy(out["logits"], self.dev_labels))
+        scalars["best_macro_f1"] = self.best["macro_f1"]
+        return scalars

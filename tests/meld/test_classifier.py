@@ -1,0 +1,177 @@
+"""The classifier: fusion heads, top-k unfreezing, layer-wise LR decay, zero-shot init, a local transformers encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clara import Clara, load_model_config
+from clara.engine import TrainConfig, Trainer
+from clara.tokenizer import Tokenizer
+from meld.classifier import (
+    MeldClassifier, input_dims, input_names, parameter_depth, set_trainable, zero_shot_init,
+)
+from meld.fusion import FusionHead
+from meld.hf_text import HFTextEncoder, load_hf_tokenizer
+from meld.layer_decay import ScaledWarmupCosine, decayed_groups, install
+from meld.labels import EMOTIONS
+
+
+def _batch(size: int = 3) -> dict:
+    return {"mel": torch.randn(size, 80, 40), "mel_lengths": torch.tensor([40, 30, 20][:size]),
+            "tokens": torch.randint(0, 1000, (size, 7)), "token_lengths": torch.tensor([7, 5, 3][:size])}
+
+
+def _classifier(inputs=("audio", "text"), fusion="concat", features="projected", hf_text=None) -> MeldClassifier:
+    clara = Clara(load_model_config("tiny"))
+    head = FusionHead(input_dims(clara, hf_text, inputs, features), 7, fusion=fusion, fusion_dim=16)
+    return MeldClassifier(clara, head, inputs=inputs, features=features, hf_text=hf_text)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "attention"])
+@pytest.mark.parametrize("features", ["projected", "pooled"])
+def test_every_fusion_gives_logits(fusion, features):
+    model = _classifier(fusion=fusion, features=features).eval()
+    logits = model(_batch())
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+
+
+def test_gated_fusion_mixes_two_inputs_with_a_sigmoid_gate():
+    head = FusionHead({"audio": 4, "text": 6}, 3, fusion="gated", fusion_dim=5)
+    head.fuse({"audio": torch.randn(2, 4), "text": torch.randn(2, 6)})
+    gates = head.last_gates  # [B, 2, H]
+    assert gates.shape == (2, 2, 5)
+    assert torch.allclose(gates.sum(dim=1), torch.ones(2, 5))
+    logits = head.gate(torch.randn(1, 10)).view(1, 2, 5)  # softmax over two = sigmoid of the difference
+    assert torch.allclose(logits.softmax(1)[:, 0], torch.sigmoid(logits[:, 0] - logits[:, 1]))
+
+
+def test_head_accepts_cached_embeddings_without_towers():
+    model = _classifier().eval()
+    embeddings = {"audio": torch.randn(2, 32), "text": torch.randn(2, 32)}
+    assert torch.equal(model({"embeddings": embeddings}), model.head(embeddings))
+
+
+def test_input_names():
+    assert input_names("both", False, "replace") == ("audio", "text")
+    assert input_names("text", True, "replace") == ("hf_text",)
+    assert input_names("both", True, "beside") == ("audio", "text", "hf_text")
+    assert input_names("audio", True, "beside") == ("audio",)
+
+
+def _trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_partial_unfreezes_the_top_k_layers_of_each_tower():
+    model = _classifier()
+    set_trainable(model, "partial", 1)
+    trainable = _trainable(model)
+    assert "clara.text.layers.1.qkv.weight" in trainable and "clara.text.layers.0.qkv.weight" not in trainable
+    assert "clara.audio.perceiver.layers.1.attn.qkv.weight" in trainable
+    assert "clara.audio.perceiver.layers.0.attn.qkv.weight" not in trainable
+    assert {"clara.text.fc.weight", "clara.audio_head.weight", "head.classifier.weight"} <= trainable
+    assert "clara.text.token_embedding.weight" not in trainable and "clara.audio.conv1.weight" not in trainable
+    assert "clara.audio_log_scale" not in trainable  # the contrastive temperatures never train here
+
+    set_trainable(model, "partial", 0)
+    assert "clara.text.layers.1.qkv.weight" not in _trainable(model) and "clara.text.fc.weight" in _trainable(model)
+    set_trainable(model, "linear_probe")
+    assert all(name.startswith("head.") for name in _trainable(model))
+    set_trainable(model, "full")
+    assert "clara.text.token_embedding.weight" in _trainable(model)
+
+
+def test_unused_tower_is_frozen():
+    model = _classifier(inputs=("text",))
+    set_trainable(model, "full")
+    assert not any(name.startswith("clara.audio") for name in _trainable(model))
+
+
+def test_layer_decay_scales_each_depth():
+    model = _classifier()
+    set_trainable(model, "full")
+    groups = decayed_groups(model, 0.5, 0.01)
+    assert groups[0]["lr_scale"] == 1.0 and any(p is model.head.classifier.weight for p in groups[0]["params"])
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # text: top = 3 (2 layers + 1); layer 1 is depth 2 -> 0.5 ** 2, embeddings depth 0 -> 0.5 ** 4
+    assert scale_of[id(named["clara.text.layers.1.qkv.weight"])] == 0.5**2
+    assert scale_of[id(named["clara.text.token_embedding.weight"])] == 0.5**4
+    assert scale_of[id(named["clara.audio.perceiver.cross_attn.q.weight"])] == 0.5**4  # audio top 4, depth 1
+    assert parameter_depth("head.classifier.weight", model) is None
+
+
+def test_installed_schedule_applies_the_scales(tmp_path):
+    model = _classifier(inputs=("text",))
+    set_trainable(model, "full")
+    data = [{"tokens": torch.tensor([1, 2, 3]), "label": 0}] * 4
+    config = TrainConfig(epochs=1, batch_size=2, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path), progress=False)
+    trainer = Trainer(config, model, object(), data, env=None)
+    install(trainer, decayed_groups(model, 0.5, 0.0))
+    assert isinstance(trainer.scheduler, ScaledWarmupCosine)
+    rates = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert all(rate == pytest.approx(1e-2 * scale) for scale, rate in rates.items())
+
+
+def test_zero_shot_init_writes_class_prompts_into_the_audio_block():
+    model = _classifier().eval()
+    zero_shot_init(model, EMOTIONS, "a person talking in a {label} voice", Tokenizer())
+    weight = model.head.output.weight  # [7, 64]: audio block then text block
+    tokens, lengths = Tokenizer().encode_batch([f"a person talking in a {e} voice" for e in EMOTIONS])
+    prompts = model.clara.encode_text(tokens, lengths)
+    scale = model.clara.audio_log_scale.exp() / 32**0.5
+    assert torch.allclose(weight[:, :32], prompts * scale, atol=1e-6)
+    assert torch.equal(weight[:, 32:], torch.zeros(7, 32)) and torch.equal(model.head.output.bias, torch.zeros(7))
+
+
+def tiny_bert(path):
+    """A randomly initialised 2-layer BERT and a 30-word tokenizer saved to ``path`` (no download)."""
+    import transformers
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "i", "am", "so", "happy", "sad", "angry", "this", "is",
+             "great", "hello", "oh", "no", "yay", "what", "!", "?", ".", ",", "you", "me", "the", "a", "it", "was", "ok"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_local_transformers_encoder_mean_pools_real_tokens(tmp_path):
+    folder = tiny_bert(tmp_path / "bert")
+    encoder = HFTextEncoder.from_folder(folder).eval()
+    tokenizer = load_hf_tokenizer(folder)
+    short = torch.tensor([tokenizer("i am happy")["input_ids"]])
+    padded = torch.cat([short, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(short), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = encoder(short, torch.ones_like(short))
+        batched = encoder(padded, mask)
+    assert alone.shape == (1, 16) and torch.allclose(alone, batched, atol=1e-5)
+
+    model = _classifier(inputs=("text", "hf_text"), fusion="attention", hf_text=encoder).eval()
+    batch = {**_batch(1), "hf_ids": short, "hf_mask": torch.ones_like(short)}
+    assert model(batch).shape == (1, 7)
+    set_trainable(model, "partial", 1)
+    trainable = _trainable(model)
+    assert "hf_text.model.encoder.layer.1.attention.self.query.weight" in trainable
+    assert "hf_text.model.encoder.layer.0.attention.self.query.weight" not in trainable
+
+
+def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path):
+    from clara.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a local transformers model"):
+        HFTextEncoder.from_folder(tmp_path)
+
+
+def test_modality_dropout_zeroes_one_input_per_example_in_training_only():
+    head = FusionHead({"audio": 4, "text": 6}, 3, fusion="concat", modality_dropout=0.999)
+    embeddings = {"audio": torch.randn(8, 4), "text": torch.randn(8, 6)}
+    fused = head.train().fuse(embeddings)  # [8, 10]
+    zero_blocks = (fused[:, :4].abs().sum(1) == 0).int() + (fused[:, 4:].abs().sum(1) == 0).int()
+    assert zero_blocks.tolist() == [1] * 8
+    assert (head.eval().fuse(embeddings).abs().sum(1) > 0).all()

@@ -1,0 +1,188 @@
+"""python -m meld.finetune: the run directory, model selection, callbacks, resume, linear-probe cache, seeds, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clara import config as config_lib
+from meld.classifier_io import load_classifier
+from meld.finetune import load_config, main, run_finetune
+from meld.finetune_config import FinetuneConfig
+from meld.report import SPLIT_KEYS
+from tests.meld.finetune_helpers import FAST, small_demo, text_config, write_csv_meld
+
+
+@pytest.fixture(scope="module")
+def csv_root(tmp_path_factory) -> Path:
+    return write_csv_meld(tmp_path_factory.mktemp("csv") / "meld")
+
+
+@pytest.fixture(scope="module")
+def text_run(csv_root, tmp_path_factory):
+    calls = []
+    out = tmp_path_factory.mktemp("run") / "text"
+    doc = run_finetune(text_config(csv_root), out_dir=out, epoch_callback=lambda epoch, m: calls.append((epoch, m)))
+    return out, doc, calls
+
+
+def test_run_directory_holds_every_output(text_run):
+    out, doc, _ = text_run
+    for name in ("config.yaml", "metrics.json", "report.md", "confusion_test.png", "predictions.csv", "checkpoint.pt",
+                 "model/model.safetensors", "model/classifier.json", "tensorboard"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(doc))
+    for split in ("dev", "test"):
+        assert all(key in metrics[split] for key in SPLIT_KEYS)
+        assert len(metrics[split]["confusion_matrix"]) == 7
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("key,gold,predicted,p_neutral") and len(rows) == 1 + 14
+    resolved = config_lib.from_dict(FinetuneConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    assert resolved.data.modality == "text" and resolved.train.epochs == 2
+    assert "macro-F1" in (out / "report.md").read_text()
+
+
+def test_selection_is_the_best_dev_epoch_and_callbacks_see_each_epoch(text_run):
+    out, doc, calls = text_run
+    assert [epoch for epoch, _ in calls] == [1, 2]
+    best_epoch, best = max(calls, key=lambda call: (call[1]["macro_f1"], -call[0]))
+    assert doc["selection"]["epoch"] == best_epoch
+    assert doc["dev"]["macro_f1"] == pytest.approx(best["macro_f1"])  # re-scored from the saved weights
+    classifier, spec, _ = load_classifier(out)
+    assert spec["target"] == "emotion" and spec["inputs"] == ["text"]
+
+
+def test_a_callback_exception_propagates_with_a_consistent_run_dir(csv_root, tmp_path):
+    class Prune(Exception):
+        pass
+
+    def prune(epoch, metrics):
+        raise Prune(f"pruned at epoch {epoch}")
+
+    with pytest.raises(Prune):
+        run_finetune(text_config(csv_root), out_dir=tmp_path, epoch_callback=prune)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "stopped" and "pruned at epoch 1" in status["error"]
+    assert (tmp_path / "best.safetensors").is_file() and (tmp_path / "config.yaml").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(csv_root, tmp_path):
+    config = text_config(csv_root, "train.epochs=3")
+    straight = run_finetune(config, out_dir=tmp_path / "straight")
+
+    def interrupt(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, out_dir=tmp_path / "resumed", epoch_callback=interrupt)
+    assert json.loads((tmp_path / "resumed" / "status.json").read_text())["status"] == "interrupted"
+    resumed = run_finetune(config, out_dir=tmp_path / "resumed")
+    for split in ("dev", "test"):
+        assert resumed[split] == straight[split]
+    assert resumed["selection"]["epoch"] == straight["selection"]["epoch"]
+
+
+def test_linear_probe_encodes_once_and_reuses_the_cache(csv_root, tmp_path, capsys):
+    config = text_config(csv_root, "strategy.name=linear_probe", f"cache_root={tmp_path / 'cache'}", "train.epochs=3")
+    first = run_finetune(config, out_dir=tmp_path / "a")
+    assert "embeddings computed" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 1
+    second = run_finetune(config, out_dir=tmp_path / "b")
+    assert "embeddings read from" in capsys.readouterr().out
+    assert first["test"] == second["test"]
+    # Other data settings, another cache entry.
+    run_finetune(config_lib.replace(config, ["data.context_turns=1"]), out_dir=tmp_path / "c")
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
+
+
+def test_seeds_report_mean_and_std(csv_root, tmp_path):
+    doc = run_finetune(text_config(csv_root, "seeds=2", "train.epochs=1", "target=sentiment"), out_dir=tmp_path)
+    assert set(doc["seeds"]) == {"1234", "1235"} and doc["mean_std"]["runs"] == 2
+    assert set(doc["mean_std"]["test"]["macro_f1"]) == {"mean", "std"}
+    assert (tmp_path / "seed-1234" / "metrics.json").is_file() and (tmp_path / "model" / "classifier.json").is_file()
+    assert len(doc["test"]["confusion_matrix"]) == 3
+    assert "Mean ± std over 2 seeds" in (tmp_path / "report.md").read_text()
+
+
+def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampling(tmp_path):
+    root, cache = small_demo()
+    config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", "model.fusion=gated",
+                                "strategy.name=partial", "strategy.layer_decay=0.7", "loss.sampler=balanced",
+                                "loss.name=focal", "train.epochs=1"])
+    doc = run_finetune(config, out_dir=tmp_path)
+    assert 0.0 <= doc["test"]["macro_f1"] <= 1.0
+    _, spec, _ = load_classifier(tmp_path)
+    assert spec["inputs"] == ["audio", "text"] and spec["head"]["options"]["fusion"] == "gated"
+
+
+def test_config_presets_load():
+    for name in ("demo", "linear_probe", "full", "text_only"):
+        assert isinstance(load_config(name, []), FinetuneConfig)
+    assert load_config("linear_probe", ["strategy.name=full"]).strategy.name == "full"
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_one_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_missing_csv_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _cli(capsys, "--data", str(tmp_path / "empty"), "--modality", "text", "--out", str(tmp_path / "o"), *FAST)
+    _assert_one_error(code, err, "sent_emo.csv")
+
+
+def test_unknown_label_is_one_clear_error(tmp_path, capsys):
+    root = write_csv_meld(tmp_path / "meld", bad_label="happy")
+    code, err = _cli(capsys, "--data", str(root), "--modality", "text", "--out", str(tmp_path / "o"), *FAST)
+    _assert_one_error(code, err, "happy")
+
+
+def test_wrong_kind_of_checkpoint_is_one_clear_error(csv_root, tmp_path, capsys):
+    text_file = tmp_path / "notes.ckpt"
+    text_file.write_text("not a checkpoint")
+    code, err = _cli(capsys, "--data", str(csv_root), "--modality", "text", "--checkpoint", str(text_file),
+                     "--out", str(tmp_path / "o"), *FAST)
+    _assert_one_error(code, err, "notes.ckpt")
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "classifier.json").write_text("{}")
+    code, err = _cli(capsys, "--data", str(csv_root), "--modality", "text", "--checkpoint", str(tmp_path / "run"),
+                     "--out", str(tmp_path / "o"), *FAST)
+    _assert_one_error(code, err, "fine-tuned MELD classifier")
+
+
+@pytest.mark.parametrize("override, fragment", [("train.epochs=many", "train.epochs"), ("modell.fusion=gated", "modell"),
+                                                ("model.fusion=sum", "model.fusion"), ("seeds=0", "seeds")])
+def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
+    code, err = _cli(capsys, "--out", str(tmp_path / "o"), override)
+    _assert_one_error(code, err, fragment)
+
+
+def test_audio_on_csv_only_data_is_one_clear_error(csv_root, tmp_path, capsys):
+    code, err = _cli(capsys, "--data", str(csv_root), "--modality", "audio", "--out", str(tmp_path / "o"), *FAST)
+    _assert_one_error(code, err, "modality text")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_with_no_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "test macro-F1" in out
+    run = next((tmp_path / "runs").iterdir())
+    assert json.loads((run / "metrics.json").read_text())["test"]["macro_f1"] > 0.3
