@@ -1,0 +1,222 @@
+"""``python -m meld.zeroshot``: CLARA's zero-shot emotion (or sentiment) baseline on MELD, with prompts.
+
+    python -m meld.zeroshot                                   # the demo, with the demo-pretrained tiny CLARA
+    python -m meld.zeroshot --data ROOT --checkpoint CKPT [--prompts YAML] [--split dev|test|both]
+                            [--calibration none|prior|content_free] [--out DIR]
+
+Each class is described by prompts (``configs/prompts/emotion.yaml``: templates × names); an audio clip
+is given the class whose prompt embedding is nearest to its audio embedding. Every template is scored
+alone and all of them together (the ensemble), each raw and with both label-free calibrations
+(``meld.calibration``). The headline (metrics.json's splits, predictions.csv, the confusion matrix) is the
+ensemble with ``--calibration``. Beside it: audio-text retrieval R@1/5/10 on each split, the captions
+built from utterance, emotion and speaker (``configs/captions/meld.yaml``).
+
+Audio comes from ``python -m meld.prepare``'s feature cache (the demo is prepared automatically); prompt
+and caption embeddings are computed once per run; inference runs in batches, on the GPU when there is one.
+Outputs in ``--out`` (default ``runs/zeroshot-<timestamp>``): metrics.json, report.md, predictions.csv, confusion_<split>.png, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clara import distributed
+from clara.checkpoint import CheckpointError, load_checkpoint
+from clara.config import ConfigError
+from clara.model import Clara
+from clara.pretrain_data import DataError
+from clara.retrieval import chance_levels, retrieval_metrics
+from clara.tokenizer import Tokenizer
+from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
+from meld.captions import CaptionConfig, caption_for, load_captions
+from meld.dataset import DataConfig, MeldDataset, build_datasets, make_dataloader
+from meld.demo import ensure_demo
+from meld.demo_clara import ensure_demo_clara
+from meld.errors import MeldDataError
+from meld.metrics import classification_metrics
+from meld.prepare import prepare
+from meld.prompts import PromptSet, class_embeddings, encode_prompts, encode_texts, load_prompts, zero_shot_logits
+from meld.zeroshot_report import ENSEMBLE, write_outputs
+
+DEFAULT_PROMPTS = "configs/prompts/emotion.yaml"
+DEFAULT_CAPTIONS = "configs/captions/meld.yaml"
+
+SILENCE_SECONDS = (0.5, 1.0, 2.0, 4.0)  # content-free inputs; MELD's clips are mostly 1-5 s
+
+
+@dataclass
+class SplitAudio:
+    """One split's clips in dataset order: keys, gold labels [N], unit-norm audio embeddings [N, D]."""
+
+    keys: list[str]
+    gold: np.ndarray
+    embeds: torch.Tensor
+    captions: list[str]
+
+
+@torch.no_grad()
+def encode_split(model: Clara, dataset: MeldDataset, batch_size: int) -> torch.Tensor:
+    """Cached log-mels -> [N, D] audio embeddings in dataset order (batched by length: less padding)."""
+    device = next(model.parameters()).device
+    position = {utt.key: i for i, utt in enumerate(dataset.utterances)}
+    embeds = torch.empty(len(dataset), model.config.output_dim, device=device)
+    for batch in make_dataloader(dataset, batch_size, shuffle=False, bucket_by_length=True):
+        rows = torch.tensor([position[key] for key in batch["keys"]], device=device)
+        embeds[rows] = model.encode_audio(batch["mel"].to(device), batch["mel_lengths"].to(device)).float()
+    return embeds
+
+
+@torch.no_grad()
+def content_free_embeds(model: Clara, data: DataConfig) -> torch.Tensor:
+    """Silence through the same front-end as the cache -> [K, D] audio embeddings."""
+    device = next(model.parameters()).device
+    wave, lengths = silence(SILENCE_SECONDS, data.audio.sample_rate)
+    mel, frames = data.audio.log_mel().to(device)(wave.to(device), lengths.to(device))  # [K, n_mels, T], [K]
+    return model.encode_audio(mel, frames).float()
+
+
+def classifiers(prompts: PromptSet, prompt_embeds: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each template alone ("T1", "T2", ...) and every template together ("ensemble"): name -> [C, D]."""
+    weights = {f"T{i + 1}": class_embeddings(prompt_embeds, templates=[i]) for i in range(len(prompts.templates))}
+    weights[ENSEMBLE] = class_embeddings(prompt_embeds)
+    return weights
+
+
+def score(
+    splits: dict[str, SplitAudio],
+    unlabelled: torch.Tensor,
+    content_free: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    scale: torch.Tensor,
+    labels: tuple[str, ...],
+) -> tuple[dict, dict]:
+    """Metrics and probabilities of every classifier × calibration × split.
+
+    Returns ``results[classifier][calibration][split]`` (classification_metrics) and
+    ``probabilities[classifier][calibration][split]`` ([N, C] numpy), plus ``results[..]["priors"]``.
+    """
+    results, probabilities = {}, {}
+    for name, w in weights.items():
+        priors = {"none": None,
+                  "prior": mean_probabilities(zero_shot_logits(unlabelled, w, scale)),
+                  "content_free": mean_probabilities(zero_shot_logits(content_free, w, scale))}
+        results[name] = {"priors": {k: dict(zip(labels, v.tolist())) for k, v in priors.items() if v is not None}}
+        probabilities[name] = {}
+        for calibration, prior in priors.items():
+            results[name][calibration], probabilities[name][calibration] = {}, {}
+            for split, audio in splits.items():
+                logits = zero_shot_logits(audio.embeds, w, scale)  # [N, C]
+                if prior is not None:
+                    logits = calibrate(logits, prior)
+                probs = logits.softmax(dim=-1).cpu().numpy()
+                results[name][calibration][split] = classification_metrics(audio.gold, probs.argmax(axis=1), labels)
+                probabilities[name][calibration][split] = probs
+    return results, probabilities
+
+
+def retrieval(model: Clara, tokenizer: Tokenizer, audio: SplitAudio) -> dict[str, dict[str, float]]:
+    """R@1/5/10 audio<->text on one split with its captions; repeated captions are embedded once."""
+    unique = sorted(set(audio.captions))
+    position = {caption: i for i, caption in enumerate(unique)}
+    text_of_audio = torch.tensor([position[c] for c in audio.captions], device=audio.embeds.device)
+    texts = encode_texts(model, tokenizer, unique)
+    return {"recall": retrieval_metrics(audio.embeds, texts, text_of_audio),
+            "chance": chance_levels(text_of_audio.cpu(), len(unique)),
+            "clips": len(audio.keys), "captions": len(unique)}
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(MELD root, checkpoint); no --data and no --checkpoint: the demo and the demo-pretrained CLARA."""
+    if args.data is not None:
+        if args.checkpoint is None:
+            raise ConfigError("--checkpoint is required with --data (the demo-pretrained CLARA knows only the demo)")
+        return Path(args.data), Path(args.checkpoint)
+    root = ensure_demo(log=print)
+    if args.checkpoint is not None:
+        return root, Path(args.checkpoint)
+    return root, ensure_demo_clara(data_root=root, log=print)
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        return distributed.resolve_device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r}: {err}") from None
+
+
+def load_split(model: Clara, dataset: MeldDataset, prompts: PromptSet, captions: CaptionConfig,
+               batch_size: int) -> SplitAudio:
+    utterances = dataset.utterances
+    return SplitAudio(
+        keys=[utt.key for utt in utterances],
+        gold=np.array([prompts.labels.index(getattr(utt, prompts.target)) for utt in utterances]),
+        embeds=encode_split(model, dataset, batch_size),
+        captions=[caption_for(utt, captions) for utt in utterances],
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Score, write every output to ``args.out`` and return the metrics document."""
+    started = time.perf_counter()
+    prompts = load_prompts(args.prompts)
+    captions = load_captions(args.captions)
+    device = resolve_device(args.device)
+    root, checkpoint = resolve_inputs(args)
+    if args.data is None:
+        prepare(root)  # the demo's features (cached after the first run); a user prepares their own data
+    model = load_checkpoint(checkpoint).to(device).eval()
+    tokenizer = Tokenizer(max_length=model.config.text.max_positions)
+    eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
+    data = DataConfig(modality="audio")
+    datasets = build_datasets(root, data, splits=("train", *eval_splits))
+
+    # Train audio is used unlabelled, for the prior; its labels are never read.
+    unlabelled = encode_split(model, datasets["train"], args.batch_size)
+    splits = {split: load_split(model, datasets[split], prompts, captions, args.batch_size) for split in eval_splits}
+    weights = classifiers(prompts, encode_prompts(model, tokenizer, prompts))
+    scale = model.audio_log_scale.exp().detach().float()
+    results, probabilities = score(splits, unlabelled, content_free_embeds(model, data), weights, scale, prompts.labels)
+    recall = {split: retrieval(model, tokenizer, audio) for split, audio in splits.items()}
+    run_info = {
+        "data": str(root), "checkpoint": str(checkpoint), "prompts": str(args.prompts or DEFAULT_PROMPTS),
+        "captions": str(args.captions or DEFAULT_CAPTIONS), "target": prompts.target,
+        "calibration": args.calibration, "device": str(device), "audio_scale": float(scale),
+        "train_clips_unlabelled": len(datasets["train"]), "seconds": round(time.perf_counter() - started, 1),
+    }
+    return write_outputs(Path(args.out), prompts, captions, splits, results, probabilities, recall, run_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meld.zeroshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="MELD root, prepared with meld.prepare (default: the built-in demo)")
+    parser.add_argument("--checkpoint", help="CLARA weights: a meld-clara folder or the reference .ckpt "
+                        "(default on the demo: the demo-pretrained tiny CLARA, built on first use)")
+    parser.add_argument("--prompts", help="prompt set YAML (default: configs/prompts/emotion.yaml)")
+    parser.add_argument("--captions", help="caption YAML for retrieval (default: configs/captions/meld.yaml)")
+    parser.add_argument("--split", choices=("dev", "test", "both"), default="both", help="split(s) to score")
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default="prior",
+                        help="the headline's calibration (all are reported side by side; default prior)")
+    parser.add_argument("--out", help="run folder (default runs/zeroshot-<timestamp>)")
+    parser.add_argument("--batch-size", type=int, default=64, help="clips per inference batch")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        args.out = args.out or str(Path("runs") / time.strftime("zeroshot-%Y%m%d-%H%M%S"))
+        run(args)
+    except (MeldDataError, ConfigError, CheckpointError, DataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

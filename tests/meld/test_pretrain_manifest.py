@@ -1,0 +1,97 @@
+"""Captions and the pretraining manifest exported from a small demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clara.config import ConfigError
+from clara.pretrain_data import read_manifest
+from meld.captions import CaptionConfig, caption_for, load_captions, template_index
+from meld.demo import make_demo
+from meld.errors import MeldDataError
+from meld.layout import find_layout
+from meld.prepare import prepare
+from meld.pretrain_manifest import export_manifest, main
+from meld.records import load_splits
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 40-utterance demo and its feature cache: (MELD root, cache root, prepare's report)."""
+    base = tmp_path_factory.mktemp("manifest")
+    root = make_demo(base / "demo", size=40)
+    report = prepare(root, base / "cache", workers=1)
+    return root, base / "cache", report
+
+
+def test_export_skips_what_prepare_could_not_use(prepared, tmp_path):
+    root, cache, report = prepared
+    summary = export_manifest(root, tmp_path / "m.jsonl", cache_root=cache)
+    train = load_splits(find_layout(root, ("train",), need_clips=False))["train"]
+    bad = {p["key"] for p in report["problems"] if p["split"] == "train" and p["status"] != "truncated"}
+    assert bad, "the demo plants broken train clips"
+    assert set(summary.skipped) == bad
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert summary.written == len(rows) == len(train) - len(bad)
+    assert {row["key"] for row in rows} == {u.key for u in train} - bad
+    captions = load_captions()
+    by_key = {u.key: u for u in train}
+    for row in rows:
+        utt = by_key[row["key"]]
+        assert row["emotion"] == utt.emotion and row["caption"] == caption_for(utt, captions)
+        assert captions.emotion_words[utt.emotion] in row["caption"]
+    assert any(by_key[row["key"]].text in row["caption"] for row in rows)
+    # clara.pretrain reads it as is.
+    records = read_manifest(tmp_path / "m.jsonl")
+    assert len(records) == len(rows) and all(r.audio.endswith(".mp4") for r in records)
+
+
+def test_captions_follow_the_templates(prepared, tmp_path):
+    root, cache, _ = prepared
+    templates = tmp_path / "captions.yaml"
+    templates.write_text('templates: ["{speaker} ({sentiment}, {emotion_label}): {utterance}"]\n')
+    export_manifest(root, tmp_path / "m.jsonl", templates=templates, splits=("dev",), cache_root=cache)
+    row = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    dev = {u.key: u for u in load_splits(find_layout(root, ("dev",), need_clips=False))["dev"]}
+    utt = dev[row["key"]]
+    assert row["caption"] == f"{utt.speaker} ({utt.sentiment}, {utt.emotion}): {utt.text}"
+
+
+def test_template_choice_is_stable_and_spread():
+    assert template_index("train/dia0_utt0", 4) == template_index("train/dia0_utt0", 4)
+    counts = [0] * 4
+    for d in range(200):
+        counts[template_index(f"train/dia{d}_utt0", 4)] += 1
+    assert min(counts) > 30
+
+
+def test_caption_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown field"):
+        CaptionConfig(templates=("{mood}",))
+    with pytest.raises(ConfigError, match="missing fear"):
+        CaptionConfig(emotion_words={e: e for e in ("neutral", "joy", "surprise", "anger", "sadness", "disgust")})
+
+
+def test_cli(prepared, tmp_path, capsys):
+    root, cache, _ = prepared
+    out = tmp_path / "m.jsonl"
+    assert main(["--data", str(root), "--out", str(out), "--cache", str(cache)]) == 0
+    assert out.is_file() and "clara.pretrain data.train=" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
+    root, _, _ = prepared
+    assert main(["--data", str(root), "--out", str(tmp_path / "m.jsonl"), "--cache", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no prepare report") and err.count("\n") == 1
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert main(["--data", str(root), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_unprepared_data_is_an_error(prepared, tmp_path):
+    root, _, _ = prepared
+    with pytest.raises(MeldDataError, match="meld.prepare"):
+        export_manifest(root, tmp_path / "m.jsonl", cache_root=tmp_path / "empty")

@@ -1,0 +1,136 @@
+"""``python -m meld.zeroshot`` end to end on a small prepared demo with a random tiny CLARA."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clara.checkpoint import load_checkpoint, save_checkpoint
+from clara.model import Clara
+from clara.model_config import load_model_config
+from meld.demo import make_demo
+from meld.demo_clara import ensure_demo_clara
+from meld.labels import EMOTIONS
+from meld.metrics import classification_metrics
+from meld.prepare import prepare
+from meld.prompts import PROMPT_ROOT
+from meld.zeroshot import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(MELD root of a 40-utterance demo, random tiny checkpoint, base folder); features are prepared in
+    the default cache under a private MELD_CLARA_CACHE."""
+    base = tmp_path_factory.mktemp("zeroshot")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MELD_CLARA_CACHE", str(base / "cache"))
+        root = make_demo(base / "demo", size=40)
+        prepare(root, workers=1)
+        torch.manual_seed(0)
+        checkpoint = save_checkpoint(Clara(load_model_config("tiny")), base / "tiny")
+        yield root, checkpoint, base
+
+
+@pytest.fixture(scope="module")
+def run_dir(setup):
+    root, checkpoint, base = setup
+    out = base / "run"
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def test_outputs(run_dir, capsys):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"dev", "test", "zeroshot", "retrieval", "run"} <= set(metrics)
+    scores = metrics["zeroshot"]["scores"]
+    assert set(scores) == {"T1", "T2", "T3", "T4", "ensemble"}
+    assert set(scores["ensemble"]) == {"none", "prior", "content_free"}
+    # The headline is the ensemble with the default calibration (prior).
+    assert metrics["test"]["macro_f1"] == scores["ensemble"]["prior"]["test"]["macro_f1"]
+    for split in ("dev", "test"):
+        recall = metrics["retrieval"][split]["recall"]
+        assert set(recall) == {f"{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
+    report = (run_dir / "report.md").read_text()
+    for heading in ("Each template alone and the ensemble (test", "Calibration (no labels", "Audio-text retrieval"):
+        assert heading in report
+    assert "A person talking in a {label} voice" in report
+    assert (run_dir / "confusion_test.png").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_predictions_agree_with_the_metrics(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for split in ("dev", "test"):
+        ours = [r for r in rows if r["key"].startswith(f"{split}/")]
+        assert len(ours) == sum(metrics[split]["per_class"][e]["support"] for e in EMOTIONS)
+        probs = np.array([[float(r[f"p_{e}"]) for e in EMOTIONS] for r in ours])
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+        assert [EMOTIONS[i] for i in probs.argmax(axis=1)] == [r["predicted"] for r in ours]
+        recomputed = classification_metrics([EMOTIONS.index(r["gold"]) for r in ours],
+                                            [EMOTIONS.index(r["predicted"]) for r in ours], EMOTIONS)
+        assert recomputed["macro_f1"] == pytest.approx(metrics[split]["macro_f1"])
+
+
+def test_one_template_ensemble_is_that_template(setup, tmp_path):
+    root, checkpoint, _ = setup
+    prompts = tmp_path / "one.yaml"
+    prompts.write_text('target: emotion\ntemplates: ["A person talking in a {label} voice"]\n')
+    out = tmp_path / "run"
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--split", "test",
+                 "--calibration", "none", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "dev" not in metrics
+    scores = metrics["zeroshot"]["scores"]
+    assert scores["ensemble"] == scores["T1"]
+
+
+def test_sentiment_prompts(setup, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "run"
+    prompts = PROMPT_ROOT / "sentiment.yaml"
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--split", "dev",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["dev"]["per_class"]) == ["neutral", "positive", "negative"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{root}"], "--checkpoint is required"),
+    (["--data", "{root}", "--checkpoint", "{base}/nothing"], "checkpoint not found"),
+    (["--data", "{ckpt}", "--checkpoint", "{ckpt}"], "_sent_emo.csv"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--prompts", "{base}/none.yaml"], "config file not found"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+])
+def test_user_mistakes_are_one_line(setup, capsys, argv, message):
+    root, checkpoint, base = setup
+    argv = [a.format(root=root, base=base, ckpt=checkpoint) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unprepared_data_names_the_fix(tmp_path, setup, capsys, monkeypatch):
+    root, checkpoint, _ = setup
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "empty-cache"))  # where no features were prepared
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "run")]) == 2
+    assert "python -m meld.prepare" in capsys.readouterr().err
+
+
+def test_demo_recipe_builds_once_then_reuses(tmp_path, monkeypatch):
+    """The shipped recipe with a 3-step override: built once, atomically, then reused; other settings, other key."""
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache"))
+    root = make_demo(tmp_path / "demo", size=40)
+    overrides = ["train.steps=3", "train.warmup_steps=1", "train.batch_size=8", "train.progress=false"]
+    path = ensure_demo_clara(data_root=root, overrides=overrides)
+    assert load_checkpoint(path).config.output_dim == 32
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_demo_clara(data_root=root, overrides=overrides) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(path.parent.parent.glob(".meld-demo-*"))  # no staging folder left behind
+    assert ensure_demo_clara(data_root=root, overrides=[*overrides, "train.steps=4"]) != path
