@@ -1,0 +1,200 @@
+"""``python -m meld.sweep``: Optuna sweeps over fine-tuning, resumable, parallel, pruned on a dev metric.
+
+    python -m meld.sweep [--config YAML] [--study-dir DIR] [--storage URL] [--workers N] [--trials N] [key=value ...]
+
+Without ``--config`` the settings come from ``configs/sweep/fast.yaml``: linear-probe trials on the
+demo's cached embeddings, seconds each. Every trial is one ``meld.finetune`` run in
+STUDY_DIR/trials/trial-NNNN/ (its config, metrics, report and TensorBoard events, hparams included);
+after each epoch the trial reports its dev metric, so the pruner can stop a hopeless one early.
+
+Storage: STUDY_DIR/study.db (SQLite) by default; any Optuna RDB URL (``postgresql://...``), or
+``journal:PATH`` (an append-only file, for workers on several machines that share a folder). Every
+worker on the same storage and study name joins the same study, and running the same command again
+resumes it: it only adds trials until ``study.n_trials`` are finished (complete or pruned). A trial
+whose worker died (its heartbeat went silent for ``study.grace_period`` seconds) is marked failed and
+replaced.
+
+When the study is complete the study folder gets ``best_config.yaml`` (ready for ``python -m
+meld.finetune --config``), ``summary.md`` and ``summary.csv`` (every trial), Optuna's plots, and
+``final/``: the best config re-run with ``final.seeds`` seeds and scored on test, the only time test
+is looked at, reported as mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from clara import config as config_lib
+from clara.config import ConfigError
+from clara.io_utils import atomic_write_text
+from clara.model_config import CONFIG_ROOT
+from meld.errors import MeldDataError
+from meld.metrics import mean_std
+from meld.sweep_config import SweepConfig
+from meld.sweep_plots import write_plots
+from meld.sweep_study import (
+    FINISHED, Backend, SweepError, check_space, check_trial_dirs, finetune_backend, open_study, override, shown_url,
+    storage_url, trial_config,
+)
+from meld.sweep_summary import write_summary
+from meld.sweep_worker import FileLock, run_workers, short
+
+DEFAULT_CONFIG = CONFIG_ROOT / "sweep" / "fast.yaml"
+
+
+def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) -> SweepConfig:
+    return config_lib.load(SweepConfig, path if path is not None else DEFAULT_CONFIG, overrides)
+
+
+def run_final(config: SweepConfig, backend: Backend, study_dir: Path, best: FrozenTrial,
+              log: Callable[[str], None]) -> dict | None:
+    """Re-run the best trial's config with ``final.seeds`` seeds; each run is scored once on test."""
+    if config.final.seeds == 0:
+        return None
+    base = trial_config(config, backend, best.params)
+    first_seed = _dotted(config_lib.to_dict(base), config.final.seed_key)
+    seeds = list(range(first_seed, first_seed + config.final.seeds))
+    final_dir = study_dir / "final" / f"trial-{best.number:04d}"
+    documents = []
+    with FileLock(study_dir / "final.lock"):  # workers on other machines finishing too wait, then reuse
+        for seed in seeds:
+            run_dir = final_dir / f"seed-{seed}"
+            metrics_path = run_dir / "metrics.json"
+            if metrics_path.is_file():
+                documents.append(json.loads(metrics_path.read_text(encoding="utf-8")))
+                continue
+            log(f"final: best trial {best.number} with seed {seed} -> {run_dir}")
+            run_config = trial_config(config, backend, best.params, [override(config.final.seed_key, seed)])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "stdout.log", "a", encoding="utf-8") as out, redirect_stdout(out):
+                documents.append(backend.run_finetune(run_config, out_dir=run_dir))
+    return {"trial": best.number, "seeds": seeds, "dir": str(final_dir.relative_to(study_dir)),
+            "mean_std": mean_std([{"dev": d["dev"], "test": d["test"]} for d in documents])}
+
+
+def _dotted(tree: Mapping, key: str) -> int:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"final.seed_key: the fine-tune config has no {key!r}")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int):
+        raise ConfigError(f"final.seed_key: {key} is not an integer")
+    return node
+
+
+def write_best_config(config: SweepConfig, backend: Backend, study: optuna.Study, study_dir: Path) -> Path:
+    best = study.best_trial
+    path = study_dir / "best_config.yaml"
+    header = (f"# Best trial {best.number} of sweep {study.study_name!r}: dev {config.objective.metric} "
+              f"{best.value:.4f}.\n# Run it: python -m meld.finetune --config {path}\n")
+    body = yaml.safe_dump(config_lib.to_dict(trial_config(config, backend, best.params)), sort_keys=False)
+    atomic_write_text(path, header + body)
+    return path
+
+
+def run_sweep(config: SweepConfig, *, backend: Backend | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the sweep to ``study.n_trials`` finished trials, then write its outputs.
+
+    Returns ``{"study_dir", "counts", "best" (trial number, value, params), "final" (or None), "plots"}``.
+    """
+    backend = backend or finetune_backend()
+    try:
+        return _run_sweep(config, backend, log)
+    except backend.user_errors as err:  # the fine-tune's own one-line errors (missing data, a bad checkpoint)
+        raise SweepError(str(err)) from err
+
+
+def _run_sweep(config: SweepConfig, backend: Backend, log: Callable[[str], None]) -> dict:
+    study_dir = Path(config.study.dir).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
+    check_space(config, backend)
+    study = open_study(config, study_dir)
+    check_trial_dirs(study, study_dir)
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    finished = sum(states[s] for s in FINISHED)
+    log(f"study {config.study.name!r} in {shown_url(storage_url(config, study_dir))}: {finished} of "
+        f"{config.study.n_trials} trials finished; {config.study.workers} worker(s); "
+        f"trial runs in {study_dir / 'trials'}")
+    run_workers(config, study_dir, backend, log)
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: n for state, n in Counter(t.state for t in trials).items()}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    result: dict[str, Any] = {"study_dir": str(study_dir), "counts": counts, "best": None, "final": None}
+    if complete:
+        best = study.best_trial
+        result["best"] = {"number": best.number, "value": best.value, "params": best.params}
+        write_best_config(config, backend, study, study_dir)
+    result["plots"] = write_plots(study, study_dir, log) if config.study.plots else []
+    if complete:
+        result["final"] = run_final(config, backend, study_dir, study.best_trial, log)
+    write_summary(study, config, study_dir, result)
+    return result
+
+
+def _print_result(result: dict, config: SweepConfig) -> None:
+    study_dir = Path(result["study_dir"])
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(result["counts"].items()))
+    print(f"trials: {counts}")
+    best = result["best"]
+    if best is None:
+        print("no trial completed, so there is no best config")
+    else:
+        params = " ".join(f"{k}={short(v)}" for k, v in best["params"].items())
+        print(f"best trial {best['number']}: dev {config.objective.metric} {best['value']:.4f}  {params}")
+        print(f"best config: {study_dir / 'best_config.yaml'}")
+    final = result["final"]
+    if final is not None:
+        test, dev = final["mean_std"]["test"], final["mean_std"]["dev"]
+        print(f"best config over seeds {final['seeds']}: dev macro-F1 {100 * dev['macro_f1']['mean']:.2f} ± "
+              f"{100 * dev['macro_f1']['std']:.2f}, test macro-F1 {100 * test['macro_f1']['mean']:.2f} ± "
+              f"{100 * test['macro_f1']['std']:.2f}, test weighted-F1 {100 * test['weighted_f1']['mean']:.2f} ± "
+              f"{100 * test['weighted_f1']['std']:.2f} (percent)")
+    print(f"summary: {study_dir / 'summary.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meld.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help=f"a sweep YAML (default: {DEFAULT_CONFIG.relative_to(CONFIG_ROOT.parent)})")
+    parser.add_argument("--study-dir", help="the study folder (study.dir): trials/, study.db, summary, plots")
+    parser.add_argument("--storage", help="study.storage: an Optuna RDB URL or journal:PATH "
+                        "(default: STUDY_DIR/study.db)")
+    parser.add_argument("--workers", type=int, help="study.workers: local worker processes")
+    parser.add_argument("--trials", type=int, help="study.n_trials: finished trials to reach")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. pruner.type=hyperband final.seeds=5")
+    args = parser.parse_args(argv)
+    try:
+        config = load_sweep_config(args.config, args.overrides)
+        flags = {"dir": args.study_dir, "storage": args.storage, "workers": args.workers, "n_trials": args.trials}
+        flags = {key: value for key, value in flags.items() if value is not None}
+        config = dataclasses.replace(config, study=dataclasses.replace(config.study, **flags))
+        result = run_sweep(config)
+    except (SweepError, ConfigError, MeldDataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept in the study; run the same command again to go on",
+              file=sys.stderr)
+        return 130
+    _print_result(result, config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,202 @@
+"""A sweep's study: the search space turned into fine-tune configs, the storage, the Optuna study.
+
+``Backend`` names the fine-tune entry points a sweep drives: ``meld.finetune``'s in use, a stand-in in
+tests. A study is identified by its storage and name; its user attribute ``sweep`` records what its
+values mean (base config, space, objective), so a rerun with a different space is refused instead of
+mixing incomparable trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from clara import config as config_lib
+from clara.config import ConfigError
+from meld.errors import MeldDataError
+from meld.sweep_config import Param, SweepConfig
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SweepError(Exception):
+    """A problem the user can fix (storage, study folder, a failing search space); one line, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The fine-tune entry points a sweep drives (``meld.finetune`` in use; a stand-in in tests).
+
+    ``user_errors``: exceptions a run raises for the user's inputs (missing data, a bad checkpoint);
+    every trial would hit them again, so the sweep stops at the first with its message.
+    """
+
+    load_config: Callable[[str | None, Sequence[str]], Any]
+    run_finetune: Callable[..., dict]
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, MeldDataError)
+
+
+def finetune_backend() -> Backend:
+    from meld import finetune  # imported here: tests drive a stand-in instead
+
+    return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS)
+
+
+# ---- the search space -> fine-tune configs
+
+
+def override(key: str, value: Any) -> str:
+    # JSON is valid YAML, so strings keep their quotes and null/true stay typed through the override parser.
+    return f"{key}={json.dumps(value)}"
+
+
+def trial_config(config: SweepConfig, backend: Backend, params: Mapping[str, Any], extra: Sequence[str] = ()) -> Any:
+    """The fine-tune config of a trial: base, its fixed overrides, then the sampled values."""
+    overrides = [*config.base_overrides, *(override(k, v) for k, v in params.items()), *extra]
+    return backend.load_config(config.base or None, overrides)
+
+
+def check_space(config: SweepConfig, backend: Backend) -> None:
+    """Build the fine-tune config at every bound and choice, so a misspelt key fails before any trial."""
+    trial_config(config, backend, {})
+    for param in config.space:
+        values = param.choices if param.type == "categorical" else (param.low, param.high)
+        for value in values:
+            value = int(value) if param.type == "int" else value
+            try:
+                trial_config(config, backend, {param.key: value})
+            except ConfigError as err:
+                raise ConfigError(f"space[{param.key}] = {value!r}: {err}") from None
+
+
+def suggest(trial: optuna.Trial, space: Sequence[Param]) -> dict[str, Any]:
+    """Sample the space in order; a parameter whose ``only_if`` does not hold is left at the base value."""
+    params: dict[str, Any] = {}
+    for param in space:
+        if any(key not in params or params[key] not in values for key, values in param.only_if.items()):
+            continue
+        if param.type == "float":
+            params[param.key] = trial.suggest_float(param.key, param.low, param.high, log=param.log, step=param.step)
+        elif param.type == "int":
+            params[param.key] = trial.suggest_int(param.key, int(param.low), int(param.high), log=param.log,
+                                                  step=int(param.step or 1))
+        else:
+            params[param.key] = trial.suggest_categorical(param.key, list(param.choices))
+    return params
+
+
+def metric_value(metrics: Mapping, path: str) -> float:
+    """The number at a dotted path of a split's metrics (``macro_f1``, ``per_class.fear.f1``)."""
+    node: Any = metrics
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            known = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))
+            raise ConfigError(f"objective.metric: the dev metrics have no {path!r} (scalars: {known})")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float, np.number)):
+        raise ConfigError(f"objective.metric: {path!r} is not a number")
+    return float(node)
+
+
+# ---- storage and study
+
+
+def storage_url(config: SweepConfig, study_dir: Path) -> str:
+    return config.study.storage or f"sqlite:///{study_dir.resolve() / 'study.db'}"
+
+
+def shown_url(url: str) -> str:
+    """The storage URL for messages, its password (postgresql://user:secret@host/db) masked."""
+    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+
+
+def open_storage(config: SweepConfig, study_dir: Path) -> optuna.storages.BaseStorage:
+    url = storage_url(config, study_dir)
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:")).expanduser()
+        if not path.name:
+            raise SweepError("storage journal:PATH needs a file path, e.g. journal:runs/sweeps/study.log")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise SweepError(f"storage {url!r}: expected an RDB URL (sqlite:///FILE, postgresql://...) or journal:PATH")
+    # SQLite lets one writer in at a time: workers wait up to a minute for it instead of failing at once.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as err:  # sqlalchemy's URL, driver and connection errors, and Optuna's schema checks
+        message = shown_url(str(err).splitlines()[0]) if str(err) else ""
+        raise SweepError(f"storage {shown_url(url)}: {type(err).__name__}: {message}") from None
+
+
+def _fingerprint(config: SweepConfig) -> dict[str, Any]:
+    """What a trial's value means; a rerun that changes it would mix incomparable trials in one study."""
+    return json.loads(json.dumps({
+        "base": config.base, "base_overrides": config.base_overrides,
+        "space": config_lib.to_dict(config.space), "objective": config_lib.to_dict(config.objective),
+    }))
+
+
+def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
+    pruner = config.pruner
+    if pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=pruner.n_startup_trials,
+                                           n_warmup_steps=pruner.n_warmup_steps)
+    if pruner.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=pruner.min_resource,
+                                              max_resource=pruner.max_resource or "auto",
+                                              reduction_factor=pruner.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(config: SweepConfig, worker: int, trials_before: int) -> optuna.samplers.BaseSampler:
+    """A sampler whose stream depends on the seed, the worker and how many trials the study already has.
+
+    Workers with the same seed would otherwise propose the same points in parallel, and a resumed run
+    would repeat the random start-up points of the first run.
+    """
+    seed = int(np.random.SeedSequence([config.sampler.seed, worker, trials_before]).generate_state(1)[0])
+    if config.sampler.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials)
+
+
+def open_study(config: SweepConfig, study_dir: Path, worker: int = 0) -> optuna.Study:
+    storage = open_storage(config, study_dir)
+    study = optuna.create_study(storage=storage, study_name=config.study.name, direction=config.objective.direction,
+                                pruner=make_pruner(config), load_if_exists=True)
+    fingerprint = _fingerprint(config)
+    stored = study.user_attrs.get("sweep")
+    if stored is None:
+        study.set_user_attr("sweep", fingerprint)
+    elif stored != fingerprint:
+        changed = ", ".join(key for key in fingerprint if stored.get(key) != fingerprint[key])
+        raise SweepError(f"study {config.study.name!r} in {shown_url(storage_url(config, study_dir))} was made "
+                         f"with another {changed}; use a new study.name or --study-dir to search a different space")
+    study.sampler = make_sampler(config, worker, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def trial_dir(study_dir: Path, number: int) -> Path:
+    return study_dir / "trials" / f"trial-{number:04d}"
+
+
+def check_trial_dirs(study: optuna.Study, study_dir: Path) -> None:
+    """Refuse a study folder whose trial folders belong to another study: a trial would write into them."""
+    known = {trial.number for trial in study.get_trials(deepcopy=False)}
+    numbers = {path.name: path.name.removeprefix("trial-") for path in (study_dir / "trials").glob("trial-*")}
+    strays = sorted(name for name, number in numbers.items() if number.isdigit() and int(number) not in known)
+    if strays:
+        raise SweepError(f"{study_dir / 'trials'} holds {', '.join(strays[:3])}{' ...' if len(strays) > 3 else ''}, "
+                         f"which study {study.study_name!r} in this storage never ran; use a new --study-dir "
+                         "or the storage that made them")
+
+

@@ -1,0 +1,384 @@
+"""python -m meld.sweep: search space, pruning, parallel workers, a killed worker, outputs, CLI errors.
+
+The process tests drive a stand-in fine-tune (below) whose dev macro-F1 is a known function of the
+learning rate, so they are fast and their outcome is known: lr above BAD_LR is a bad region.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from clara import config as config_lib
+from clara.config import ConfigError
+from meld.labels import EMOTIONS
+from meld.metrics import classification_metrics
+from meld.sweep import load_sweep_config, main, run_sweep
+from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest
+from meld.sweep_config import Param, SweepConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BAD_LR = 0.1
+HANG_ENV = "MELD_SWEEP_TEST_HANG"  # a trial folder name: the stand-in hangs there in epoch 2
+
+
+# ---- the stand-in fine-tune: meld.finetune's API on a tiny config
+
+
+@dataclass(frozen=True)
+class StandInTrain:
+    lr: float = 0.01
+    epochs: int = 6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StandInConfig:
+    train: StandInTrain = field(default_factory=StandInTrain)
+    fusion: str = "concat"
+    loss: str = "ce"
+    gamma: float = 2.0
+    sleep: float = 0.0  # seconds per epoch
+
+    def __post_init__(self) -> None:
+        if self.fusion not in ("concat", "gated", "attention"):
+            raise ConfigError(f"fusion: unknown {self.fusion!r}")
+
+
+def standin_load_config(path: str | None, overrides) -> StandInConfig:
+    return config_lib.load(StandInConfig, path, overrides)
+
+
+def standin_quality(config: StandInConfig) -> float:
+    """The accuracy a run reaches: good and smooth in log lr below BAD_LR, poor above it."""
+    if config.train.lr > BAD_LR:
+        return 0.15
+    return 0.9 - 0.08 * abs(math.log10(config.train.lr) + 2.5) + (0.03 if config.fusion == "gated" else 0.0)
+
+
+def _split_metrics(accuracy: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, len(EMOTIONS), size=200)
+    pred = np.where(rng.random(200) < accuracy, gold, rng.integers(0, len(EMOTIONS), size=200))
+    return classification_metrics(gold, pred, EMOTIONS)
+
+
+def standin_run(config: StandInConfig, *, out_dir: Path, epoch_callback=None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assert not (out_dir / "metrics.json").exists(), "a trial never reuses another's folder"
+    print("stand-in progress")
+    config_lib.save_yaml(config, out_dir / "config.yaml")
+    quality = standin_quality(config)
+    for epoch in range(1, config.train.epochs + 1):  # counted from 1, as meld.finetune does
+        time.sleep(config.sleep)
+        if epoch == 2 and os.environ.get(HANG_ENV) == out_dir.name:
+            (out_dir / "hanging").touch()
+            time.sleep(600)
+        if epoch_callback is not None:
+            epoch_callback(epoch, {"macro_f1": quality * epoch / config.train.epochs})
+    document = {"dev": _split_metrics(quality, config.train.seed),
+                "test": _split_metrics(quality - 0.05, config.train.seed + 100)}
+    document["dev"]["macro_f1"] = quality  # the value the objective reads, exactly
+    (out_dir / "metrics.json").write_text(json.dumps(document))
+    return document
+
+
+STANDIN = Backend(standin_load_config, standin_run)
+
+SPACE = [
+    {"key": "train.lr", "type": "float", "low": 1.0e-4, "high": 1.0, "log": True},
+    {"key": "fusion", "type": "categorical", "choices": ["concat", "gated"]},
+]
+
+
+def sweep_config(study_dir: Path, **sections) -> SweepConfig:
+    """A small sweep of the stand-in; journal storage, as SQLite's synced commits cost seconds per test."""
+    study = {"name": "t", "dir": str(study_dir), "n_trials": 6, "plots": False, "storage": f"journal:{study_dir}.log"}
+    data = {"space": SPACE, "study": study,
+            "sampler": {"type": "random", "seed": 3}, "pruner": {"type": "none"}, "final": {"seeds": 0}}
+    for name, value in sections.items():
+        data[name] = {**data[name], **value} if isinstance(value, dict) and name in data else value
+    return config_lib.from_dict(SweepConfig, data)
+
+
+def trials_of(config: SweepConfig) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(config, Path(config.study.dir))
+    return optuna.load_study(study_name=config.study.name, storage=storage).get_trials()
+
+
+def states(trials) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+# ---- config and search space
+
+
+def test_shipped_configs_fit_the_finetune_config():
+    for name in ("fast", "full"):
+        config = load_sweep_config(REPO_ROOT / "configs" / "sweep" / f"{name}.yaml")
+        assert config.objective.metric == "macro_f1"
+        check_space(config, finetune_backend())  # every key, bound and choice is a valid fine-tune setting
+    assert load_sweep_config(None).study.name == load_sweep_config(REPO_ROOT / "configs/sweep/fast.yaml").study.name
+
+
+@pytest.mark.parametrize("param, message", [
+    ({"key": "train.lr", "type": "float", "low": 0.0, "high": 1.0, "log": True}, "log scale needs low > 0"),
+    ({"key": "train.lr", "type": "float", "low": 2.0, "high": 1.0}, "above high"),
+    ({"key": "fusion", "type": "categorical"}, "needs choices"),
+    ({"key": "fusion", "type": "categorical", "choices": ["a", "a"]}, "repeat"),
+    ({"key": "train.epochs", "type": "int", "low": 1.5, "high": 4}, "whole"),
+    ({"key": "train..lr", "type": "float", "low": 1, "high": 2}, "dotted config key"),
+])
+def test_bad_params_are_refused(param, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.from_dict(Param, param)
+
+
+def test_only_if_must_name_an_earlier_parameter():
+    space = [{"key": "gamma", "type": "float", "low": 1, "high": 3, "only_if": {"loss": ["focal"]}}]
+    with pytest.raises(ConfigError, match="not an earlier parameter"):
+        config_lib.from_dict(SweepConfig, {"space": space})
+
+
+def test_suggest_follows_types_and_conditions():
+    space = config_lib.from_dict(SweepConfig, {"space": [
+        {"key": "train.lr", "type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        {"key": "train.epochs", "type": "int", "low": 2, "high": 8, "step": 2},
+        {"key": "loss", "type": "categorical", "choices": ["ce", "focal"]},
+        {"key": "gamma", "type": "float", "low": 1.0, "high": 3.0, "only_if": {"loss": ["focal"]}},
+    ]}).space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(30):
+        trial = study.ask()
+        params = suggest(trial, space)
+        assert 1e-4 <= params["train.lr"] <= 1e-1 and params["train.epochs"] in (2, 4, 6, 8)
+        assert ("gamma" in params) == (params["loss"] == "focal")
+        seen.append(params["loss"])
+        study.tell(trial, 0.0)
+    assert set(seen) == {"ce", "focal"}
+
+
+def test_a_misspelt_key_fails_before_any_trial(tmp_path):
+    config = sweep_config(tmp_path / "s", space=[*SPACE, {"key": "train.lrr", "type": "float", "low": 1, "high": 2}])
+    with pytest.raises(SweepError, match=r"space\[train.lrr\].*unknown key"):
+        run_sweep(config, backend=STANDIN, log=_quiet)
+    assert not (tmp_path / "s" / "trials").exists()
+
+
+# ---- one worker: outputs, resume, final seeds
+
+
+def test_sweep_writes_trials_summary_plots_best_config_and_final(tmp_path):
+    config = sweep_config(tmp_path / "s", final={"seeds": 3}, study={"plots": True, "storage": ""})  # SQLite
+    result = run_sweep(config, backend=STANDIN, log=_quiet)
+    study_dir = tmp_path / "s"
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 6}
+    assert sorted(p.name for p in (study_dir / "trials").iterdir()) == [f"trial-{n:04d}" for n in range(6)]
+    best = max(trials, key=lambda t: t.value)
+    assert result["best"]["number"] == best.number
+
+    best_config = standin_load_config(str(study_dir / "best_config.yaml"), [])
+    assert best_config.train.lr == pytest.approx(best.params["train.lr"])
+    assert best_config.fusion == best.params["fusion"]
+
+    summary = (study_dir / "summary.csv").read_text().splitlines()
+    assert summary[0].split(",")[:3] == ["trial", "state", "dev macro_f1"] and len(summary) == 7
+    markdown = (study_dir / "summary.md").read_text()
+    assert f"**Best: trial {best.number}" in markdown and "## The best config over 3 seeds" in markdown
+    for plot in result["plots"]:
+        assert plot.file and (study_dir / plot.file).stat().st_size > 1000, plot
+
+    final = json.loads((study_dir / "final.json").read_text())
+    assert final["seeds"] == [0, 1, 2] and final["mean_std"]["runs"] == 3
+    assert final["mean_std"]["test"]["macro_f1"]["std"] > 0  # three different seeds
+    for seed in (0, 1, 2):
+        run = study_dir / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
+        assert standin_load_config(str(run / "config.yaml"), []).train.seed == seed
+
+
+def test_rerun_resumes_and_adds_only_the_missing_trials(tmp_path):
+    config = sweep_config(tmp_path / "s")
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    run_sweep(config, backend=STANDIN, log=_quiet)  # nothing left to do
+    assert states(trials_of(config)) == {"COMPLETE": 6}
+    bigger = replace(config, study=replace(config.study, n_trials=9))
+    run_sweep(bigger, backend=STANDIN, log=_quiet)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 9}
+    # A resumed sampler draws fresh points rather than repeating the first run's.
+    assert len({t.params["train.lr"] for t in trials}) == 9
+
+
+def test_resuming_with_another_space_is_refused(tmp_path):
+    run_sweep(sweep_config(tmp_path / "s"), backend=STANDIN, log=_quiet)
+    changed = sweep_config(tmp_path / "s", space=SPACE[:1])
+    with pytest.raises(SweepError, match="made with another space"):
+        run_sweep(changed, backend=STANDIN, log=_quiet)
+
+
+def test_a_space_point_the_finetune_rejects_fails_that_trial_only(tmp_path):
+    space = [SPACE[0], {"key": "fusion", "type": "categorical", "choices": ["concat", "bogus"]}]
+    config = sweep_config(tmp_path / "s", space=space, study={"n_trials": 4, "max_failures": 50})
+    with pytest.raises(SweepError, match="space\\[fusion\\] = 'bogus'"):
+        run_sweep(config, backend=STANDIN, log=_quiet)  # the upfront check names it
+
+
+def test_failing_trials_stop_the_worker_with_the_last_error(tmp_path):
+    def broken(config, *, out_dir, epoch_callback=None):
+        raise RuntimeError("the GPU caught fire")
+
+    config = sweep_config(tmp_path / "s", study={"max_failures": 2})
+    with pytest.raises(SweepError, match="2 trials failed.*the GPU caught fire"):
+        run_sweep(config, backend=Backend(standin_load_config, broken), log=_quiet)
+    assert states(trials_of(config)) == {"FAIL": 2}
+
+
+def test_a_bad_objective_metric_stops_the_sweep(tmp_path):
+    config = sweep_config(tmp_path / "s", objective={"metric": "macro_f2"})
+    with pytest.raises(SweepError, match="no 'macro_f2'"):
+        run_sweep(config, backend=STANDIN, log=_quiet)
+
+
+# ---- pruning
+
+
+@pytest.mark.parametrize("pruner, latest_epoch", [
+    ({"type": "median", "n_startup_trials": 3}, 1),
+    # Hyperband's brackets start at different rungs (1 or 3 epochs here), so some judge later.
+    ({"type": "hyperband", "min_resource": 1, "reduction_factor": 3}, 3),
+])
+def test_bad_region_trials_are_pruned_early(tmp_path, pruner, latest_epoch):
+    config = sweep_config(tmp_path / "s", pruner=pruner, study={"n_trials": 24})
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    trials = trials_of(config)
+    bad = [t for t in trials if t.params["train.lr"] > BAD_LR]
+    startup = {t.number for t in sorted(trials, key=lambda t: t.number)[:4]}
+    judged = [t for t in bad if t.number not in startup]
+    assert judged, "the seed should sample the bad region"
+    for trial in judged:
+        assert trial.state == TrialState.PRUNED and trial.last_step <= latest_epoch, (trial.number, trial.last_step)
+    assert max((t for t in trials if t.value is not None), key=lambda t: t.value).params["train.lr"] <= BAD_LR
+
+
+# ---- several workers, a killed worker
+
+
+@pytest.mark.parametrize("storage", ["", "journal"])
+def test_two_workers_share_the_study_without_duplicates_or_losses(tmp_path, storage):
+    study_dir = tmp_path / "s"
+    storage = f"journal:{tmp_path / 'study.log'}" if storage else ""
+    config = sweep_config(study_dir, study={"n_trials": 10, "workers": 2, "storage": storage},
+                          base_overrides=["sleep=0.05"])
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 10}
+    assert sorted(t.number for t in trials) == list(range(10))
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, workers  # both took trials
+    dirs = sorted(t.user_attrs["run_dir"] for t in trials)
+    assert dirs == [f"trials/trial-{n:04d}" for n in range(10)]
+    assert all((study_dir / d / "metrics.json").is_file() for d in dirs)
+
+
+def _sweep_subprocess(config: SweepConfig, env: dict) -> subprocess.Popen:
+    code = ("import sys, json; from clara import config as c; from meld.sweep_config import SweepConfig; "
+            "from meld.sweep import run_sweep; from tests.meld.test_sweep import STANDIN; "
+            "run_sweep(c.from_dict(SweepConfig, json.loads(sys.argv[1])), backend=STANDIN)")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(config_lib.to_dict(config))], cwd=REPO_ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("storage", ["", "journal"])
+def test_a_killed_worker_leaves_a_consistent_study_that_a_rerun_completes(tmp_path, storage):
+    study_dir = tmp_path / "s"
+    storage = f"journal:{tmp_path / 'study.log'}" if storage else ""
+    config = sweep_config(study_dir, study={"n_trials": 6, "storage": storage, "heartbeat_interval": 1,
+                                            "grace_period": 2})
+    worker = _sweep_subprocess(config, {HANG_ENV: "trial-0003"})
+    hanging = study_dir / "trials" / "trial-0003" / "hanging"
+    deadline = time.monotonic() + 60
+    while not hanging.exists():
+        assert worker.poll() is None, worker.stderr.read().decode()
+        assert time.monotonic() < deadline, "the worker never reached trial 3"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 3, "RUNNING": 1}  # consistent: three results and the one cut short
+    lines = []
+    run_sweep(config, backend=STANDIN, log=lines.append)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 6, "FAIL": 1}
+    assert next(t for t in trials if t.number == 3).state == TrialState.FAIL
+    assert any("trial 3: its worker stopped" in line for line in lines), lines
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 7
+
+
+# ---- the command line
+
+
+def test_cli_user_mistakes_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("meld.sweep.finetune_backend", lambda: STANDIN)
+    for argv in (["--config", str(tmp_path / "missing.yaml")], ["study.n_trials=0"], ["nope=1"],
+                 ["--workers", "0"], ["--storage", "mysql-ish", "--study-dir", str(tmp_path / "x")],
+                 ["--storage", "postgresql://bob:secret@127.0.0.1:1/optuna", "--study-dir", str(tmp_path / "y")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+        assert "secret" not in err
+
+
+# ---- with the real fine-tune
+
+
+def test_a_linear_probe_sweep_on_the_demo_with_the_real_finetune(tmp_path):
+    from tests.meld.finetune_helpers import small_demo
+
+    root, cache = small_demo()
+    base_overrides = [f"data_root={json.dumps(str(root))}", f"cache_root={json.dumps(str(cache))}", "threads=1",
+                      "train.epochs=2", "train.batch_size=4", "train.warmup_steps=1", "train.progress=false"]
+    config = config_lib.from_dict(SweepConfig, {
+        "base": "linear_probe", "base_overrides": base_overrides,
+        "space": [{"key": "train.lr", "type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+                  {"key": "model.fusion", "type": "categorical", "choices": ["concat", "gated"]}],
+        "study": {"name": "real", "dir": str(tmp_path / "s"), "n_trials": 2, "plots": False},
+        "final": {"seeds": 2},
+    })
+    result = run_sweep(config, log=_quiet)
+    study_dir = tmp_path / "s"
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 2} and all(t.intermediate_values.keys() == {1, 2} for t in trials)
+    for trial in trials:
+        run = study_dir / trial.user_attrs["run_dir"]
+        assert (run / "metrics.json").is_file() and (run / "stdout.log").read_text()
+        events = b"".join(path.read_bytes() for path in (run / "tensorboard").rglob("events.out.tfevents.*"))
+        assert b"hparams" in events and b"dev/macro_f1" in events  # the HParams dashboard and the epoch curves
+    from meld.finetune import load_config
+
+    best = load_config(str(study_dir / "best_config.yaml"), [])
+    assert best.train.lr == pytest.approx(result["best"]["params"]["train.lr"])
+    final = json.loads((study_dir / "final.json").read_text())
+    assert final["mean_std"]["runs"] == 2 and 0 <= final["mean_std"]["test"]["macro_f1"]["mean"] <= 1
