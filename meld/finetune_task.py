@@ -67,9 +67,11 @@ class ClassificationTask:
             with atomic_path(self.out_dir / BEST_WEIGHTS) as tmp:
                 save_file(tensors, str(tmp))
             atomic_write_text(self.out_dir / BEST_STATE, json.dumps(self.best) + "\n")
-        if trainer.writer is not None:
-            log_confusion_figure(trainer.writer, "dev/confusion_matrix", metrics["confusion_matrix"], self.class_names,
-                                 trainer.step)
+            # Drawn at each new best only: a figure costs more than a linear-probe epoch, and the
+            # selected checkpoint's matrix is the one worth seeing.
+            if trainer.writer is not None:
+                log_confusion_figure(trainer.writer, "dev/confusion_matrix", metrics["confusion_matrix"],
+                                     self.class_names, trainer.step)
         if self.epoch_callback is not None:
             self.epoch_callback(epoch, metrics)
         scalars = {key: metrics[key] for key in SCALARS}
