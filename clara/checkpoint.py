@@ -11,10 +11,7 @@ so Lightning need not be installed.  A file that needs more must be opted into w
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clara import config as config_lib
+from clara.io_utils import atomic_directory
 from clara.model import Clara
 from clara.model_config import ClaraConfig, from_reference_hparams
 from clara.reference_keys import PREFIX, reference_key_map
@@ -44,22 +42,10 @@ _LIGHTNING_DICT_NAMES = (
 def save_checkpoint(model: Clara, path: str | Path) -> Path:
     """Write ``model`` to the directory ``path`` (replaced atomically if it exists)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as staging:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "meld-clara"})
         (staging / CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model.config), indent=2), encoding="utf-8")
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(staging, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -10,9 +10,6 @@ beside its final place and renamed into it, so a crash never leaves half a model
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from clara import config as config_lib
 from clara.checkpoint import CheckpointError
+from clara.io_utils import atomic_directory
 from clara.model import Clara
 from clara.model_config import ClaraConfig
 from meld.classifier import MeldClassifier
@@ -41,25 +39,13 @@ def classifier_spec(classifier: MeldClassifier, *, target: str, class_names: tup
 
 
 def save_classifier(path: Path, classifier: MeldClassifier, spec: dict, hf_tokenizer=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as staging:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in classifier.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
         if classifier.hf_text is not None:
             classifier.hf_text.model.config.save_pretrained(staging / HF_DIR)
             hf_tokenizer.save_pretrained(staging / HF_DIR)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
