@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.config import ConfigError
@@ -39,7 +40,9 @@ from meld.captions import CaptionConfig, caption_for, load_captions
 from meld.dataset import DataConfig, MeldDataset, build_datasets, make_dataloader
 from meld.demo import ensure_demo
 from meld.demo_clara import ensure_demo_clara
+from meld.embedding_cache import cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
+from meld.feature_cache import default_cache_root
 from meld.metrics import classification_metrics
 from meld.prepare import prepare
 from meld.prompts import PromptSet, class_embeddings, encode_prompts, encode_texts, load_prompts, zero_shot_logits
@@ -151,15 +154,40 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: {err}") from None
 
 
-def load_split(model: Clara, dataset: MeldDataset, prompts: PromptSet, captions: CaptionConfig,
-               batch_size: int) -> SplitAudio:
+def load_split(dataset: MeldDataset, embeds: torch.Tensor, prompts: PromptSet, captions: CaptionConfig) -> SplitAudio:
     utterances = dataset.utterances
     return SplitAudio(
         keys=[utt.key for utt in utterances],
         gold=np.array([prompts.labels.index(getattr(utt, prompts.target)) for utt in utterances]),
-        embeds=encode_split(model, dataset, batch_size),
+        embeds=embeds,
         captions=[caption_for(utt, captions) for utt in utterances],
     )
+
+
+def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, datasets: dict[str, MeldDataset],
+                      root: Path, data: DataConfig, batch_size: int) -> tuple[dict, list[torch.Tensor], bool]:
+    """Audio embeddings per split and prompt embeddings per class, computed once per (weights, inputs).
+
+    Reuses the linear probe's embedding cache: the key hashes the model's weights, the audio settings,
+    every prompt text and every utterance key, so any change recomputes. Returns (audio {split: [N, D]},
+    prompts [T, S_c, D] per class, whether it came from the cache).
+    """
+    fingerprint = {
+        "kind": "zeroshot/1", "data": str(root), "audio": config_lib.to_dict(data.audio),
+        "prompts": {label: prompts.texts(label) for label in prompts.labels},
+        "splits": {split: [utt.key for utt in ds.utterances] for split, ds in datasets.items()},
+    }
+    path = path_for(default_cache_root(root), cache_key(model, fingerprint))
+
+    def encode() -> dict[str, dict[str, torch.Tensor]]:
+        audio = {split: encode_split(model, ds, batch_size).cpu() for split, ds in datasets.items()}
+        per_class = encode_prompts(model, tokenizer, prompts)
+        return {"audio": audio, "prompts": {label: e.cpu() for label, e in zip(prompts.labels, per_class)}}
+
+    stored, hit = load_or_encode(path, encode)
+    device = next(model.parameters()).device
+    audio = {split: stored["audio"][split].to(device) for split in datasets}
+    return audio, [stored["prompts"][label].to(device) for label in prompts.labels], hit
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -177,10 +205,13 @@ def run(args: argparse.Namespace) -> dict:
     data = DataConfig(modality="audio")
     datasets = build_datasets(root, data, splits=("train", *eval_splits))
 
+    audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size)
+    if hit:
+        print("audio and prompt embeddings: reused from the cache")
     # Train audio is used unlabelled, for the prior; its labels are never read.
-    unlabelled = encode_split(model, datasets["train"], args.batch_size)
-    splits = {split: load_split(model, datasets[split], prompts, captions, args.batch_size) for split in eval_splits}
-    weights = classifiers(prompts, encode_prompts(model, tokenizer, prompts))
+    unlabelled = audio["train"]
+    splits = {split: load_split(datasets[split], audio[split], prompts, captions) for split in eval_splits}
+    weights = classifiers(prompts, prompt_embeds)
     scale = model.audio_log_scale.exp().detach().float()
     results, probabilities = score(splits, unlabelled, content_free_embeds(model, data), weights, scale, prompts.labels)
     recall = {split: retrieval(model, tokenizer, audio) for split, audio in splits.items()}

@@ -134,3 +134,30 @@ def test_demo_recipe_builds_once_then_reuses(tmp_path, monkeypatch):
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert not list(path.parent.parent.glob(".meld-demo-*"))  # no staging folder left behind
     assert ensure_demo_clara(data_root=root, overrides=[*overrides, "train.steps=4"]) != path
+
+
+def test_embeddings_are_cached_across_runs(tmp_path, monkeypatch):
+    """A second zero-shot run with the same weights, prompts and data reads its embeddings from disk."""
+    import torch
+
+    from clara.model import Clara
+    from clara.model_config import load_model_config
+    from clara.tokenizer import Tokenizer
+    from meld.dataset import DataConfig, build_datasets
+    from meld.prompts import load_prompts
+    from meld.zeroshot import DEFAULT_PROMPTS, cached_embeddings
+    from tests.meld.finetune_helpers import small_demo
+
+    root, cache = small_demo()
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "user-cache"))
+    data = DataConfig(modality="audio")
+    datasets = build_datasets(root, data, splits=("train", "test"), cache_root=cache)
+    torch.manual_seed(0)
+    model = Clara(load_model_config("tiny")).eval()
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    first, first_prompts, hit = cached_embeddings(model, Tokenizer(), prompts, datasets, root, data, 8)
+    second, second_prompts, hit_again = cached_embeddings(model, Tokenizer(), prompts, datasets, root, data, 8)
+    assert not hit and hit_again
+    assert list((tmp_path / "user-cache").rglob("*.safetensors"))
+    assert torch.equal(first["test"], second["test"]) and len(first_prompts) == 7
+    assert torch.equal(first_prompts[0], second_prompts[0])
