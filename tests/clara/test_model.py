@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,7 +136,7 @@ def test_without_masks_padding_changes_the_embedding(tiny_model):
     padded = torch.cat([mel, torch.zeros(1, 80, 60)], dim=2)
     with torch.no_grad():
         masked = tiny_model.encode_audio(padded, torch.tensor([40]))
-        tiny_model.config = tiny_model.config.__class__(**{**tiny_model.config.__dict__, "mask_padding": False})
+        tiny_model.config = dataclasses.replace(tiny_model.config, mask_padding=False)
         unmasked = tiny_model.encode_audio(padded, torch.tensor([40]))
         alone = tiny_model.encode_audio(mel)
     assert (masked - alone).abs().max() <= 1e-5
