@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clara.io_utils import user_cache_dir
+
 DEMO_VERSION = 1
 SAMPLE_RATE = 16_000
 
@@ -54,11 +56,6 @@ class DemoPaths:
     train: Path  # manifests
     eval: Path
     env: Path
-
-
-def cache_root() -> Path:
-    """``$MELD_CLARA_CACHE`` or ``~/.cache/meld-clara``."""
-    return Path(os.environ.get("MELD_CLARA_CACHE") or Path.home() / ".cache" / "meld-clara").expanduser()
 
 
 def caption(pitch: str, contour: str, rate: str, background: str, wording: int = 0) -> str:
@@ -153,8 +150,8 @@ def build_demo(
     seconds: float = 1.0,
     seed: int = 0,
 ) -> DemoPaths:
-    """Build the demo under ``root`` (default ``cache_root()/demo-pairs``) unless an identical build is there."""
-    root = Path(root) if root is not None else cache_root() / "demo-pairs"
+    """Build the demo under ``root`` (default ``user_cache_dir()/demo-pairs``) unless an identical build is there."""
+    root = Path(root) if root is not None else user_cache_dir() / "demo-pairs"
     stamp = {"version": DEMO_VERSION, "seconds": seconds, "seed": seed}
     stamp.update(train=train_per_kind, eval=eval_per_kind, env=env_per_kind)
     paths = DemoPaths(root, root / "train.jsonl", root / "eval.jsonl", root / "env.jsonl")

@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+CACHE_ENV = "MELD_CLARA_CACHE"
+
+
+def user_cache_dir() -> Path:
+    """The kit's cache for demos, features and embeddings: ``$MELD_CLARA_CACHE`` or ~/.cache/meld-clara."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara").expanduser()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from clara.io_utils import atomic_write_text
+from clara.io_utils import atomic_write_text, user_cache_dir
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
 from meld.labels import EMOTIONS
@@ -123,8 +123,7 @@ class Plan:
 
 def default_demo_root() -> Path:
     """Where commands given no ``--data`` keep the demo: ``$MELD_CLARA_CACHE`` or ~/.cache/meld-clara, /demo."""
-    cache = os.environ.get("MELD_CLARA_CACHE") or Path.home() / ".cache" / "meld-clara"
-    return Path(cache) / "demo"
+    return user_cache_dir() / "demo"
 
 
 def _split_sizes(size: int) -> dict[str, int]:

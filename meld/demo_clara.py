@@ -26,12 +26,13 @@ from pathlib import Path
 
 from clara import config as config_lib
 from clara.augment import check_config
+from clara.io_utils import user_cache_dir
 from clara.model_config import CONFIG_ROOT
 from clara.pretrain import PretrainConfig, run
 from meld.captions import load_captions
 from meld.demo import MANIFEST_NAME, ensure_demo, read_manifest
 from meld.errors import MeldDataError
-from meld.feature_cache import CACHE_ENV, AudioSettings
+from meld.feature_cache import AudioSettings
 from meld.prepare import prepare
 from meld.pretrain_manifest import export_manifest
 
@@ -41,7 +42,7 @@ MODEL_DIR = "model"
 
 
 def cache_base() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara")
+    return user_cache_dir()
 
 
 def recipe_key(config: PretrainConfig, root: Path, captions_path: str | Path | None) -> str:

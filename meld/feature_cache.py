@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -38,11 +37,10 @@ from safetensors.numpy import save_file
 
 from clara.audio_frontend import SAMPLE_RATE, LogMel
 from clara.config import ConfigError, to_dict
-from clara.io_utils import atomic_path, atomic_write_text
+from clara.io_utils import atomic_path, atomic_write_text, user_cache_dir
 from meld.errors import MeldDataError
 
 CACHE_FORMAT = 1
-CACHE_ENV = "MELD_CLARA_CACHE"
 
 # Clip outcomes. The first two are stored with their mel; the rest only as a record with the reason.
 OK = "ok"
@@ -145,7 +143,7 @@ def default_cache_root(data_root: str | Path) -> Path:
 
     One folder per dataset, so the demo and a real MELD copy never share (and overwrite) a cache.
     """
-    base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara")
+    base = user_cache_dir()
     resolved = Path(data_root).resolve()
     return base / "features" / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 
