@@ -1,27 +1,40 @@
 """Benchmark "the medium step" (shared/reference/performance.md) and print one table.
 
 Workload: CLARA medium in train mode (50% audio-token keep active), mel [B, 80, 282] (3.0 s at
-48 kHz), tokens [B, 32], the symmetric contrastive loss, an AdamW step.  Synthetic inputs, warm-up
-steps, then the mean over timed steps, synchronised.  FLOPs per sample are counted with
-``torch.utils.flop_counter.FlopCounterMode`` on one training step (forward + backward).
+48 kHz) with padding masks on, tokens [B, 32], the symmetric contrastive loss, a fused AdamW step.
+Synthetic inputs made on the device before timing, warm-up steps (their time, compilation included,
+is the "warm-up s" column), then the mean over timed steps, synchronised.  FLOPs per sample are
+counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager training step.
 
 Each variant is a ``-``-joined name: an attention backend (``eager``, ``sdpa``, ``flash_attn``), a
 precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', ``bf16`` = bf16
-autocast), and optional flags: ``compile`` (torch.compile), ``autotune`` (compile with
-max-autotune, no CUDA graphs), ``cudagraphs`` (compile with reduce-overhead), ``fa2`` (restrict
-SDPA to its FlashAttention-2 kernel, or memory-efficient where a mask rules flash out, instead of
-letting PyTorch pick cuDNN), ``ckpt`` (activation checkpointing), ``varlen`` (clip lengths drawn from
-1-12 s, MELD-like, padded and masked), ``infer`` (eval forward of both towers, no grad).
-MFU is TFLOP/s over the ceiling measured on this device (a large bf16 matmul on GPU, fp32 on CPU).
+autocast), then optional flags:
+
+* ``compile``: ``torch.compile`` of the whole model; ``blocks``: of each repeated block
+  (``clara.compilation``); ``cudagraphs``: the whole model with mode reduce-overhead (CUDA graphs);
+  ``autotune``: the whole model with max-autotune-no-cudagraphs;
+* ``fp32res``: keep the latents' residual stream in fp32 under autocast (the kit's default since
+  this benchmark's second round runs it in the autocast dtype, ``audio.latent_stream``);
+* ``fa2``: restrict SDPA to FlashAttention-2 / memory-efficient kernels instead of letting PyTorch
+  pick cuDNN; ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
+  blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
+* ``varlen``: MELD-like clip lengths (MELD's distribution, 1-12 s), padded to the batch's longest rounded up to 64 frames,
+  masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
+* ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
+
+MFU is TFLOP/s over the ceiling measured on this device (a bf16 8192³ matmul on GPU, fp32 on CPU).
+Variable-length rows count the FLOPs of the 3 s workload (the latent stack, most of the work, does
+not depend on the clip length), so their TFLOP/s is a lower bound.
 
     python bench/bench_step.py                                   # CPU, small batch, a few variants
-    python bench/bench_step.py --device cuda --batch 64          # the H100 table
+    python bench/bench_step.py --device cuda                     # the GPU table
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -31,18 +44,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
 from clara.model import Clara  # noqa: E402
 from clara.model_config import load_model_config  # noqa: E402
+from bench.workloads import meld_like_frames  # noqa: E402
 
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
 DEFAULT_GPU_VARIANTS = (
-    "eager-fp32,eager-tf32,eager-bf16,sdpa-fp32,sdpa-tf32,sdpa-bf16,flash_attn-bf16,"
-    "sdpa-bf16-compile,sdpa-bf16-compile-varlen,sdpa-bf16-infer,sdpa-bf16-compile-infer"
+    "eager-fp32,eager-bf16,sdpa-bf16-fp32res,sdpa-bf16,sdpa-bf16-compile-fp32res,sdpa-bf16-compile,"
+    "sdpa-bf16-blocks,sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-varlen,sdpa-bf16-cudagraphs-bucket,"
+    "sdpa-bf16-cudagraphs-b256,sdpa-bf16-infer,sdpa-bf16-cudagraphs-infer,sdpa-bf16-cudagraphs-infer-b256"
 )
+FRAMES, TEXT_LEN = 282, 32
+PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CUDA graphs) small
+INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 
-
-_COMPILE_MODES = {"compile": "default", "autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}
+_SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
+           "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs")}  # fmt: skip
+_FLAGS = set(_SCOPES) | {"fp32res", "fa2", "ckpt", "sac", "varlen", "bucket", "infer"}
 
 
 @dataclass(frozen=True)
@@ -50,38 +70,65 @@ class Variant:
     name: str
     attention: str
     precision: str
-    compile: str  # "" (eager), or a torch.compile mode
-    varlen: bool
-    infer: bool
+    scope: str = "off"  # clara.compilation scope
+    mode: str = "default"  # torch.compile mode
+    lengths: str = "fixed"  # fixed, varlen or bucket
+    infer: bool = False
+    fp32res: bool = False
     fa2: bool = False
     ckpt: bool = False
+    sac: bool = False
+    batch: int | None = None
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         parts = name.split("-")
         flags = set(parts[2:])
-        unknown = flags - {"compile", "autotune", "cudagraphs", "varlen", "infer", "fa2", "ckpt"}
-        if len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16") or unknown:
-            raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-compile|-autotune|-cudagraphs][-varlen][-infer]")
-        mode = next((m for flag, m in _COMPILE_MODES.items() if flag in flags), "")
-        return cls(name, parts[0], parts[1], mode, "varlen" in flags, "infer" in flags, "fa2" in flags, "ckpt" in flags)
+        sizes = {f for f in flags if f[:1] == "b" and f[1:].isdigit()}
+        unknown = flags - _FLAGS - sizes
+        compiled = [f for f in flags if f in _SCOPES]
+        if (len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16")
+                or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags):
+            raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-FLAG...], flags from "
+                             f"{', '.join(sorted(_FLAGS))}, bN (one compile flag, one of varlen/bucket)")
+        scope, mode = _SCOPES[compiled[0]] if compiled else ("off", "default")
+        lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
+        batch = int(next(iter(sizes))[1:]) if sizes else None
+        return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "fp32res" in flags, "fa2" in flags,
+                   "ckpt" in flags, "sac" in flags, batch)  # fmt: skip
 
 
-def make_batch(batch: int, frames: int, text_len: int, varlen: bool, device: torch.device, seed: int = 0):
+def padded_frames(lengths: torch.Tensor) -> int:
+    return int(-(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def make_batches(batch: int, lengths_kind: str, device: torch.device, count: int = INPUT_SETS, seed: int = 0) -> list[list[torch.Tensor]]:
+    """``count`` batches (mel, tokens, mel_lengths, token_lengths), made on ``device`` up front.
+
+    ``varlen``: each batch draws its own lengths (padding to the longest); ``bucket``: the
+    ``count x batch`` lengths are sorted and cut into batches, as a length-bucketing sampler does
+    with a pool of batches.
+    """
     g = torch.Generator().manual_seed(seed)
-    if varlen:
-        # MELD-like clip lengths, 1-12 s at 48 kHz / hop 512 -> 94..1126 frames.
-        lengths = torch.randint(94, 1126, (batch,), generator=g)
-        frames = int(lengths.max())
+    if lengths_kind == "fixed":
+        length_sets = [torch.full((batch,), FRAMES)] * count
     else:
-        lengths = torch.full((batch,), frames)
-    mel = torch.randn(batch, 80, frames, generator=g) * (torch.arange(frames)[None, None] < lengths[:, None, None])
-    tokens = torch.randint(1, 50257, (batch, text_len), generator=g)
-    token_lengths = torch.full((batch,), text_len)
-    return [t.to(device) for t in (mel, tokens, lengths, token_lengths)]
+        pool = meld_like_frames(count * batch, g)
+        if lengths_kind == "bucket":
+            pool = pool.sort().values
+        length_sets = list(pool.view(count, batch))
+    batches = []
+    for lengths in length_sets:
+        frames = FRAMES if lengths_kind == "fixed" else padded_frames(lengths)
+        lengths = lengths.to(device)
+        valid = torch.arange(frames, device=device)[None, None, :] < lengths[:, None, None]
+        mel = torch.randn(batch, 80, frames, device=device) * valid  # zero padding, as LogMel pads
+        tokens = torch.randint(1, 50257, (batch, TEXT_LEN), device=device)
+        batches.append([mel, tokens, lengths, torch.full((batch,), TEXT_LEN, device=device)])
+    return batches
 
 
-def autocast_for(variant: Variant, device: torch.device):
+def numeric_context(variant: Variant, device: torch.device):
     """The step's numeric context: bf16 autocast for bf16 variants, and the SDPA kernel choice."""
     stack = contextlib.ExitStack()
     if variant.precision == "bf16":
@@ -94,20 +141,22 @@ def autocast_for(variant: Variant, device: torch.device):
 
 
 def build(variant: Variant, config_name: str, device: torch.device):
+    """The model and one step function (a training step, or an inference forward) for ``variant``."""
     torch.set_float32_matmul_precision("medium" if variant.precision == "tf32" else "highest")
     torch.manual_seed(0)
-    overrides = [f"attention={variant.attention}", f"activation_checkpointing={str(variant.ckpt).lower()}"]
+    overrides = [f"attention={variant.attention}", f"activation_checkpointing={str(variant.ckpt).lower()}",
+                 f"selective_recompute={str(variant.sac).lower()}",
+                 f"audio.latent_stream={'fp32' if variant.fp32res else 'autocast'}"]  # fmt: skip
     model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
-    # Compiling the model's forward (and so its backward); the optimizer step stays the fused kernel.
-    runner = torch.compile(model, mode=variant.compile, dynamic=variant.varlen) if variant.compile else model
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    if variant.scope != "off":
+        compile_model(model, variant.scope, variant.mode, dynamic=True if variant.lengths != "fixed" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
 
     def train_step(mel, tokens, mel_lengths, token_lengths):
-        with autocast_for(variant, device):
-            out = runner(mel, tokens, mel_lengths, token_lengths)
+        with numeric_context(variant, device):
+            out = model(mel, tokens, mel_lengths, token_lengths)
             loss = loss_fn(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale)
         loss.backward()
         optimizer.step()
@@ -115,25 +164,25 @@ def build(variant: Variant, config_name: str, device: torch.device):
         return loss
 
     def infer_step(mel, tokens, mel_lengths, token_lengths):
-        with torch.no_grad(), autocast_for(variant, device):
-            return runner(mel, tokens, mel_lengths, token_lengths).audio_embeds
+        with torch.no_grad(), numeric_context(variant, device):
+            out = model(mel, tokens, mel_lengths, token_lengths)
+            return out.audio_embeds, out.text_embeds
 
     return model, (infer_step if variant.infer else train_step)
 
 
-def count_flops_per_sample(variant: Variant, config_name: str, device: torch.device, frames: int, text_len: int) -> float:
+def count_flops_per_sample(infer: bool, config_name: str, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    # The workload's FLOPs do not depend on the kernel, so they are counted once on the eager math
+    # The workload's FLOPs do not depend on the kernels, so they are counted once on the eager math
     # (the counter does not see inside every fused kernel), uncompiled, and for inference on a plain
     # forward: the counter's module tracker needs autograd, and a forward costs the same without it.
-    probe = Variant(variant.name, "eager", "fp32", "", False, False)
+    probe = Variant("probe", "eager", "fp32", infer=infer)
     model, step = build(probe, config_name, device)
     batch = 4
-    inputs = make_batch(batch, frames, text_len, False, device)
+    inputs = make_batches(batch, "fixed", device, count=1)[0]
     with FlopCounterMode(display=False) as counter:
-        if variant.infer:
-            model.eval()
+        if infer:
             model(*inputs)
         else:
             step(*inputs)
@@ -141,7 +190,7 @@ def count_flops_per_sample(variant: Variant, config_name: str, device: torch.dev
 
 
 def matmul_ceiling(device: torch.device) -> float:
-    """TFLOP/s of a large square matmul: bf16 8192³ on GPU, fp32 1024³ on CPU."""
+    """TFLOP/s of a large square matmul on random data: bf16 8192³ on GPU, fp32 1024³ on CPU."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -164,35 +213,52 @@ def sync(device: torch.device) -> None:
 _FLOPS: dict[tuple[str, bool], float] = {}
 
 
+def profile_table(step, batches, device: torch.device, rows: int) -> str:
+    """The top CUDA kernels (or CPU ops) of a few more steps, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for inputs in batches[:4]:
+            step(*inputs)
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
 def run_variant(variant: Variant, args, device: torch.device) -> dict:
+    batch = variant.batch or args.batch
+    row = {"name": variant.name, "batch": batch}
     if variant.attention == "flash_attn" and not (device.type == "cuda" and _has_flash()):
-        return {"name": variant.name, "note": "flash-attn not installed"}
-    frames, text_len = 282, 32
+        return {**row, "note": "flash-attn not installed"}
     key = (args.config, variant.infer)
     if key not in _FLOPS:
-        _FLOPS[key] = count_flops_per_sample(variant, args.config, device, frames, text_len)
+        _FLOPS[key] = count_flops_per_sample(variant.infer, args.config, device)
     flops = _FLOPS[key]
     model, step = build(variant, args.config, device)
-    inputs = make_batch(args.batch, frames, text_len, variant.varlen, device)
+    batches = make_batches(batch, variant.lengths, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        for _ in range(args.warmup):
+        start = time.perf_counter()
+        # Every distinct input shape once (compilation, CUDA-graph recording), then the warm-up steps.
+        for inputs in batches[: len(batches) if variant.lengths != "fixed" else 1] + batches[: args.warmup]:
             step(*inputs)
         sync(device)
+        warmup = time.perf_counter() - start
         start = time.perf_counter()
         for i in range(args.steps):
-            if variant.varlen:
-                inputs = make_batch(args.batch, frames, text_len, True, device, seed=i % 4)
-            step(*inputs)
+            step(*batches[i % len(batches)])
         sync(device)
+        elapsed = (time.perf_counter() - start) / args.steps
+        profile = profile_table(step, batches, device, args.profile_rows) if variant.name in args.profile else None
     except torch.OutOfMemoryError:
-        return {"name": variant.name, "note": f"out of memory at batch {args.batch}"}
-    elapsed = (time.perf_counter() - start) / args.steps
+        return {**row, "note": f"out of memory at batch {batch}"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    samples = args.batch / elapsed
+    samples = batch / elapsed
     del model
-    return {"name": variant.name, "samples_s": samples, "tflops": samples * flops / 1e12, "gflop_sample": flops / 1e9, "peak_gib": peak}
+    return {**row, "samples_s": samples, "tflops": samples * flops / 1e12, "gflop_sample": flops / 1e9,
+            "peak_gib": peak, "warmup_s": warmup, "profile": profile}  # fmt: skip
 
 
 def _has_flash() -> bool:
@@ -209,30 +275,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 GPU, 2 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=None, help="comma-separated variant names")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.batch = args.batch or (64 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 2)
+    args.profile = set(filter(None, args.profile.split(",")))
     if not gpu:
         args.warmup = min(args.warmup, 1)
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     ceiling = matmul_ceiling(device)
-    print(f"device: {name} | torch {torch.__version__} | model {args.config} | batch {args.batch} | "
-          f"mel [B, 80, 282], tokens [B, 32] | matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
-    header = f"{'variant':<28} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>6} {'GFLOP/sample':>13} {'peak GiB':>9}"
-    print(header)
-    print("-" * len(header), flush=True)
+    print(f"device: {name} | torch {torch.__version__} | model {args.config} | batch {args.batch} unless named | "
+          f"mel [B, 80, {FRAMES}], tokens [B, {TEXT_LEN}], masks on | matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
+    header = (f"{'variant':<34} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'GFLOP/sample':>12} "
+              f"{'peak GiB':>8} {'warm-up s':>9}")  # fmt: skip
+    rows = []
     for variant in variants:
-        row = run_variant(variant, args, device)
-        if "note" in row:
-            print(f"{row['name']:<28} {row['note']}", flush=True)
-            continue
-        print(f"{row['name']:<28} {row['samples_s']:>10.1f} {row['tflops']:>9.2f} {row['tflops'] / ceiling:>6.1%} "
-              f"{row['gflop_sample']:>13.1f} {row['peak_gib']:>9.2f}", flush=True)
+        try:
+            row = run_variant(variant, args, device)
+        except Exception as err:  # one broken variant (a compiler error, say) must not lose the others
+            row = {"name": variant.name, "batch": variant.batch or args.batch,
+                   "note": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        rows.append(row)
+        print(format_row(row, ceiling), flush=True)  # as it comes, in case a long run is cut short
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({**{k: v for k, v in row.items() if k != "profile"}, "device": name,
+                                         "ceiling_tflops": ceiling}) + "\n")  # fmt: skip
+        if row.get("profile"):
+            print(f"\nprofile of {row['name']}:\n{row['profile']}", flush=True)
         if gpu:
             torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    print(f"\n{header}\n{'-' * len(header)}")
+    for row in rows:
+        print(format_row(row, ceiling))
+    print(f"device: {name}", flush=True)
+
+
+def format_row(row: dict, ceiling: float) -> str:
+    if "note" in row:
+        return f"{row['name']:<34} {row['batch']:>5} {row['note']}"
+    return (f"{row['name']:<34} {row['batch']:>5} {row['samples_s']:>10.1f} {row['tflops']:>8.1f} "
+            f"{row['tflops'] / ceiling:>6.1%} {row['gflop_sample']:>12.4g} {row['peak_gib']:>8.2f} {row['warmup_s']:>9.1f}")
 
 
 if __name__ == "__main__":

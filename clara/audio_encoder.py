@@ -23,13 +23,15 @@ def token_lengths(frame_lengths: torch.Tensor) -> torch.Tensor:
 
 
 class AudioEncoder(nn.Module):
-    def __init__(self, config: AudioConfig, *, backend: str = "sdpa", activation_checkpointing: bool = False):
+    def __init__(self, config: AudioConfig, *, backend: str = "sdpa", activation_checkpointing: bool = False,
+                 selective_recompute: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.config = config
         self.conv1 = nn.Conv1d(config.n_mels, config.width, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(config.width, config.width, kernel_size=3, stride=2, padding=1)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
-        self.perceiver = Perceiver(config, backend, activation_checkpointing=activation_checkpointing)
+        self.perceiver = Perceiver(config, backend, activation_checkpointing=activation_checkpointing,
+                                   selective_recompute=selective_recompute)
         self.pool_norm = nn.LayerNorm(config.latent_dim)
         self.fc = nn.Linear(config.num_latents, config.fc_dim)
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError
+from clara.compilation import compile_model
 from clara.io_utils import atomic_path
 from clara.optim import WarmupCosineRestarts, build_optimizer
 
@@ -76,6 +77,10 @@ class TrainConfig:
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; true: must; false: start over
     find_unused_parameters: bool = False  # DDP, for models whose steps leave some parameters unused
     progress: bool = True  # tqdm bar (shown only on a terminal, main process)
+    # torch.compile of the model (clara.compilation): "blocks" compiles each repeated block, a quick
+    # cold start that tolerates varying shapes and any batch structure; "model" the whole forward.
+    compile: Literal["off", "model", "blocks"] = "off"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
 
 
 class Task(Protocol):
@@ -201,7 +206,7 @@ class Trainer:
         self.task = task
         self.train_data = train_data
         self.out_dir = Path(config.out_dir)
-        self.model = model.to(self.device)
+        self.model = compile_model(model.to(self.device), config.compile, config.compile_mode)
 
         self.sampler = ResumableBatchSampler(
             len(train_data), config.batch_size, rank=self.env.rank, world_size=self.env.world_size,
@@ -241,6 +246,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
         self.writer = None
+        self.data_wait = 0.0  # seconds spent waiting for the loader, since the last log
 
     def _resolve_precision(self) -> str:
         requested = self.config.precision
@@ -355,7 +361,10 @@ class Trainer:
         accumulation = self.config.accumulation
         sums: dict[str, Any] = {}
         for micro in range(accumulation):
-            batch = move_to(next(batches), self.device)
+            tick = time.perf_counter()
+            batch = next(batches)
+            self.data_wait += time.perf_counter() - tick
+            batch = move_to(batch, self.device)
             # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
             last = micro == accumulation - 1
             sync = nullcontext() if last or self.env.world_size == 1 else self.wrapped.no_sync()
@@ -431,10 +440,13 @@ class Trainer:
                     if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                         means = {k: float(v) / window_steps for k, v in window.items()}
                         means["samples_per_s"] = window_steps * self.samples_per_step / max(busy, 1e-9)
+                        # Loader time against step time: a GPU-bound run waits ~0 s for its batches.
+                        means["step_s"] = busy / window_steps
+                        means["data_wait_s"] = self.data_wait / window_steps
                         means = distributed.all_reduce_mean(means, self.device)
                         progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
                         self._record("train", means)
-                        window, window_steps, busy = {}, 0, 0.0
+                        window, window_steps, busy, self.data_wait = {}, 0, 0.0, 0.0
                     if self.step < self.total_steps:  # the last step is evaluated and saved below
                         if self.config.eval_every and self.step % self.config.eval_every == 0:
                             self.evaluate()

@@ -34,7 +34,8 @@ class Clara(nn.Module):
         config = config or ClaraConfig()
         self.config = config
         recompute = config.activation_checkpointing
-        self.audio = AudioEncoder(config.audio, backend=config.attention, activation_checkpointing=recompute)
+        self.audio = AudioEncoder(config.audio, backend=config.attention, activation_checkpointing=recompute,
+                                  selective_recompute=config.selective_recompute)
         self.text = TextEncoder(config.text, backend=config.attention, activation_checkpointing=recompute)
         self.audio_head = nn.Linear(config.audio.fc_dim, config.output_dim)
         self.text_head = nn.Linear(config.text.fc_dim, config.output_dim)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 
 from clara.attention import attention, gelu_attention
 from clara.model_config import AudioConfig
+from clara.recompute import keep_matmul_outputs
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -32,6 +32,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class GEGLUFeedForward(nn.Module):
     """PreNorm -> Linear(D, 2·m·D) -> halves [a, g] -> a·GELU(g) -> Linear(m·D, D); no residual here."""
 
+    compile_unit = True  # see clara.compilation
+
     def __init__(self, dim: int, mult: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
@@ -45,6 +47,8 @@ class GEGLUFeedForward(nn.Module):
 
 class CrossAttention(nn.Module):
     """Latents [B, N, D] attend to audio tokens [B, T, C]; both sides pre-normed."""
+
+    compile_unit = True
 
     def __init__(self, config: AudioConfig, backend: str):
         super().__init__()
@@ -87,14 +91,23 @@ class SelfAttention(nn.Module):
 
 
 class LatentBlock(nn.Module):
-    def __init__(self, config: AudioConfig, backend: str):
+    compile_unit = True
+
+    def __init__(self, config: AudioConfig, backend: str, *, selective_recompute: bool = False):
         super().__init__()
+        self.selective_recompute = selective_recompute
         self.attn = SelfAttention(config.latent_dim, config.latent_heads, config.latent_dim_head, backend)
         self.ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
         return x + self.ff(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]."""
+        if self.selective_recompute and torch.is_grad_enabled():
+            return keep_matmul_outputs(self._forward, x)
+        return self._forward(x)
 
 
 def keep_random_tokens(
@@ -121,20 +134,27 @@ def keep_random_tokens(
 
 
 class Perceiver(nn.Module):
-    def __init__(self, config: AudioConfig, backend: str, *, activation_checkpointing: bool = False):
+    def __init__(self, config: AudioConfig, backend: str, *, activation_checkpointing: bool = False,
+                 selective_recompute: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.config = config
         self.activation_checkpointing = activation_checkpointing
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.latent_dim))
         self.cross_attn = CrossAttention(config, backend)
         self.cross_ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
-        self.layers = nn.ModuleList(LatentBlock(config, backend) for _ in range(config.layers))
+        recompute = selective_recompute and not activation_checkpointing
+        self.layers = nn.ModuleList(LatentBlock(config, backend, selective_recompute=recompute) for _ in range(config.layers))
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T, C], key_mask [B, T] -> latents [B, N, D]."""
         if self.training and self.config.token_keep < 1.0:
             tokens, key_mask = keep_random_tokens(tokens, key_mask, self.config.token_keep)
         x = self.latents.expand(tokens.shape[0], -1, -1)  # [B, N, D]
+        device = tokens.device.type
+        if self.config.latent_stream == "autocast" and torch.is_autocast_enabled(device):
+            # Every residual add then stays in the low-precision dtype (the blocks' outputs are
+            # autocast Linear outputs); the norms still compute their statistics in fp32.
+            x = x.to(torch.get_autocast_dtype(device))
         x = x + self.cross_attn(x, tokens, key_mask)
         x = x + self.cross_ff(x)
         for block in self.layers:

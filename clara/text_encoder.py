@@ -32,6 +32,8 @@ def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
 class TextLayer(nn.Module):
     """One post-LN encoder layer: x = LN(x + Attn(x)); x = LN(x + FF(x)), with ReLU FF."""
 
+    compile_unit = True  # see clara.compilation
+
     def __init__(self, config: TextConfig, backend: str):
         super().__init__()
         self.heads = config.heads

@@ -1,0 +1,141 @@
+"""Is a fine-tune epoch GPU-bound?  Loader wait against step time over MELD-size cached data.
+
+Writes a feature store of ``--clips`` synthetic clips (default 10,000, about MELD's train split) with
+MELD-like lengths (bench/workloads.py) through the kit's own ``meld.feature_cache.write_store``,
+reads it back through ``meld.dataset.MeldDataset`` (memory-mapped store, float16 -> float32 mels,
+pre-tokenised text) and ``collate``, and trains the kit's ``MeldClassifier`` (CLARA, audio + text,
+full fine-tuning, weighted cross-entropy) for one epoch with the shared engine, once per loader
+setting.  The engine logs, per step, the seconds spent waiting for the next batch
+(``data_wait_s``) and the whole step's wall time (``step_s``); the table gives their means over the
+epoch after the first logging window (warm-up, compilation).
+
+    python bench/bench_finetune_epoch.py                               # CPU: tiny CLARA, 512 clips
+    python bench/bench_finetune_epoch.py --device cuda --config medium # the 10,000-clip GPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workloads import meld_like_frames  # noqa: E402
+from clara.engine import TrainConfig, Trainer  # noqa: E402
+from meld.dataset import MeldDataset, collate  # noqa: E402
+from meld.feature_cache import OK, AudioSettings, ClipRecord, SplitStore, write_store  # noqa: E402
+from meld.finetune import build_classifier  # noqa: E402
+from meld.finetune_config import FinetuneConfig  # noqa: E402
+from meld.labels import EMOTIONS, SENTIMENTS  # noqa: E402
+from meld.losses import build_loss  # noqa: E402
+from meld.records import Utterance  # noqa: E402
+
+
+@dataclass
+class SyntheticClip:
+    """What ``write_store`` reads of a clip: its record and its float16 mel [T, n_mels]."""
+
+    record: ClipRecord
+    values: np.ndarray
+
+    def mel(self) -> np.ndarray:
+        return self.values
+
+
+class WordTokenizer:
+    """Stands in for the BPE tokenizer (the text is pre-tokenised once, so its cost is not timed):
+    one id per word, with CLARA's two leading special tokens."""
+
+    def encode(self, text: str) -> list[int]:
+        return [50259, 50372] + [1 + zlib.crc32(word.encode()) % 50000 for word in text.split()]
+
+
+def synthetic_split(root: Path, clips: int, seed: int = 0) -> tuple[list[Utterance], Path]:
+    rng = np.random.default_rng(seed)
+    frames = meld_like_frames(clips, torch.Generator().manual_seed(seed)).tolist()
+    settings = AudioSettings()
+    utterances, stored = [], []
+    for i, count in enumerate(frames):
+        words = " ".join(f"w{w}" for w in rng.integers(0, 5000, int(rng.integers(3, 30))))
+        utt = Utterance("train", i // 10, i % 10, "Speaker", words, EMOTIONS[i % len(EMOTIONS)],
+                        SENTIMENTS[i % len(SENTIMENTS)], 1, 1, 0.0, count / 93.75, i)  # fmt: skip
+        utterances.append(utt)
+        record = ClipRecord(utt.key, f"train/{utt.clip_name}", 0, 0, OK, samples=(count - 1) * 512, frames=count)
+        stored.append(SyntheticClip(record, rng.standard_normal((count, settings.n_mels), dtype=np.float32).astype(np.float16)))
+    path = root / "train.safetensors"
+    write_store(path, settings, stored)
+    return utterances, path
+
+
+class Task:
+    def __init__(self, criterion):
+        self.criterion = criterion
+
+    def training_step(self, model, batch):
+        logits = model(batch)  # [B, 7]
+        return self.criterion(logits, batch["emotion"]), {}
+
+
+def run(setting: str, args, dataset: MeldDataset, device: str, out_dir: Path) -> dict:
+    workers, compile_scope = setting.split("/")
+    config = FinetuneConfig(model=replace(FinetuneConfig().model, clara=args.config))
+    torch.manual_seed(0)
+    classifier, _ = build_classifier(config, None, EMOTIONS)
+    criterion = build_loss("weighted_ce", dataset.class_counts()["emotion"], power=0.5)
+    train = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-5, warmup_steps=0, cycle_steps=0, device=device,
+                        log_every=args.log_every, eval_at_start=False, out_dir=str(out_dir / setting.replace("/", "-")),
+                        num_workers=int(workers), progress=False, resume=False, compile=compile_scope)  # fmt: skip
+    trainer = Trainer(train, classifier, Task(criterion), dataset, collate_fn=collate)
+    started = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - started
+    windows = result.history[1:] or result.history  # the first window holds warm-up and compilation
+    step_s = float(np.mean([w["train/step_s"] for w in windows]))
+    wait_s = float(np.mean([w["train/data_wait_s"] for w in windows]))
+    return {"setting": setting, "steps": result.step, "epoch_s": seconds, "step_ms": step_s * 1e3,
+            "wait_ms": wait_s * 1e3, "wait_share": wait_s / step_s, "samples_s": args.batch / step_s}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default=None, help="CLARA preset (default: medium on GPU, tiny on CPU)")
+    parser.add_argument("--clips", type=int, default=None, help="default: 10,000 on GPU, 512 on CPU")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated WORKERS/COMPILE settings (default GPU: 0/off,4/off,4/blocks; CPU: 0/off)")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.config = args.config or ("medium" if gpu else "tiny")
+    args.clips = args.clips or (10_000 if gpu else 512)
+    settings = (args.settings or ("0/off,4/off,4/blocks" if gpu else "0/off")).split(",")
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        utterances, path = synthetic_split(tmp, args.clips)
+        dataset = MeldDataset(utterances, store=SplitStore(path), tokenizer=WordTokenizer())
+        frames = np.asarray(dataset.lengths)
+        print(f"device: {name} | CLARA {args.config}, audio + text, full fine-tuning, batch {args.batch} | "
+              f"{len(dataset)} clips, median {np.median(frames) / 93.75:.2f} s, store {path.stat().st_size / 2**20:.0f} MiB, "
+              f"written in {time.perf_counter() - started:.1f} s", flush=True)
+        rows = [run(setting, args, dataset, args.device, tmp) for setting in settings]
+    header = f"{'workers/compile':<16} {'steps':>6} {'epoch s':>8} {'step ms':>8} {'loader wait ms':>15} {'wait share':>10} {'samples/s':>10}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for r in rows:
+        print(f"{r['setting']:<16} {r['steps']:>6} {r['epoch_s']:>8.1f} {r['step_ms']:>8.1f} {r['wait_ms']:>15.2f} "
+              f"{r['wait_share']:>10.1%} {r['samples_s']:>10.1f}")
+    print(f"device: {name}")
+
+
+if __name__ == "__main__":
+    main()

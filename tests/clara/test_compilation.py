@@ -1,0 +1,132 @@
+"""torch.compile of CLARA (clara.compilation) and through the engine: the same numbers as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from clara.compilation import compile_model, compile_units
+from clara.engine import TrainConfig, Trainer
+from clara.loss import ContrastiveLoss
+from clara.model import Clara
+from clara.model_config import load_model_config
+from clara.perceiver import CrossAttention, GEGLUFeedForward, LatentBlock
+from clara.text_encoder import TextLayer
+
+# Dropout off: compiled kernels draw their own random masks, so only a dropout-free model can match.
+OVERRIDES = ["text.dropout=0.0"]
+
+
+def test_compile_units_are_the_repeated_blocks():
+    model = Clara(load_model_config("tiny"))
+    units = compile_units(model)
+    kinds = [type(unit) for unit in units]
+    config = model.config
+    assert kinds == [CrossAttention, GEGLUFeedForward] + [LatentBlock] * config.audio.layers + [TextLayer] * config.text.layers
+    # The feed-forward inside each latent block is compiled as part of its block, not on its own.
+    assert all(unit is not block.ff for unit in units for block in model.audio.perceiver.layers)
+
+
+def test_bad_scope_or_mode_is_rejected():
+    model = Clara(load_model_config("tiny"))
+    with pytest.raises(ValueError, match="compile scope 'layers'"):
+        compile_model(model, "layers")
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        compile_model(model, "blocks", "fast")
+    with pytest.raises(ValueError, match="no blocks to compile"):
+        compile_model(torch.nn.Linear(2, 2), "blocks")
+    assert compile_model(model, "off") is model
+
+
+class Pairs(Dataset):
+    """Fixed random (mel, tokens) pairs of varying lengths."""
+
+    def __init__(self, size: int = 8):
+        g = torch.Generator().manual_seed(0)
+        self.frames = torch.randint(30, 60, (size,), generator=g)
+        self.mels = [torch.randn(80, int(n), generator=g) for n in self.frames]
+        self.tokens = [torch.randint(1, 1000, (int(n),), generator=g) for n in torch.randint(3, 9, (size,), generator=g)]
+
+    def __len__(self) -> int:
+        return len(self.mels)
+
+    def __getitem__(self, index: int):
+        return self.mels[index], self.tokens[index]
+
+
+def collate(items):
+    mels, tokens = zip(*items)
+    mel = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)  # [B, 80, T]
+    ids = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)  # [B, L]
+    return mel, ids, torch.tensor([m.shape[1] for m in mels]), torch.tensor([len(t) for t in tokens])
+
+
+class ContrastiveTask:
+    def __init__(self):
+        self.loss = ContrastiveLoss()
+
+    def training_step(self, model, batch):
+        out = model(*batch)
+        return self.loss(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale), {}
+
+
+def train(tmp_path, compile_scope: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Clara(load_model_config("tiny", OVERRIDES))
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, cycle_steps=0, log_every=1, device="cpu",
+                         eval_at_start=False, progress=False, out_dir=str(tmp_path / compile_scope), compile=compile_scope)
+    result = Trainer(config, model, ContrastiveTask(), Pairs(), collate_fn=collate).fit()
+    return [r["train/loss"] for r in result.history], model.state_dict()
+
+
+def test_engine_with_compiled_blocks_trains_like_eager(tmp_path):
+    """Three steps on batches of different lengths (the cross-attention recompiles with dynamic
+    sizes), token dropout on: losses and weights equal eager's to fp32 rounding, and the state dict
+    keeps its plain parameter names (checkpoints are interchangeable)."""
+    eager_losses, eager_state = train(tmp_path, "off")
+    compiled_losses, compiled_state = train(tmp_path, "blocks")
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert list(compiled_state) == list(eager_state)
+    for name, value in eager_state.items():
+        # The key part of the text layers' QKV bias has a gradient of exactly zero (softmax ignores a
+        # shift shared by all keys); Adam's normalisation turns its rounding noise into updates.
+        atol = 1e-4 if name.endswith("qkv.bias") else 1e-5
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=atol, msg=name)
+    assert eager_losses[0] != pytest.approx(eager_losses[-1], abs=1e-3)  # it did train
+
+
+def saved_bytes_per_row(block: torch.nn.Module, batch: int, latents: int, width: int) -> float:
+    """Bytes autograd keeps for backward per latent row of a compiled block under bf16 autocast
+    (the difference between two batch sizes, so the saved bf16 weight copies cancel)."""
+    totals = []
+    for size in (batch, 2 * batch):
+        torch._dynamo.reset()
+        compiled = torch.compile(block)
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(size, latents, width, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(x.to(torch.bfloat16))
+        totals.append(total)
+    return (totals[1] - totals[0]) / (batch * latents)
+
+
+def test_selective_recompute_keeps_less_for_backward():
+    """Compiled, a latent block with selective recomputation no longer keeps its a·GELU(g) product
+    ([rows, ff_mult·D] in bf16) nor its normalised copies; it still keeps the matmul outputs."""
+    from clara.perceiver import LatentBlock
+
+    config = load_model_config("tiny").audio
+    plain = saved_bytes_per_row(LatentBlock(config, "sdpa"), 2, config.num_latents, config.latent_dim)
+    selective = saved_bytes_per_row(LatentBlock(config, "sdpa", selective_recompute=True), 2, config.num_latents,
+                                    config.latent_dim)
+    geglu_product = config.ff_mult * config.latent_dim * 2
+    qkv_and_fc1 = (3 * config.latent_heads * config.latent_dim_head + 2 * config.ff_mult * config.latent_dim) * 2
+    assert selective <= plain - geglu_product
+    assert selective >= qkv_and_fc1

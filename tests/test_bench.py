@@ -1,0 +1,58 @@
+"""The benchmark harnesses run on CPU (tiny model) and measure what they say they measure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import bench_finetune_epoch, bench_step
+from bench.workloads import frames_range, meld_like_frames
+
+
+def test_variant_names_parse_into_settings():
+    v = bench_step.Variant.parse("sdpa-bf16-cudagraphs-bucket-infer-b256")
+    assert (v.attention, v.precision, v.scope, v.mode, v.lengths, v.infer, v.batch) == (
+        "sdpa", "bf16", "model", "reduce-overhead", "bucket", True, 256)
+    assert bench_step.Variant.parse("eager-fp32").scope == "off"
+    for bad in ("sdpa-fp8", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast"):
+        with pytest.raises(SystemExit):
+            bench_step.Variant.parse(bad)
+
+
+def test_meld_like_lengths_follow_meld():
+    frames = meld_like_frames(20_000, torch.Generator().manual_seed(0))
+    low, high = frames_range()
+    assert frames.min() >= low and frames.max() <= high
+    # MELD train: median 2.46 s (1 + 2.46 x 93.75 = 231 frames); clipping at 1 s moves it little.
+    assert 215 <= frames.median() <= 250
+
+
+def test_bucketed_batches_pad_less_than_random_ones():
+    device = torch.device("cpu")
+    padded = {kind: sum(b[0].shape[-1] * b[0].shape[0] for b in bench_step.make_batches(16, kind, device, count=8))
+              for kind in ("varlen", "bucket")}
+    real = sum(int(b[2].sum()) for b in bench_step.make_batches(16, "bucket", device, count=8))
+    assert real < padded["bucket"] < 0.8 * padded["varlen"]
+    for mel, tokens, lengths, token_lengths in bench_step.make_batches(4, "varlen", device, count=2):
+        assert mel.shape[-1] % bench_step.PAD_MULTIPLE == 0
+        assert (mel[0, :, int(lengths[0]):] == 0).all() and (mel[0, :, : int(lengths[0])] != 0).all()
+
+
+def test_step_benchmark_prints_its_table(capsys):
+    bench_step.main(["--config", "tiny", "--variants", "sdpa-fp32,sdpa-bf16-bucket-b4,sdpa-fp32-infer", "--steps", "1"])
+    out = capsys.readouterr().out
+    table = out[out.index("variant") :].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.startswith("sdpa")}
+    assert set(rows) == {"sdpa-fp32", "sdpa-bf16-bucket-b4", "sdpa-fp32-infer"}
+    assert rows["sdpa-bf16-bucket-b4"][1] == "4"
+    assert all(float(row[2]) > 0 for row in rows.values())  # samples/s
+    assert float(rows["sdpa-fp32"][5]) > float(rows["sdpa-fp32-infer"][5]) > 0  # training FLOPs > forward FLOPs
+    assert "device: CPU" in out
+
+
+def test_finetune_epoch_benchmark_reports_loader_wait(capsys):
+    bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings", "0/off"])
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("0/off"))
+    steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
+    assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
