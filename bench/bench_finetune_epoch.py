@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--settings", default=None,
-                        help="comma-separated WORKERS/COMPILE settings (default GPU: 0/off,4/off,4/blocks; CPU: 0/off)")
+                        help="comma-separated WORKERS/COMPILE settings (default GPU: 0/off,4/off; CPU: 0/off)")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.config = args.config or ("medium" if gpu else "tiny")
     args.clips = args.clips or (10_000 if gpu else 512)
-    settings = (args.settings or ("0/off,4/off,4/blocks" if gpu else "0/off")).split(",")
+    settings = (args.settings or ("0/off,4/off" if gpu else "0/off")).split(",")
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         tmp = Path(tmp)
