@@ -89,7 +89,7 @@ def run(setting: str, args, dataset: MeldDataset, device: str, out_dir: Path) ->
     config = FinetuneConfig(model=replace(FinetuneConfig().model, clara=args.config))
     torch.manual_seed(0)
     classifier, _ = build_classifier(config, None, EMOTIONS)
-    criterion = build_loss("weighted_ce", dataset.class_counts()["emotion"], power=0.5)
+    criterion = build_loss("weighted_ce", dataset.class_counts()["emotion"], power=0.5).to(device)
     train = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-5, warmup_steps=0, cycle_steps=0, device=device,
                         log_every=args.log_every, eval_at_start=False, out_dir=str(out_dir / setting.replace("/", "-")),
                         num_workers=int(workers), progress=False, resume=False, compile=compile_scope)  # fmt: skip

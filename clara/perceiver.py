@@ -41,7 +41,15 @@ class GEGLUFeedForward(nn.Module):
         self.fc2 = nn.Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        """x [..., D] -> [..., D]."""
+        x = self.norm(x)
+        half = self.fc2.in_features
+        # fc1 as two products over its weight's halves (the same numbers as splitting its output):
+        # a and g are then separate tensors, and the backward's elementwise kernel reads each once
+        # and writes their gradients side by side, instead of gathering both halves of one
+        # [..., 2·m·D] tensor for every element of its gradient (3x slower on an H200).
+        a = F.linear(x, self.fc1.weight[:half], self.fc1.bias[:half])  # [..., m·D]
+        gate = F.linear(x, self.fc1.weight[half:], self.fc1.bias[half:])  # [..., m·D]
         return self.fc2(a * F.gelu(gate))
 
 

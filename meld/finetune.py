@@ -163,7 +163,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     train_counts = data.datasets["train"].class_counts()[config.target]
     loss = config.loss
     criterion = build_loss(loss.name, train_counts, power=loss.class_weight_power, gamma=loss.focal_gamma,
-                           focal_weighted=loss.focal_weighted, label_smoothing=loss.label_smoothing)
+                           focal_weighted=loss.focal_weighted, label_smoothing=loss.label_smoothing).to(env.device)
     eval_batch = config.data.batch_size
     if config.strategy.name == "linear_probe":
         classifier.to(env.device).eval()
