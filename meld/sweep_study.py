@@ -42,12 +42,13 @@ class Backend:
     load_config: Callable[[str | None, Sequence[str]], Any]
     run_finetune: Callable[..., dict]
     user_errors: tuple[type[BaseException], ...] = (ConfigError, MeldDataError)
+    outputs_key: str = ""  # the config key of a run's output level (full | light); "" = the runs have none
 
 
 def finetune_backend() -> Backend:
     from meld import finetune  # imported here: tests drive a stand-in instead
 
-    return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS)
+    return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs")
 
 
 # ---- the search space -> fine-tune configs
@@ -64,9 +65,14 @@ def trial_config(config: SweepConfig, backend: Backend, params: Mapping[str, Any
     return backend.load_config(config.base or None, overrides)
 
 
+def outputs_override(backend: Backend, level: str) -> list[str]:
+    """The override giving a run the output level ``level`` (light for trials, full for the final runs)."""
+    return [override(backend.outputs_key, level)] if backend.outputs_key else []
+
+
 def check_space(config: SweepConfig, backend: Backend) -> None:
     """Build the fine-tune config at every bound and choice, so a misspelt key fails before any trial."""
-    trial_config(config, backend, {})
+    trial_config(config, backend, {}, outputs_override(backend, config.study.trial_outputs))
     for param in config.space:
         values = param.choices if param.type == "categorical" else (param.low, param.high)
         for value in values:
