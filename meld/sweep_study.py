@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from clara import config as config_lib
@@ -137,10 +138,32 @@ def open_storage(config: SweepConfig, study_dir: Path) -> optuna.storages.BaseSt
     # SQLite lets one writer in at a time: workers wait up to a minute for it instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as err:  # sqlalchemy's URL, driver and connection errors, and Optuna's schema checks
         message = shown_url(str(err).splitlines()[0]) if str(err) else ""
         raise SweepError(f"storage {shown_url(url)}: {type(err).__name__}: {message}") from None
+    if url.startswith("sqlite"):
+        _write_ahead_log(storage.engine)
+    return storage
+
+
+def _write_ahead_log(engine: sqlalchemy.engine.Engine) -> None:
+    """Put every later connection of a SQLite storage in WAL mode, still syncing each commit (synchronous=FULL).
+
+    A trial commits some twenty times (its parameters, one report per epoch, heartbeats); with SQLite's
+    default rollback journal a commit took ~17 ms on the 2-core dev box, with the write-ahead log ~4 ms,
+    equally durable. Readers then also stop blocking the writer. WAL needs every worker on one machine,
+    which SQLite storage always did (several machines: journal:PATH or a server database).
+    """
+
+    def on_connect(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # persistent in the file; a no-op once set
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    engine.dispose()  # the connections Optuna opened to set up the schema reconnect with the pragmas
 
 
 def _fingerprint(config: SweepConfig) -> dict[str, Any]:

@@ -299,7 +299,20 @@ def test_bad_region_trials_are_pruned_early(tmp_path, pruner, latest_epoch):
     assert max((t for t in trials if t.value is not None), key=lambda t: t.value).params["train.lr"] <= BAD_LR
 
 
-# ---- several workers, a killed worker
+# ---- storage, several workers, a killed worker
+
+
+def test_sqlite_storage_commits_through_a_synced_write_ahead_log(tmp_path):
+    config = sweep_config(tmp_path / "s", study={"storage": ""})
+    (tmp_path / "s").mkdir()
+    storage = open_storage(config, tmp_path / "s")
+    optuna.create_study(storage=storage, study_name="t")
+    with storage.engine.connect() as connection:
+        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar()
+    assert (mode, synchronous) == ("wal", 2)  # 2 = FULL: every commit is on disk before it returns
+    assert (tmp_path / "s" / "study.db").is_file()
+
 
 
 @pytest.mark.parametrize("storage", ["", "journal"])
