@@ -192,7 +192,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
         print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
         train_config = replace(train_config, warmup_steps=total_steps // 10)
     task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
-                              eval_batch, out_dir, epoch_callback)
+                              eval_batch, out_dir, epoch_callback, dev_figures=config.outputs == "full")
     trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env)
     task.trainer = trainer
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:

@@ -1,5 +1,8 @@
 """What a fine-tune run writes after training: metrics.json, predictions.csv, report.md, the confusion
 PNG and the TensorBoard extras (test confusion figure, per-class PR curves, hparams, test-set projector).
+
+``outputs: light`` (sweep trials) keeps the files and the hparams and leaves out the figures, PR curves
+and projector: drawing them costs a linear-probe run several times its training.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping
     """One seed's files; ``test_outputs`` are ``meld.inference.forward_all``'s (logits [N, C], fused [N, F])."""
     probabilities = test_outputs["logits"].softmax(-1).numpy()  # [N, C]
     pred = probabilities.argmax(-1)
+    png = _png(config)
     write_metrics_json(out_dir / "metrics.json", doc)
     write_predictions_csv(out_dir / "predictions.csv", keys, gold.tolist(), pred.tolist(), probabilities, class_names)
-    save_confusion_png(out_dir / CONFUSION_PNG, doc["test"]["confusion_matrix"], class_names, "test")
-    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=CONFUSION_PNG,
+    if png is not None:
+        save_confusion_png(out_dir / png, doc["test"]["confusion_matrix"], class_names, "test")
+    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=png,
                     extra_sections=_selection_section(doc))
     if not config.tensorboard_extras:
         return
@@ -48,17 +53,29 @@ def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping
 
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     try:
-        log_confusion_figure(writer, "test/confusion_matrix", doc["test"]["confusion_matrix"], class_names, step)
-        log_pr_curves(writer, "test/pr", gold.tolist(), probabilities, class_names, step)
         scalars = {split: {k: v for k, v in doc[split].items() if isinstance(v, float)} for split in ("dev", "test")}
         log_hparams(writer, config_lib.to_dict(config), scalars)
-        log_embeddings(writer, test_outputs["fused"].numpy(), [class_names[g] for g in gold.tolist()], "test/fused", step)
+        if config.outputs == "full":
+            _log_test_extras(writer, doc, probabilities, test_outputs, gold, class_names, step)
     finally:
         writer.close()
+
+
+def _log_test_extras(writer, doc: Mapping, probabilities, test_outputs: Mapping, gold: torch.Tensor,
+                     class_names: Sequence[str], step: int) -> None:  # fmt: skip
+    """The heavy TensorBoard extras: test confusion figure, PR curves, projector of the fused test features."""
+    log_confusion_figure(writer, "test/confusion_matrix", doc["test"]["confusion_matrix"], class_names, step)
+    log_pr_curves(writer, "test/pr", gold.tolist(), probabilities, class_names, step)
+    log_embeddings(writer, test_outputs["fused"].numpy(), [class_names[g] for g in gold.tolist()], "test/fused", step)
+
+
+def _png(config) -> str | None:
+    """The confusion PNG's name, which light runs do not draw."""
+    return CONFUSION_PNG if config.outputs == "full" else None
 
 
 def write_seed_summary(out_dir: Path, config, doc: Mapping, class_names: Sequence[str]) -> None:
     """The top level of a multi-seed run: the selected seed's metrics beside mean ± std over all seeds."""
     write_metrics_json(out_dir / "metrics.json", doc)
-    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=CONFUSION_PNG,
+    write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=_png(config),
                     seeds=doc["mean_std"], extra_sections=_selection_section(doc))

@@ -1,10 +1,11 @@
 """The engine task of fine-tuning: one classification loss per step, dev evaluation with model selection.
 
-After every epoch the engine calls ``evaluate``: the dev split is classified, its metrics logged (with
-a confusion-matrix figure in TensorBoard), and the weights saved to ``best.safetensors`` when dev
-macro-F1 beats every earlier epoch (ties keep the earlier one). ``best.json`` records which epoch
-that was, so a resumed run keeps selecting against the same best. Then ``epoch_callback(epoch,
-dev_metrics)`` runs; an exception it raises (a sweep pruning the trial) propagates out of ``fit``.
+After every epoch the engine calls ``evaluate``: the dev split is classified, its metrics logged, and
+the weights saved to ``best.safetensors`` when dev macro-F1 beats every earlier epoch (ties keep the
+earlier one), with that epoch's confusion-matrix figure in TensorBoard unless ``dev_figures`` is off
+(light runs: sweep trials). ``best.json`` records which epoch that was, so a resumed run keeps
+selecting against the same best. Then ``epoch_callback(epoch, dev_metrics)`` runs; an exception it
+raises (a sweep pruning the trial) propagates out of ``fit``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def labels_of(dataset: Dataset, target: str) -> torch.Tensor:
 class ClassificationTask:
     def __init__(self, loss: torch.nn.Module, target: str, class_names: tuple[str, ...], dev: Dataset,
                  collate_fn: Callable, batch_size: int, out_dir: Path,
-                 epoch_callback: Callable[[int, dict], None] | None = None) -> None:  # fmt: skip
+                 epoch_callback: Callable[[int, dict], None] | None = None, dev_figures: bool = True) -> None:  # fmt: skip
         self.loss = loss
         self.target = target
         self.class_names = class_names
@@ -46,6 +47,7 @@ class ClassificationTask:
         self.batch_size = batch_size
         self.out_dir = out_dir
         self.epoch_callback = epoch_callback
+        self.dev_figures = dev_figures
         self.trainer = None  # set once the Trainer exists: evaluation needs its step, writer and device
         state = out_dir / BEST_STATE
         self.best = json.loads(state.read_text(encoding="utf-8")) if state.is_file() else None
@@ -69,7 +71,7 @@ class ClassificationTask:
             atomic_write_text(self.out_dir / BEST_STATE, json.dumps(self.best) + "\n")
             # Drawn at each new best only: a figure costs more than a linear-probe epoch, and the
             # selected checkpoint's matrix is the one worth seeing.
-            if trainer.writer is not None:
+            if self.dev_figures and trainer.writer is not None:
                 log_confusion_figure(trainer.writer, "dev/confusion_matrix", metrics["confusion_matrix"],
                                      self.class_names, trainer.step)
         if self.epoch_callback is not None:

@@ -3,9 +3,10 @@
     python -m meld.sweep [--config YAML] [--study-dir DIR] [--storage URL] [--workers N] [--trials N] [key=value ...]
 
 Without ``--config`` the settings come from ``configs/sweep/fast.yaml``: linear-probe trials on the
-demo's cached embeddings, seconds each. Every trial is one ``meld.finetune`` run in
-STUDY_DIR/trials/trial-NNNN/ (its config, metrics, report and TensorBoard events, hparams included);
-after each epoch the trial reports its dev metric, so the pruner can stop a hopeless one early.
+demo's cached embeddings, under a second each. Every trial is one ``meld.finetune`` run in
+STUDY_DIR/trials/trial-NNNN/ (its config, metrics, report and TensorBoard events, hparams included),
+written light (``study.trial_outputs``: no figures, PR curves or projector); after each epoch the
+trial reports its dev metric, so the pruner can stop a hopeless one early.
 
 Storage: STUDY_DIR/study.db (SQLite) by default; any Optuna RDB URL (``postgresql://...``), or
 ``journal:PATH`` (an append-only file, for workers on several machines that share a folder). Every
@@ -17,7 +18,7 @@ replaced.
 When the study is complete the study folder gets ``best_config.yaml`` (ready for ``python -m
 meld.finetune --config``), ``summary.md`` and ``summary.csv`` (every trial), Optuna's plots, and
 ``final/``: the best config re-run with ``final.seeds`` seeds and scored on test, the only time test
-is looked at, reported as mean ± std.
+is looked at, reported as mean ± std. The final runs write everything a fine-tune writes (full outputs).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from meld.metrics import mean_std
 from meld.sweep_config import SweepConfig
 from meld.sweep_plots import write_plots
 from meld.sweep_study import (
-    FINISHED, Backend, SweepError, check_space, check_trial_dirs, finetune_backend, open_study, override, shown_url,
-    storage_url, trial_config,
+    FINISHED, Backend, SweepError, check_space, check_trial_dirs, finetune_backend, open_study, outputs_override,
+    override, shown_url, storage_url, trial_config,
 )
 from meld.sweep_summary import write_summary
 from meld.sweep_worker import FileLock, run_workers, short
@@ -76,7 +77,8 @@ def run_final(config: SweepConfig, backend: Backend, study_dir: Path, best: Froz
                 documents.append(json.loads(metrics_path.read_text(encoding="utf-8")))
                 continue
             log(f"final: best trial {best.number} with seed {seed} -> {run_dir}")
-            run_config = trial_config(config, backend, best.params, [override(config.final.seed_key, seed)])
+            run_config = trial_config(config, backend, best.params,
+                                      [override(config.final.seed_key, seed), *outputs_override(backend, "full")])
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "stdout.log", "a", encoding="utf-8") as out, redirect_stdout(out):
                 documents.append(backend.run_finetune(run_config, out_dir=run_dir))

@@ -3,7 +3,7 @@
     base / base_overrides: the fine-tune config every trial starts from (``meld.finetune.load_config``)
     space:     the searched parameters, each a dotted fine-tune key (``train.lr``) with its range or choices
     objective: a dev metric (``macro_f1`` by default) and its direction; test is never looked at
-    study:     name, folder, storage, trial count, workers, heartbeat
+    study:     name, folder, storage, trial count, workers, heartbeat, what a trial's run writes
     sampler:   TPE or random, seeded
     pruner:    median, hyperband or none, fed by one report per epoch
     final:     how many seeds the best config is re-run with before it is scored on test
@@ -91,6 +91,9 @@ class StudyConfig:
     grace_period: int = 60
     max_failures: int = 5  # a worker stops after this many failed trials (a broken space fails every trial)
     plots: bool = True  # Optuna's plots at the end (their imports alone take seconds)
+    # What each trial's run writes (meld.finetune's `outputs`): light = metrics, report tables, TensorBoard
+    # scalars and hparams, no figures, PR curves or projector; the final runs of the best config are full.
+    trial_outputs: Literal["light", "full"] = "light"
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from clara.config import ConfigError
 from meld.sweep_config import SweepConfig
 from meld.sweep_study import (
-    FINISHED, Backend, SweepError, metric_value, open_study, suggest, trial_config, trial_dir,
+    FINISHED, Backend, SweepError, metric_value, open_study, outputs_override, suggest, trial_config, trial_dir,
 )
 
 _POLL_S = 1.0  # how often a worker with nothing to start looks again at the other workers' trials
@@ -161,7 +161,8 @@ class _Worker:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         params = suggest(trial, self.config.space)
         try:
-            finetune_config = trial_config(self.config, self.backend, params)
+            finetune_config = trial_config(self.config, self.backend, params,
+                                           outputs_override(self.backend, self.config.study.trial_outputs))
         except ConfigError as err:  # a combination the fine-tune rejects: this point fails, the search goes on
             self.last_error = str(err)
             raise

@@ -28,6 +28,7 @@ from meld.metrics import classification_metrics
 from meld.sweep import load_sweep_config, main, run_sweep
 from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest
 from meld.sweep_config import Param, SweepConfig
+from tests.meld.tensorboard_helpers import dashboards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BAD_LR = 0.1
@@ -51,6 +52,7 @@ class StandInConfig:
     loss: str = "ce"
     gamma: float = 2.0
     sleep: float = 0.0  # seconds per epoch
+    outputs: str = "full"  # meld.finetune's output level; the sweep sets it (STANDIN's outputs_key)
 
     def __post_init__(self) -> None:
         if self.fusion not in ("concat", "gated", "attention"):
@@ -96,7 +98,7 @@ def standin_run(config: StandInConfig, *, out_dir: Path, epoch_callback=None) ->
     return document
 
 
-STANDIN = Backend(standin_load_config, standin_run)
+STANDIN = Backend(standin_load_config, standin_run, outputs_key="outputs")
 
 SPACE = [
     {"key": "train.lr", "type": "float", "low": 1.0e-4, "high": 1.0, "log": True},
@@ -216,6 +218,21 @@ def test_sweep_writes_trials_summary_plots_best_config_and_final(tmp_path):
     for seed in (0, 1, 2):
         run = study_dir / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
         assert standin_load_config(str(run / "config.yaml"), []).train.seed == seed
+        assert standin_load_config(str(run / "config.yaml"), []).outputs == "full"
+    # Trials are written light; the best config and its final runs are not.
+    for trial in trials:
+        assert standin_load_config(str(study_dir / trial.user_attrs["run_dir"] / "config.yaml"), []).outputs == "light"
+    assert best_config.outputs == "full"
+
+
+def test_trials_write_what_study_trial_outputs_says_and_the_final_runs_everything(tmp_path):
+    config = sweep_config(tmp_path / "s", base_overrides=["outputs=light"], final={"seeds": 1},
+                          study={"n_trials": 2, "trial_outputs": "full"})
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    study_dir = tmp_path / "s"
+    runs = sorted(study_dir.glob("trials/*/config.yaml")) + sorted(study_dir.glob("final/*/*/config.yaml"))
+    assert len(runs) == 3 and {standin_load_config(str(path), []).outputs for path in runs} == {"full"}
+    assert standin_load_config(str(study_dir / "best_config.yaml"), []).outputs == "light"  # the base's value
 
 
 def test_rerun_resumes_and_adds_only_the_missing_trials(tmp_path):
@@ -282,7 +299,20 @@ def test_bad_region_trials_are_pruned_early(tmp_path, pruner, latest_epoch):
     assert max((t for t in trials if t.value is not None), key=lambda t: t.value).params["train.lr"] <= BAD_LR
 
 
-# ---- several workers, a killed worker
+# ---- storage, several workers, a killed worker
+
+
+def test_sqlite_storage_commits_through_a_synced_write_ahead_log(tmp_path):
+    config = sweep_config(tmp_path / "s", study={"storage": ""})
+    (tmp_path / "s").mkdir()
+    storage = open_storage(config, tmp_path / "s")
+    optuna.create_study(storage=storage, study_name="t")
+    with storage.engine.connect() as connection:
+        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar()
+    assert (mode, synchronous) == ("wal", 2)  # 2 = FULL: every commit is on disk before it returns
+    assert (tmp_path / "s" / "study.db").is_file()
+
 
 
 @pytest.mark.parametrize("storage", ["", "journal"])
@@ -371,14 +401,22 @@ def test_a_linear_probe_sweep_on_the_demo_with_the_real_finetune(tmp_path):
     study_dir = tmp_path / "s"
     trials = trials_of(config)
     assert states(trials) == {"COMPLETE": 2} and all(t.intermediate_values.keys() == {1, 2} for t in trials)
-    for trial in trials:
+    for trial in trials:  # light runs: scalars and hparams, no figures, PR curves or projector
         run = study_dir / trial.user_attrs["run_dir"]
         assert (run / "metrics.json").is_file() and (run / "stdout.log").read_text()
-        events = b"".join(path.read_bytes() for path in (run / "tensorboard").rglob("events.out.tfevents.*"))
-        assert b"hparams" in events and b"dev/macro_f1" in events  # the HParams dashboard and the epoch curves
+        scalars, images, tensors, plugins = dashboards(run / "tensorboard")
+        assert "eval/macro_f1" in scalars and "hparams/dev/macro_f1" in scalars, scalars  # epoch curves, HParams
+        assert plugins == {"hparams"} and not images and not any(tag.startswith("test/pr/") for tag in tensors)
+        assert not (run / "confusion_test.png").exists() and not list(run.rglob("projector_config.pbtxt"))
     from meld.finetune import load_config
 
     best = load_config(str(study_dir / "best_config.yaml"), [])
-    assert best.train.lr == pytest.approx(result["best"]["params"]["train.lr"])
+    assert best.train.lr == pytest.approx(result["best"]["params"]["train.lr"]) and best.outputs == "full"
     final = json.loads((study_dir / "final.json").read_text())
     assert final["mean_std"]["runs"] == 2 and 0 <= final["mean_std"]["test"]["macro_f1"]["mean"] <= 1
+    for seed in final["seeds"]:  # the best config's runs: the full report
+        run = study_dir / final["dir"] / f"seed-{seed}"
+        scalars, images, tensors, plugins = dashboards(run / "tensorboard")
+        assert {"dev/confusion_matrix", "test/confusion_matrix"} <= images and plugins == {"hparams", "pr_curves"}
+        assert list(run.rglob("projector_config.pbtxt")) and (run / "confusion_test.png").is_file()
+        assert "confusion_test.png" in (run / "report.md").read_text()
