@@ -1,6 +1,7 @@
 """``python -m meld.sweep``: Optuna sweeps over fine-tuning, resumable, parallel, pruned on a dev metric.
 
-    python -m meld.sweep [--config YAML] [--study-dir DIR] [--storage URL] [--workers N] [--trials N] [key=value ...]
+    python -m meld.sweep [--config YAML] [--study-dir DIR] [--storage URL] [--workers N] [--trials N]
+                         [--data MELD_ROOT] [--checkpoint CKPT] [key=value ...]
 
 Without ``--config`` the settings come from ``configs/sweep/fast.yaml``: linear-probe trials on the
 demo's cached embeddings, under a second each. Every trial is one ``meld.finetune`` run in
@@ -178,13 +179,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: STUDY_DIR/study.db)")
     parser.add_argument("--workers", type=int, help="study.workers: local worker processes")
     parser.add_argument("--trials", type=int, help="study.n_trials: finished trials to reach")
+    parser.add_argument("--data", help="a MELD folder for every trial (adds data_root=DATA to base_overrides)")
+    parser.add_argument("--checkpoint", help="a CLARA checkpoint for every trial (adds model.checkpoint=CKPT)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. pruner.type=hyperband final.seeds=5")
     args = parser.parse_args(argv)
     try:
         config = load_sweep_config(args.config, args.overrides)
         flags = {"dir": args.study_dir, "storage": args.storage, "workers": args.workers, "n_trials": args.trials}
         flags = {key: value for key, value in flags.items() if value is not None}
-        config = dataclasses.replace(config, study=dataclasses.replace(config.study, **flags))
+        fixed = tuple(f"{key}={value}" for key, value in (("data_root", args.data), ("model.checkpoint", args.checkpoint))
+                      if value)
+        config = dataclasses.replace(config, base_overrides=config.base_overrides + fixed,
+                                     study=dataclasses.replace(config.study, **flags))
         result = run_sweep(config)
     except (SweepError, ConfigError, MeldDataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -381,6 +381,20 @@ def test_cli_user_mistakes_give_one_line_and_exit_2(tmp_path, capsys, monkeypatc
         assert "secret" not in err
 
 
+def test_data_and_checkpoint_flags_fix_them_for_every_trial(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(config, **kwargs):
+        seen["config"] = config
+        raise SweepError("stop here")
+
+    monkeypatch.setattr("meld.sweep.run_sweep", fake_run)
+    assert main(["--data", "/data/MELD.Raw", "--checkpoint", "clara-medium.ckpt", "--study-dir", str(tmp_path)]) == 2
+    overrides = seen["config"].base_overrides
+    assert overrides[-2:] == ("data_root=/data/MELD.Raw", "model.checkpoint=clara-medium.ckpt")
+    assert "train.epochs=10" in overrides  # the config's own base overrides stay
+
+
 # ---- with the real fine-tune
 
 
