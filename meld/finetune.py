@@ -56,7 +56,7 @@ from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
 from meld.inference import forward_all
 from meld.labels import TARGETS
-from meld.layer_decay import decayed_groups, install
+from meld.layer_decay import decayed_groups
 from meld.losses import build_loss
 from meld.metrics import classification_metrics, mean_std
 
@@ -190,8 +190,8 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     train_view = _train_view(config, views["train"], seed)
     per_step = config.train.batch_size * config.train.accumulation * env.world_size
     steps_per_epoch = max(1, len(train_view) // per_step)
-    train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=steps_per_epoch, eval_at_start=False,
-                           checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
+    train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=0, eval_every_epoch=True,
+                           eval_at_start=False, checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
     total_steps = train_config.steps or train_config.epochs * steps_per_epoch
     if not train_config.cycle_steps and train_config.warmup_steps >= total_steps:
         # Small data (a demo, a sweep's subset): a warmup meant for a longer run would never end.
@@ -200,10 +200,11 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     unimodal_weight = config.loss.unimodal_weight if unimodal_losses(config, classifier.inputs) else 0.0
     task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
                               eval_batch, out_dir, epoch_callback, unimodal_weight=unimodal_weight)
-    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env)
-    task.trainer = trainer
+    groups = None
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:
-        install(trainer, decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay))
+        groups = decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay)
+    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env, groups=groups)
+    task.trainer = trainer
     _write_status(out_dir, "running", seed=seed)
     try:
         result = trainer.fit()

@@ -14,7 +14,7 @@ from meld.classifier import (
 )
 from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
-from meld.layer_decay import ScaledWarmupCosine, decayed_groups, install
+from meld.layer_decay import decayed_groups
 from meld.labels import EMOTIONS
 
 
@@ -103,15 +103,15 @@ def test_layer_decay_scales_each_depth():
     assert parameter_depth("head.classifier.weight", model) is None
 
 
-def test_installed_schedule_applies_the_scales(tmp_path):
+def test_decayed_groups_set_each_groups_rate_in_the_engine(tmp_path):
     model = _classifier(inputs=("text",))
     set_trainable(model, "full")
     data = [{"tokens": torch.tensor([1, 2, 3]), "label": 0}] * 4
     config = TrainConfig(epochs=1, batch_size=2, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path), progress=False)
-    trainer = Trainer(config, model, object(), data, env=None)
-    install(trainer, decayed_groups(model, 0.5, 0.0))
-    assert isinstance(trainer.scheduler, ScaledWarmupCosine)
+    trainer = Trainer(config, model, object(), data, env=None, groups=decayed_groups(model, 0.5, 0.0))
     rates = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
+    # head 1; text top (depth 3) 0.5, layer 1 (depth 2) 0.25, layer 0 0.125, embeddings (depth 0) 0.0625
+    assert set(rates) == {1.0, 0.5, 0.25, 0.125, 0.0625}
     assert all(rate == pytest.approx(1e-2 * scale) for scale, rate in rates.items())
 
 
