@@ -45,7 +45,7 @@ from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.compilation import compile_model
 from clara.io_utils import atomic_path
-from clara.optim import WarmupCosineRestarts, build_optimizer
+from clara.optim import WarmupCosineRestarts, adamw, param_groups
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the start (if eval_at_start) and at the end
+    eval_every_epoch: bool = False  # also at the end of every epoch (once, where eval_every lands there too)
     eval_at_start: bool = True
     checkpoint_every: int = 0  # 0 = only at the end
     seed: int = 1234
@@ -195,10 +196,16 @@ def _check(config: TrainConfig) -> None:
 
 
 class Trainer:
-    """Trains ``model`` on ``train_data`` with ``task``; ``fit()`` runs (or resumes) to the last step."""
+    """Trains ``model`` on ``train_data`` with ``task``; ``fit()`` runs (or resumes) to the last step.
+
+    ``groups``: AdamW parameter groups of the model's trainable parameters, each ``{"params",
+    "weight_decay"}`` and optionally ``"lr_scale"`` (that group trains at lr_scale x the schedule's
+    rate); default ``clara.optim.param_groups``: one rate, no decay on tensors of fewer than 2 dims.
+    """
 
     def __init__(self, config: TrainConfig, model: nn.Module, task: Task, train_data: Dataset, *,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, env: distributed.DistEnv | None = None) -> None:  # fmt: skip
+                 collate_fn: Callable[[list[Any]], Any] | None = None, env: distributed.DistEnv | None = None,
+                 groups: list[dict] | None = None) -> None:  # fmt: skip
         _check(config)
         self.config = config
         self.env = env or distributed.init(config.device)
@@ -227,7 +234,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
         )  # fmt: skip
 
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, decay_1d=config.decay_1d)
+        if groups is None:
+            groups = param_groups(self.model, config.weight_decay, decay_1d=config.decay_1d)
+        self.optimizer = adamw(groups, config.lr)
         try:
             self.scheduler = WarmupCosineRestarts(
                 self.optimizer, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
@@ -386,7 +395,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used (by the first group)
         self.scheduler.step()
         return sums
 
@@ -448,7 +457,9 @@ class Trainer:
                         self._record("train", means)
                         window, window_steps, busy, self.data_wait = {}, 0, 0.0, 0.0
                     if self.step < self.total_steps:  # the last step is evaluated and saved below
-                        if self.config.eval_every and self.step % self.config.eval_every == 0:
+                        every_steps = self.config.eval_every and self.step % self.config.eval_every == 0
+                        epoch_end = self.config.eval_every_epoch and self.step_in_epoch == self.steps_per_epoch
+                        if every_steps or epoch_end:
                             self.evaluate()
                         if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                             self.save()

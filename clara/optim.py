@@ -1,5 +1,8 @@
 """AdamW with decay / no-decay groups, and the reference's warmup + cosine-with-restarts schedule.
 
+A parameter group may carry an ``lr_scale`` (1 when absent): its rate is that multiple of the
+schedule's at every step (layer-wise learning-rate decay, a slower pretrained backbone, ...).
+
 The schedule is the one the reference trained with: every cycle of ``cycle_steps`` optimiser steps
 starts with a linear warmup from ``min_lr`` to ``lr`` over ``warmup_steps``, then follows a half
 cosine back down to ``min_lr`` over the rest of the cycle, and the next cycle starts again.  The
@@ -44,7 +47,12 @@ def build_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups``, with the fused kernel where this PyTorch build has one."""
-    groups = param_groups(model, weight_decay, decay_1d=decay_1d)
+    return adamw(param_groups(model, weight_decay, decay_1d=decay_1d), lr, betas=betas, eps=eps)
+
+
+def adamw(groups: list[dict], lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the given parameter groups (``params``, ``weight_decay``, optional ``lr_scale``),
+    with the fused kernel where this PyTorch build has one."""
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, ValueError):
@@ -64,8 +72,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, cycle_steps
 class WarmupCosineRestarts(LRScheduler):
     """``lr_at`` as a PyTorch scheduler; call ``step()`` once after every optimiser step.
 
-    Every parameter group gets the same rate.  The state (``last_epoch`` counts optimiser steps)
-    round-trips through ``state_dict`` for exact resume.
+    Every parameter group gets that rate times its ``lr_scale`` (1 when absent).  The state
+    (``last_epoch`` counts optimiser steps) round-trips through ``state_dict`` for exact resume.
     """
 
     def __init__(
@@ -95,4 +103,4 @@ class WarmupCosineRestarts(LRScheduler):
             warmup_steps=self.warmup_steps,
             cycle_steps=self.cycle_steps,
         )
-        return [rate for _ in self.optimizer.param_groups]
+        return [rate * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]

@@ -60,8 +60,11 @@ class MeldClassifier(nn.Module):
             out["hf_text"] = self.hf_text(batch["hf_ids"], batch["hf_mask"])
         return out
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.head(self.embed(batch))
+    def forward(self, batch: dict, *, unimodal: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        """logits [B, C]; with ``unimodal``, also each input's own logits {name: [B, C]}."""
+        embeddings = self.embed(batch)
+        logits = self.head(embeddings)
+        return (logits, self.head.unimodal_logits(embeddings)) if unimodal else logits
 
     def encoders(self) -> nn.Module:
         """The part that maps raw inputs to embeddings (frozen, and run once, in a linear probe)."""
@@ -79,8 +82,9 @@ class HeadOnly(nn.Module):
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
         return batch["embeddings"]
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.head(batch["embeddings"])
+    def forward(self, batch: dict, *, unimodal: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        logits = self.head(batch["embeddings"])
+        return (logits, self.head.unimodal_logits(batch["embeddings"])) if unimodal else logits
 
 
 def input_names(modality: str, hf_text: bool, hf_mode: str) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
 from meld.inference import forward_all
 from meld.labels import TARGETS
-from meld.layer_decay import decayed_groups, install
+from meld.layer_decay import decayed_groups
 from meld.losses import build_loss
 from meld.metrics import classification_metrics, mean_std
 
@@ -126,6 +126,11 @@ def _load_clara(config: FinetuneConfig) -> Clara | None:
     return load_checkpoint(path, allow_pickle=config.model.allow_pickle)
 
 
+def unimodal_losses(config: FinetuneConfig, inputs: tuple[str, ...]) -> bool:
+    """Whether training adds each input's own loss (several inputs and a positive loss.unimodal_weight)."""
+    return len(inputs) > 1 and config.loss.unimodal_weight > 0
+
+
 def build_classifier(config: FinetuneConfig, clara: Clara | None, class_names: tuple[str, ...],
                      hf_tokenizer=None) -> tuple[MeldClassifier, dict]:  # fmt: skip
     """The classifier (weights from ``clara`` or, without it, from scratch with the current seed) and its head shape."""
@@ -136,7 +141,8 @@ def build_classifier(config: FinetuneConfig, clara: Clara | None, class_names: t
     hf_text = HFTextEncoder.from_folder(model.hf_text) if model.hf_text else None
     dims = input_dims(clara, hf_text, inputs, model.features)
     options = {"fusion": model.fusion, "fusion_dim": model.fusion_dim, "hidden_dim": model.hidden_dim,
-               "dropout": model.dropout, "modality_dropout": model.modality_dropout}
+               "dropout": model.dropout, "modality_dropout": model.modality_dropout,
+               "unimodal_heads": unimodal_losses(config, inputs)}
     head = FusionHead(dims, len(class_names), **options)
     classifier = MeldClassifier(clara, head, inputs=inputs, features=model.features, hf_text=hf_text)
     if model.zero_shot_init:
@@ -184,19 +190,22 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     train_view = _train_view(config, views["train"], seed)
     per_step = config.train.batch_size * config.train.accumulation * env.world_size
     steps_per_epoch = max(1, len(train_view) // per_step)
-    train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=steps_per_epoch, eval_at_start=False,
-                           checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
+    train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=0, eval_every_epoch=True,
+                           eval_at_start=False, checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
     total_steps = train_config.steps or train_config.epochs * steps_per_epoch
     if not train_config.cycle_steps and train_config.warmup_steps >= total_steps:
         # Small data (a demo, a sweep's subset): a warmup meant for a longer run would never end.
         print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
         train_config = replace(train_config, warmup_steps=total_steps // 10)
+    unimodal_weight = config.loss.unimodal_weight if unimodal_losses(config, classifier.inputs) else 0.0
     task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
-                              eval_batch, out_dir, epoch_callback, dev_figures=config.outputs == "full")
-    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env)
-    task.trainer = trainer
+                              eval_batch, out_dir, epoch_callback, dev_figures=config.outputs == "full",
+                              unimodal_weight=unimodal_weight)
+    groups = None
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:
-        install(trainer, decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay))
+        groups = decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay)
+    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env, groups=groups)
+    task.trainer = trainer
     _write_status(out_dir, "running", seed=seed)
     try:
         result = trainer.fit()

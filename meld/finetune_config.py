@@ -74,10 +74,11 @@ class LossConfig:
     focal_weighted: bool = True  # focal loss with the class weights as its alpha
     label_smoothing: float = 0.0
     sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: every class equally likely per draw
+    unimodal_weight: float = 0.0  # with several inputs: each one's own head adds this times its loss
 
     def __post_init__(self) -> None:
-        if self.class_weight_power < 0 or self.focal_gamma < 0:
-            raise ConfigError("loss: class_weight_power and focal_gamma must be >= 0")
+        if self.class_weight_power < 0 or self.focal_gamma < 0 or self.unimodal_weight < 0:
+            raise ConfigError("loss: class_weight_power, focal_gamma and unimodal_weight must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -37,8 +37,10 @@ def labels_of(dataset: Dataset, target: str) -> torch.Tensor:
 class ClassificationTask:
     def __init__(self, loss: torch.nn.Module, target: str, class_names: tuple[str, ...], dev: Dataset,
                  collate_fn: Callable, batch_size: int, out_dir: Path,
-                 epoch_callback: Callable[[int, dict], None] | None = None, dev_figures: bool = True) -> None:  # fmt: skip
+                 epoch_callback: Callable[[int, dict], None] | None = None, *, dev_figures: bool = True,
+                 unimodal_weight: float = 0.0) -> None:  # fmt: skip
         self.loss = loss
+        self.unimodal_weight = unimodal_weight
         self.target = target
         self.class_names = class_names
         self.dev = dev
@@ -53,9 +55,19 @@ class ClassificationTask:
         self.best = json.loads(state.read_text(encoding="utf-8")) if state.is_file() else None
 
     def training_step(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = model(batch)  # [B, C]
         gold = batch[self.target]  # [B]
-        return self.loss(logits, gold), {"accuracy": (logits.argmax(-1) == gold).float().mean()}
+        if not self.unimodal_weight:
+            logits = model(batch)  # [B, C]
+            return self.loss(logits, gold), {"accuracy": (logits.argmax(-1) == gold).float().mean()}
+        logits, own = model(batch, unimodal=True)  # [B, C], {input: [B, C]}
+        fused = self.loss(logits, gold)
+        logs = {"accuracy": (logits.argmax(-1) == gold).float().mean(), "loss_fused": fused.detach()}
+        loss = fused
+        for name, own_logits in own.items():
+            own_loss = self.loss(own_logits, gold)
+            logs[f"loss_{name}"] = own_loss.detach()
+            loss = loss + self.unimodal_weight * own_loss
+        return loss, logs
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         trainer = self.trainer

@@ -15,6 +15,13 @@ The head is a linear layer on the fused vector, or one hidden layer first when `
 ``modality_dropout`` p: in training, each example loses one of its inputs (zeroed after its
 LayerNorm) with probability p, so the head cannot lean on one modality alone and the others learn
 to carry the prediction too (fusion then does at least as well as either alone more reliably).
+
+``unimodal_logits`` gives each input's own class logits, for the unimodal losses of training
+(``loss.unimodal_weight``): trained jointly through one fused loss, the tower that learns fastest
+(text, on the demo) soon fits the training set and the other (audio) gets almost no gradient; a loss
+per input keeps every tower learning to predict on its own. With a linear head on the concatenation
+the per-input heads are the blocks of that head, so the fused logits are the sum of the per-input
+ones (a late fusion); other heads get one extra linear layer per input (``unimodal_heads``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from torch import nn
 
 class FusionHead(nn.Module):
     def __init__(self, dims: dict[str, int], num_classes: int, *, fusion: str = "concat", fusion_dim: int = 128,
-                 hidden_dim: int = 0, dropout: float = 0.1, modality_dropout: float = 0.0) -> None:
+                 hidden_dim: int = 0, dropout: float = 0.1, modality_dropout: float = 0.0,
+                 unimodal_heads: bool = False) -> None:
         super().__init__()
         if not dims:
             raise ValueError("the head needs at least one input embedding")
@@ -55,6 +63,13 @@ class FusionHead(nn.Module):
         else:
             self.classifier = nn.Linear(fused, num_classes)
         self.fused_dim = fused
+        self.hidden_dim = hidden_dim
+        # Own heads per input for the unimodal losses, unless the fused head is linear on a concatenation:
+        # then each input's block of it is that input's head (see ``unimodal_logits``).
+        self.block_heads = fusion == "concat" and not hidden_dim
+        self.unimodal = None
+        if unimodal_heads and not self.block_heads:
+            self.unimodal = nn.ModuleDict({name: nn.Linear(dim, num_classes) for name, dim in dims.items()})
         self.last_gates: torch.Tensor | None = None  # gated: the latest [B, M, H] gates, for inspection
 
     @property
@@ -62,12 +77,15 @@ class FusionHead(nn.Module):
         """The final linear layer (the one zero-shot initialisation writes)."""
         return self.classifier if isinstance(self.classifier, nn.Linear) else self.classifier[-1]
 
+    def _normed(self, embeddings: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [self.norms[name](embeddings[name].float()) for name in self.names]
+
     def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         """{name: [B, D_name]} -> fused [B, fused_dim]."""
         missing = [name for name in self.names if name not in embeddings]
         if missing:
             raise KeyError(f"the head needs embeddings {self.names}; missing {missing}")
-        normed = [self.norms[name](embeddings[name].float()) for name in self.names]  # each [B, D]
+        normed = self._normed(embeddings)  # each [B, D]
         if self.training and self.modality_dropout > 0 and len(normed) > 1:
             batch = normed[0].shape[0]
             dropped = torch.randint(len(normed), (batch,), device=normed[0].device)  # [B]: which input to drop
@@ -89,3 +107,20 @@ class FusionHead(nn.Module):
     def forward(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         """{name: [B, D_name]} -> logits [B, num_classes]."""
         return self.classifier(self.dropout(self.fuse(embeddings)))
+
+    def unimodal_logits(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: [B, C]}: each input's own class logits, from its embedding alone.
+
+        With a linear head on the concatenation (``concat``, ``hidden_dim`` 0) these are the blocks of
+        that head, W_name @ x_name + b: the fused logits are then their sum minus (M - 1) biases, a late
+        fusion of per-input classifiers. Otherwise each input has its own linear head, used in training only.
+        """
+        normed = self._normed(embeddings)  # each [B, D_name]
+        if self.block_heads:
+            weight, bias = self.classifier.weight, self.classifier.bias  # [C, sum D], [C]
+            blocks = weight.split([x.shape[-1] for x in normed], dim=1)
+            return {name: self.dropout(x) @ w.T + bias for name, x, w in zip(self.names, normed, blocks)}
+        if self.unimodal is None:
+            raise ValueError(f"a {self.fusion} head with hidden_dim {self.hidden_dim} needs unimodal_heads=True "
+                             "for per-input logits")
+        return {name: self.unimodal[name](self.dropout(x)) for name, x in zip(self.names, normed)}

@@ -61,13 +61,15 @@ def toy_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1), nn.Linear(16, 1))
 
 
-def fit(out_dir, task=None, **overrides):
+def fit(out_dir, task=None, groups=None, **overrides):
     settings = dict(
         steps=10, batch_size=4, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
         log_every=1, eval_every=5, seed=7, out_dir=str(out_dir), device="cpu",
     )
     settings.update(overrides)
-    trainer = Trainer(TrainConfig(**settings), toy_model(), task or ToyTask(), ToyData())
+    model = toy_model()
+    groups = groups(model) if groups is not None else None
+    trainer = Trainer(TrainConfig(**settings), model, task or ToyTask(), ToyData(), groups=groups)
     return trainer.fit(), trainer
 
 
@@ -137,6 +139,30 @@ def test_tensorboard_events_hold_the_logged_tags(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/jitter", "eval/mse"} <= tags
     assert [event.step for event in events.Scalars("train/loss")] == [2, 4]
     assert [event.step for event in events.Scalars("eval/mse")] == [0, 4]
+
+
+def test_eval_every_epoch_evaluates_at_each_epoch_end_once(tmp_path):
+    # 6 steps per epoch, 20 steps: epoch ends at 6, 12, 18; eval_every 6 lands on the same steps.
+    result, _ = fit(tmp_path / "epochs", steps=20, eval_every_epoch=True, eval_every=0, eval_at_start=False)
+    assert [record["step"] for record in result.evaluations] == [6, 12, 18, 20]  # 20: the end of training
+    both, _ = fit(tmp_path / "both", steps=20, eval_every_epoch=True, eval_every=6, eval_at_start=False)
+    assert [record["step"] for record in both.evaluations] == [6, 12, 18, 20]
+    first, _ = fit(tmp_path / "resumed", steps=8, eval_every_epoch=True, eval_every=0, eval_at_start=False)
+    second, _ = fit(tmp_path / "resumed", steps=20, eval_every_epoch=True, eval_every=0, eval_at_start=False)
+    assert [r["step"] for r in first.evaluations + second.evaluations] == [6, 8, 12, 18, 20]
+
+
+def test_parameter_groups_train_at_their_lr_scale(tmp_path):
+    def groups(model):  # the first layer frozen by a zero rate (AdamW's decay is scaled by the rate too)
+        return [{"params": list(model[2].parameters()), "weight_decay": 0.01},
+                {"params": list(model[0].parameters()), "weight_decay": 0.01, "lr_scale": 0.0}]
+
+    result, trainer = fit(tmp_path, groups=groups)
+    start = toy_model()
+    torch.testing.assert_close(trainer.model[0].weight, start[0].weight, rtol=0, atol=0)
+    assert not torch.equal(trainer.model[2].weight, start[2].weight)
+    assert [g["lr"] for g in trainer.optimizer.param_groups][1] == 0.0
+    assert result.history[2]["train/lr"] == pytest.approx(5e-2)  # the first group's rate, after the warmup
 
 
 def test_bad_settings_are_one_config_error(tmp_path):

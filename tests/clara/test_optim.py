@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clara.optim import WarmupCosineRestarts, build_optimizer, lr_at, param_groups
+from clara.optim import WarmupCosineRestarts, adamw, build_optimizer, lr_at, param_groups
 
 REFERENCE = dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, cycle_steps=5000)
 
@@ -74,6 +74,19 @@ def test_scheduler_follows_lr_at_and_round_trips_state():
     fresh_optimizer.step()
     restored.step()
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(8, **settings))
+
+
+def test_scheduler_scales_each_group_by_its_lr_scale():
+    net = _Net()
+    optimizer = adamw([{"params": [net.linear.weight], "weight_decay": 0.1, "lr_scale": 0.25},
+                       {"params": [net.linear.bias], "weight_decay": 0.0}], 1.0)
+    settings = dict(lr=1e-3, min_lr=1e-5, warmup_steps=3, cycle_steps=10)
+    scheduler = WarmupCosineRestarts(optimizer, **settings)
+    for step in range(6):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * lr_at(step, **settings))
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(lr_at(step, **settings))  # no lr_scale: 1
+        optimizer.step()
+        scheduler.step()
 
 
 def test_scheduler_rejects_warmup_longer_than_cycle():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clara import Clara, load_model_config
 from clara.engine import TrainConfig, Trainer
@@ -13,7 +14,7 @@ from meld.classifier import (
 )
 from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
-from meld.layer_decay import ScaledWarmupCosine, decayed_groups, install
+from meld.layer_decay import decayed_groups
 from meld.labels import EMOTIONS
 
 
@@ -102,15 +103,15 @@ def test_layer_decay_scales_each_depth():
     assert parameter_depth("head.classifier.weight", model) is None
 
 
-def test_installed_schedule_applies_the_scales(tmp_path):
+def test_decayed_groups_set_each_groups_rate_in_the_engine(tmp_path):
     model = _classifier(inputs=("text",))
     set_trainable(model, "full")
     data = [{"tokens": torch.tensor([1, 2, 3]), "label": 0}] * 4
     config = TrainConfig(epochs=1, batch_size=2, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path), progress=False)
-    trainer = Trainer(config, model, object(), data, env=None)
-    install(trainer, decayed_groups(model, 0.5, 0.0))
-    assert isinstance(trainer.scheduler, ScaledWarmupCosine)
+    trainer = Trainer(config, model, object(), data, env=None, groups=decayed_groups(model, 0.5, 0.0))
     rates = {g["lr_scale"]: g["lr"] for g in trainer.optimizer.param_groups}
+    # head 1; text top (depth 3) 0.5, layer 1 (depth 2) 0.25, layer 0 0.125, embeddings (depth 0) 0.0625
+    assert set(rates) == {1.0, 0.5, 0.25, 0.125, 0.0625}
     assert all(rate == pytest.approx(1e-2 * scale) for scale, rate in rates.items())
 
 
@@ -175,3 +176,40 @@ def test_modality_dropout_zeroes_one_input_per_example_in_training_only():
     zero_blocks = (fused[:, :4].abs().sum(1) == 0).int() + (fused[:, 4:].abs().sum(1) == 0).int()
     assert zero_blocks.tolist() == [1] * 8
     assert (head.eval().fuse(embeddings).abs().sum(1) > 0).all()
+
+
+def test_unimodal_logits_of_a_linear_concat_head_are_its_blocks():
+    torch.manual_seed(0)
+    head = FusionHead({"audio": 4, "text": 6}, 3, fusion="concat").eval()
+    assert head.unimodal is None  # no parameters beyond the fused head's
+    embeddings = {"audio": torch.randn(5, 4), "text": torch.randn(5, 6)}
+    own = head.unimodal_logits(embeddings)
+    weight, bias = head.classifier.weight, head.classifier.bias  # [3, 10], [3]
+    audio = F.layer_norm(embeddings["audio"], (4,), head.norms["audio"].weight, head.norms["audio"].bias)
+    text = F.layer_norm(embeddings["text"], (6,), head.norms["text"].weight, head.norms["text"].bias)
+    assert torch.allclose(own["audio"], audio @ weight[:, :4].T + bias, atol=1e-6)
+    assert torch.allclose(own["text"], text @ weight[:, 4:].T + bias, atol=1e-6)
+    # Late fusion: the fused logits are the sum of the per-input ones, the bias counted once.
+    assert torch.allclose(head(embeddings), own["audio"] + own["text"] - bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion, hidden_dim", [("gated", 0), ("attention", 0), ("concat", 8)])
+def test_other_heads_get_one_linear_head_per_input_for_unimodal_logits(fusion, hidden_dim):
+    dims = {"audio": 4, "text": 6}
+    embeddings = {"audio": torch.randn(5, 4), "text": torch.randn(5, 6)}
+    with pytest.raises(ValueError, match="unimodal_heads=True"):
+        FusionHead(dims, 3, fusion=fusion, hidden_dim=hidden_dim, fusion_dim=8).unimodal_logits(embeddings)
+    head = FusionHead(dims, 3, fusion=fusion, hidden_dim=hidden_dim, fusion_dim=8, unimodal_heads=True).eval()
+    own = head.unimodal_logits(embeddings)
+    text = F.layer_norm(embeddings["text"], (6,), head.norms["text"].weight, head.norms["text"].bias)
+    assert torch.allclose(own["text"], head.unimodal["text"](text), atol=1e-6)
+    assert own["audio"].shape == (5, 3)
+
+
+def test_classifier_returns_fused_and_unimodal_logits_from_one_pass():
+    model = _classifier().eval()
+    batch = _batch()
+    logits, own = model(batch, unimodal=True)
+    assert torch.equal(logits, model(batch))
+    assert set(own) == {"audio", "text"}
+    assert torch.allclose(logits, own["audio"] + own["text"] - model.head.classifier.bias, atol=1e-5)

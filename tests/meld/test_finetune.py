@@ -120,6 +120,10 @@ def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampli
     assert 0.0 <= doc["test"]["macro_f1"] <= 1.0
     _, spec, _ = load_classifier(tmp_path)
     assert spec["inputs"] == ["audio", "text"] and spec["head"]["options"]["fusion"] == "gated"
+    # The demo's unimodal losses: a gated head gets a linear head per input, saved and reloaded with it.
+    assert spec["head"]["options"]["unimodal_heads"] is True
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_audio" in record and "train/loss_text" in record for record in logged)
 
 
 def test_config_presets_load():
@@ -185,4 +189,18 @@ def test_demo_runs_end_to_end_with_no_arguments(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "test macro-F1" in out
     run = next((tmp_path / "runs").iterdir())
-    assert json.loads((run / "metrics.json").read_text())["test"]["macro_f1"] > 0.3
+    assert json.loads((run / "metrics.json").read_text())["test"]["macro_f1"] > 0.4  # 0.475 measured (seed 1234)
+
+
+@pytest.mark.slow
+def test_demo_audio_plus_text_is_at_least_as_good_as_either_alone(tmp_path):
+    """The README's demo table: 3 seeds per modality with the shipped defaults (about 4 minutes on 2 cores)."""
+    quiet = ["train.progress=false", "tensorboard_extras=false", "train.log_every=1000", "seeds=3"]
+    means = {}
+    for modality in ("audio", "text", "both"):
+        doc = run_finetune(load_config(None, [*quiet, f"data.modality={modality}"]), out_dir=tmp_path / modality)
+        means[modality] = {split: doc["mean_std"][split]["macro_f1"]["mean"] for split in ("dev", "test")}
+    # Measured: test 0.4829 / 0.4633 / 0.5252, dev 0.5130 / 0.4807 / 0.5624 (audio / text / both).
+    assert means["both"]["test"] == pytest.approx(0.5252, abs=0.05)  # other CPUs round differently over 1700 steps
+    for split in ("dev", "test"):
+        assert means["both"][split] >= max(means["audio"][split], means["text"][split])
