@@ -69,3 +69,10 @@ def test_committed_notebook_has_no_outputs(path):
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: cell {index} has outputs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_runs_in_full_mode(path, kernel_specs, notebook_cache):
+    """What a user runs: SMOKE off (``pytest -m slow tests/test_notebooks.py``)."""
+    execute(path, kernel_specs, MELD_CLARA_CACHE=str(notebook_cache), MELD_CLARA_SMOKE="0")
