@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
+from clara.masking import length_mask  # noqa: E402
 from clara.model import Clara  # noqa: E402
 from clara.model_config import load_model_config  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
@@ -121,7 +122,7 @@ def make_batches(batch: int, lengths_kind: str, device: torch.device, count: int
     for lengths in length_sets:
         frames = FRAMES if lengths_kind == "fixed" else padded_frames(lengths)
         lengths = lengths.to(device)
-        valid = torch.arange(frames, device=device)[None, None, :] < lengths[:, None, None]
+        valid = length_mask(lengths, frames)[:, None, :]  # [B, 1, T]
         mel = torch.randn(batch, 80, frames, device=device) * valid  # zero padding, as LogMel pads
         tokens = torch.randint(1, 50257, (batch, TEXT_LEN), device=device)
         batches.append([mel, tokens, lengths, torch.full((batch,), TEXT_LEN, device=device)])

@@ -13,13 +13,14 @@ graph replay instead of one per kernel) or ``"max-autotune-no-cudagraphs"``.  Co
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import nn
 
 Scope = Literal["off", "model", "blocks"]
-SCOPES: tuple[str, ...] = ("off", "model", "blocks")
-MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+Mode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 def compile_units(model: nn.Module) -> list[nn.Module]:
@@ -37,7 +38,7 @@ def compile_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def compile_model(model: nn.Module, scope: Scope = "model", mode: str = "default", *, dynamic: bool | None = None) -> nn.Module:
+def compile_model(model: nn.Module, scope: Scope = "model", mode: Mode = "default", *, dynamic: bool | None = None) -> nn.Module:
     """Compile ``model`` in place as ``scope`` says and return it.
 
     ``dynamic=None`` lets torch.compile specialise on the first shapes and recompile once with

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError
-from clara.compilation import compile_model
+from clara.compilation import Mode, Scope, compile_model
 from clara.io_utils import atomic_path
 from clara.optim import WarmupCosineRestarts, adamw, param_groups
 
@@ -80,8 +80,8 @@ class TrainConfig:
     progress: bool = True  # tqdm bar (shown only on a terminal, main process)
     # torch.compile of the model (clara.compilation): "blocks" compiles each repeated block, a quick
     # cold start that tolerates varying shapes and any batch structure; "model" the whole forward.
-    compile: Literal["off", "model", "blocks"] = "off"
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    compile: Scope = "off"
+    compile_mode: Mode = "default"
 
 
 class Task(Protocol):

@@ -37,19 +37,6 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_1d: bool = Fals
     return groups
 
 
-def build_optimizer(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    *,
-    decay_1d: bool = False,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``, with the fused kernel where this PyTorch build has one."""
-    return adamw(param_groups(model, weight_decay, decay_1d=decay_1d), lr, betas=betas, eps=eps)
-
-
 def adamw(groups: list[dict], lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over the given parameter groups (``params``, ``weight_decay``, optional ``lr_scale``),
     with the fused kernel where this PyTorch build has one."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clara.optim import WarmupCosineRestarts, adamw, build_optimizer, lr_at, param_groups
+from clara.optim import WarmupCosineRestarts, adamw, lr_at, param_groups
 
 REFERENCE = dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, cycle_steps=5000)
 
@@ -31,8 +31,8 @@ def test_param_groups_split_matrices_from_vectors_and_skip_frozen():
     assert len(everything["params"]) == 5
 
 
-def test_build_optimizer_is_adamw():
-    optimizer = build_optimizer(_Net(), 1e-3, 0.1)
+def test_adamw_over_param_groups():
+    optimizer = adamw(param_groups(_Net(), 0.1), 1e-3)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
