@@ -57,10 +57,16 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
+        # torch words every refusal the same way; the unpickler's own line says why: a class or
+        # function outside the allowed set ("Unsupported global: ...") is a real pickled object,
+        # anything else means the file is no pickle at all.
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+        if reason is None:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.load cannot read it)") from None
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
         raise CheckpointError(
             f"{path}: this checkpoint holds pickled Python objects beyond tensors and dicts "
-            f"({first_line}); load it with allow_pickle=True (--allow-pickle) only if you trust its source"
+            f"({reason}); load it with allow_pickle=True (--allow-pickle) only if you trust its source"
         ) from None
     except Exception as err:  # torch raises many types (RuntimeError, KeyError, EOFError) for non-checkpoints
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None

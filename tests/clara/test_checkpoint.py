@@ -88,10 +88,19 @@ def test_pickled_code_is_refused_unless_opted_in(tmp_path, capsys):
     payload = torch.load(path, weights_only=True)
     payload["callbacks"] = Evil()
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+    with pytest.raises(CheckpointError, match="allow_pickle=True") as refused:
         load_checkpoint(path)
+    assert "Unsupported global: GLOBAL print" in str(refused.value) and "\n" not in str(refused.value)
     assert "this must never run" not in capsys.readouterr().out
     assert load_checkpoint(path, allow_pickle=True).config.text.layers == 2
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("# not a checkpoint\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt: not a PyTorch checkpoint") as refused:
+        load_checkpoint(path)
+    assert "pickled" not in str(refused.value)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path):
