@@ -17,6 +17,8 @@ autocast), then optional flags:
 * ``fa2``: restrict SDPA to FlashAttention-2 / memory-efficient kernels instead of letting PyTorch
   pick cuDNN; ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
   blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
+  ``pointwise`` / ``aggressive``: the compiled backward recomputes elementwise results instead of
+  keeping them (``clara.compilation``'s ``recompute``; with a compile flag);
 * ``varlen``: MELD-like clip lengths (MELD's distribution, 1-12 s), padded to the batch's longest rounded up to 64 frames,
   masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
 * ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
@@ -53,8 +55,9 @@ from bench.workloads import meld_like_frames  # noqa: E402
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
 DEFAULT_GPU_VARIANTS = (
     "eager-fp32,eager-bf16,sdpa-bf16,sdpa-bf16-bf16res,sdpa-bf16-compile,sdpa-bf16-compile-bf16res,"
-    "sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-sac-b256,"
-    "sdpa-bf16-compile-bf16res-b256,sdpa-bf16-blocks-varlen,sdpa-bf16-blocks-bucket,"
+    "sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-pointwise,"
+    "sdpa-bf16-cudagraphs-bf16res-sac-b256,sdpa-bf16-compile-bf16res-b256,sdpa-bf16-compile-bf16res-pointwise-b256,"
+    "sdpa-bf16-compile-bf16res-aggressive-b256,sdpa-bf16-blocks-varlen,sdpa-bf16-blocks-bucket,"
     "sdpa-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer-b256"
 )
 FRAMES, TEXT_LEN = 282, 32
@@ -63,7 +66,8 @@ INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs")}  # fmt: skip
-_FLAGS = set(_SCOPES) | {"bf16res", "fa2", "ckpt", "sac", "varlen", "bucket", "infer"}
+_RECOMPUTES = ("pointwise", "aggressive")
+_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "fa2", "ckpt", "sac", "varlen", "bucket", "infer"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Variant:
     ckpt: bool = False
     sac: bool = False
     batch: int | None = None
+    recompute: str = "default"  # clara.compilation recompute level
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -88,15 +93,18 @@ class Variant:
         sizes = {f for f in flags if f[:1] == "b" and f[1:].isdigit()}
         unknown = flags - _FLAGS - sizes
         compiled = [f for f in flags if f in _SCOPES]
+        recompute = [f for f in flags if f in _RECOMPUTES]
         if (len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16")
-                or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags):
+                or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags
+                or len(recompute) > 1 or (recompute and not compiled)):
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-FLAG...], flags from "
-                             f"{', '.join(sorted(_FLAGS))}, bN (one compile flag, one of varlen/bucket)")
+                             f"{', '.join(sorted(_FLAGS))}, bN (one compile flag, one of varlen/bucket, "
+                             f"pointwise or aggressive only with a compile flag)")
         scope, mode = _SCOPES[compiled[0]] if compiled else ("off", "default")
         lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
         batch = int(next(iter(sizes))[1:]) if sizes else None
         return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags, "fa2" in flags,
-                   "ckpt" in flags, "sac" in flags, batch)  # fmt: skip
+                   "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default")  # fmt: skip
 
 
 def padded_frames(lengths: torch.Tensor) -> int:
@@ -141,7 +149,7 @@ def numeric_context(variant: Variant, device: torch.device):
     return stack
 
 
-def build(variant: Variant, config_name: str, device: torch.device):
+def build(variant: Variant, config_name: str, device: torch.device, backend: str = "inductor"):
     """The model and one step function (a training step, or an inference forward) for ``variant``."""
     torch.set_float32_matmul_precision("medium" if variant.precision == "tf32" else "highest")
     torch.manual_seed(0)
@@ -152,7 +160,8 @@ def build(variant: Variant, config_name: str, device: torch.device):
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
     if variant.scope != "off":
-        compile_model(model, variant.scope, variant.mode, dynamic=True if variant.lengths != "fixed" else None)
+        compile_model(model, variant.scope, variant.mode, dynamic=True if variant.lengths != "fixed" else None,
+                      recompute=variant.recompute, backend=backend)  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
 
     def train_step(mel, tokens, mel_lengths, token_lengths):

@@ -2,13 +2,19 @@
 # The GPU checks of one session in one command: CUDA tests, the fine-tune loader check, the step
 # table.  Logs go to $OUT (or ./gpu-checks) as they are written, so a run cut short keeps them.
 #   bash bench/gpu_checks.sh [BENCH_STEP_VARIANTS]
+# Without an argument the step table runs NEXT_VARIANTS: the questions bench/NOTES.md leaves open,
+# most important first, sized for a 15-minute device budget (each whole-model compile warms up for
+# about a minute).  Pass "all" for bench_step.py's full ladder.
 set -uo pipefail
+NEXT_VARIANTS="sdpa-bf16-compile-bf16res-pointwise-b256,sdpa-bf16-compile-bf16res-aggressive-b256,\
+sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-pointwise,sdpa-bf16-cudagraphs-bf16res-infer-b256"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
 python3 -m pytest -q -m gpu tests/clara/test_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/pytest-gpu.txt"
 python3 bench/bench_finetune_epoch.py --device cuda 2>&1 | grep --line-buffered -v "^training" | tee "$out/bench_finetune_epoch.txt"
-variants="${1:-}"
-python3 bench/bench_step.py --device cuda --json "$out/bench_step.jsonl" --profile sdpa-bf16-compile-bf16res --profile-rows 30 \
+variants="${1:-$NEXT_VARIANTS}"
+[ "$variants" = all ] && variants=""
+python3 bench/bench_step.py --device cuda --json "$out/bench_step.jsonl" \
     ${variants:+--variants "$variants"} 2>&1 | tee "$out/bench_step.txt"

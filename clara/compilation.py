@@ -9,18 +9,37 @@ the cold start is a few blocks' worth, and everything between blocks stays eager
 ``mode`` is ``torch.compile``'s: ``"default"``, ``"reduce-overhead"`` (CUDA graphs: one launch per
 graph replay instead of one per kernel) or ``"max-autotune-no-cudagraphs"``.  Compiling is in place
 (``nn.Module.compile``), so parameter names, ``state_dict`` and checkpoints are unchanged.
+
+``recompute`` sets how much the compiler recomputes in the backward pass instead of keeping it from
+the forward pass (its partitioner's choice, never a matmul, attention or reduction):
+
+* ``"default"``: PyTorch's speed-first choice.  It keeps every elementwise result that a backward
+  matmul reads: each norm's output and each GEGLU's a·GELU(g) product, beside the matmul outputs
+  they come from.  CLARA medium under bf16 autocast keeps about 135 MiB per sample.
+* ``"pointwise"``: such results are recomputed from what is kept anyway (a norm's input and
+  statistics, the GEGLU's a and g), by one elementwise kernel in the backward pass; about 100 MiB
+  per sample.  No block is run again: not activation checkpointing.
+* ``"aggressive"``: PyTorch's ``aggressive_recomputation``: also longer elementwise chains and
+  values used far apart; about 89 MiB per sample.
+
+(The per-sample figures are ``bench/bench_memory.py``'s, on CPU.)  The partitioner reads these
+settings when it compiles, which happens lazily on the first call and again on each new input
+shape, so ``compile_model`` sets them for the whole process: the last call's choice holds.
 """
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 
+import torch._functorch.config as functorch_config
 from torch import nn
 
 Scope = Literal["off", "model", "blocks"]
 Mode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 SCOPES: tuple[str, ...] = get_args(Scope)
+Recompute = Literal["default", "pointwise", "aggressive"]
 MODES: tuple[str, ...] = get_args(Mode)
+RECOMPUTES: tuple[str, ...] = get_args(Recompute)
 
 
 def compile_units(model: nn.Module) -> list[nn.Module]:
@@ -38,22 +57,39 @@ def compile_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def compile_model(model: nn.Module, scope: Scope = "model", mode: Mode = "default", *, dynamic: bool | None = None) -> nn.Module:
+def set_recompute(recompute: Recompute) -> None:
+    """Set the partitioner's recomputation level for every later compilation in this process."""
+    if recompute not in RECOMPUTES:
+        raise ValueError(f"compile recompute {recompute!r}: expected one of {', '.join(RECOMPUTES)}")
+    functorch_config.ban_recompute_materialized_backward = recompute == "default"
+    functorch_config.aggressive_recomputation = recompute == "aggressive"
+
+
+def compile_model(model: nn.Module, scope: Scope = "model", mode: Mode = "default", *, dynamic: bool | None = None,
+                  recompute: Recompute = "default", backend: str = "inductor") -> nn.Module:  # fmt: skip
     """Compile ``model`` in place as ``scope`` says and return it.
 
     ``dynamic=None`` lets torch.compile specialise on the first shapes and recompile once with
     dynamic sizes when they change (variable clip and text lengths); ``True`` starts dynamic.
+    ``recompute``: see the module docstring (with ``scope="off"`` it is checked and ignored).
+    ``backend``: torch.compile's; another than inductor (``"aot_eager_decomp_partition"``: the same
+    decompositions and partitioner, no generated kernels) takes no ``mode``.
     """
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r}: expected one of {', '.join(SCOPES)}")
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(MODES)}")
+    if recompute not in RECOMPUTES:
+        raise ValueError(f"compile recompute {recompute!r}: expected one of {', '.join(RECOMPUTES)}")
+    if scope != "off":
+        set_recompute(recompute)
+    options = {"mode": mode} if backend == "inductor" else {}
     if scope == "model":
-        model.compile(mode=mode, dynamic=dynamic)
+        model.compile(backend=backend, dynamic=dynamic, **options)
     elif scope == "blocks":
         units = compile_units(model)
         if not units:
             raise ValueError(f"{type(model).__name__} has no blocks to compile (no module sets compile_unit = True)")
         for unit in units:
-            unit.compile(mode=mode, dynamic=dynamic)
+            unit.compile(backend=backend, dynamic=dynamic, **options)
     return model

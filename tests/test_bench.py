@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import bench_finetune_epoch, bench_step
+from bench import bench_finetune_epoch, bench_memory, bench_step
 from bench.workloads import frames_range, meld_like_frames
 
 
@@ -14,7 +14,9 @@ def test_variant_names_parse_into_settings():
     assert (v.attention, v.precision, v.scope, v.mode, v.lengths, v.infer, v.batch) == (
         "sdpa", "bf16", "model", "reduce-overhead", "bucket", True, 256)
     assert bench_step.Variant.parse("eager-fp32").scope == "off"
-    for bad in ("sdpa-fp8", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast"):
+    assert bench_step.Variant.parse("sdpa-bf16-compile-pointwise").recompute == "pointwise"
+    for bad in ("sdpa-fp8", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast",
+                "sdpa-bf16-pointwise", "sdpa-bf16-compile-pointwise-aggressive"):
         with pytest.raises(SystemExit):
             bench_step.Variant.parse(bad)
 
@@ -56,3 +58,29 @@ def test_finetune_epoch_benchmark_reports_loader_wait(capsys):
     row = next(line.split() for line in out.splitlines() if line.startswith("0/off"))
     steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
     assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
+
+
+def test_kept_for_backward_counts_each_kept_storage_once():
+    """Hand count, fp32, batch 5: both products keep their input x [5, 8] (one storage, counted
+    once) and their weights (parameters, left out); ReLU keeps its output [5, 16]."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+    x = torch.randn(5, 8, requires_grad=True)
+    params = [*first.parameters(), *second.parameters()]
+    total, by_shape = bench_memory.kept_for_backward(lambda: torch.relu(first(x)) + second(x), params)
+    assert total == 5 * 8 * 4 + 5 * 16 * 4
+    assert by_shape == {("float32", (5, 8)): 160, ("float32", (5, 16)): 320}
+
+
+def test_memory_benchmark_sees_pointwise_recomputation(capsys):
+    variants = {name: bench_step.Variant.parse(name) for name in ("sdpa-fp32", "sdpa-bf16-compile", "sdpa-bf16-compile-pointwise")}
+    rows = {name: bench_memory.measure(variant, "tiny", 2) for name, variant in variants.items()}
+    per_sample = {name: row["per_sample"] for name, row in rows.items()}
+    # bf16 halves what fp32 keeps and compiling keeps less again; pointwise recomputation less still.
+    assert per_sample["sdpa-bf16-compile-pointwise"] < per_sample["sdpa-bf16-compile"] < per_sample["sdpa-fp32"] / 2
+    row = rows["sdpa-fp32"]
+    assert bench_memory.predicted_gib(row, 16) - bench_memory.predicted_gib(row, 8) == pytest.approx(8 * row["per_sample"] / 2**30)
+    bench_memory.main(["--config", "tiny", "--variants", "sdpa-fp32", "--predict", "8,16", "--top", "2"])
+    out = capsys.readouterr().out
+    line = next(line for line in out[out.index("variant") :].splitlines() if line.startswith("sdpa-fp32"))
+    assert float(line.split()[1]) == pytest.approx(row["per_sample"] / 2**20, abs=0.006)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch._functorch.config as functorch_config
 from torch.utils.data import Dataset
 
-from clara.compilation import compile_model, compile_units
+from clara.compilation import compile_model, compile_units, set_recompute
 from clara.engine import TrainConfig, Trainer
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
@@ -16,6 +19,13 @@ from clara.text_encoder import TextLayer
 
 # Dropout off: compiled kernels draw their own random masks, so only a dropout-free model can match.
 OVERRIDES = ["text.dropout=0.0"]
+
+
+@pytest.fixture(autouse=True)
+def default_recompute():
+    """compile_model's recompute level is process-wide: give later tests PyTorch's default back."""
+    yield
+    set_recompute("default")
 
 
 def test_compile_units_are_the_repeated_blocks():
@@ -34,6 +44,8 @@ def test_bad_scope_or_mode_is_rejected():
         compile_model(model, "layers")
     with pytest.raises(ValueError, match="compile mode 'fast'"):
         compile_model(model, "blocks", "fast")
+    with pytest.raises(ValueError, match="compile recompute 'all'"):
+        compile_model(model, "blocks", recompute="all")
     with pytest.raises(ValueError, match="no blocks to compile"):
         compile_model(torch.nn.Linear(2, 2), "blocks")
     assert compile_model(model, "off") is model
@@ -71,21 +83,24 @@ class ContrastiveTask:
         return self.loss(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale), {}
 
 
-def train(tmp_path, compile_scope: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def train(tmp_path, compile_scope: str, recompute: str = "default") -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = Clara(load_model_config("tiny", OVERRIDES))
     config = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, cycle_steps=0, log_every=1, device="cpu",
-                         eval_at_start=False, progress=False, out_dir=str(tmp_path / compile_scope), compile=compile_scope)
+                         eval_at_start=False, progress=False, out_dir=str(tmp_path / compile_scope), compile=compile_scope,
+                         compile_recompute=recompute)  # fmt: skip
     result = Trainer(config, model, ContrastiveTask(), Pairs(), collate_fn=collate).fit()
     return [r["train/loss"] for r in result.history], model.state_dict()
 
 
 def test_engine_with_compiled_blocks_trains_like_eager(tmp_path):
     """Three steps on batches of different lengths (the cross-attention recompiles with dynamic
-    sizes), token dropout on: losses and weights equal eager's to fp32 rounding, and the state dict
-    keeps its plain parameter names (checkpoints are interchangeable)."""
+    sizes), token dropout on, the backward recomputing elementwise results (compile_recompute):
+    losses and weights equal eager's to fp32 rounding, and the state dict keeps its plain parameter
+    names (checkpoints are interchangeable)."""
     eager_losses, eager_state = train(tmp_path, "off")
-    compiled_losses, compiled_state = train(tmp_path, "blocks")
+    compiled_losses, compiled_state = train(tmp_path, "blocks", "pointwise")
+    assert functorch_config.ban_recompute_materialized_backward is False  # the engine passed it on
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
     assert list(compiled_state) == list(eager_state)
     for name, value in eager_state.items():
@@ -96,13 +111,13 @@ def test_engine_with_compiled_blocks_trains_like_eager(tmp_path):
     assert eager_losses[0] != pytest.approx(eager_losses[-1], abs=1e-3)  # it did train
 
 
-def saved_bytes_per_row(block: torch.nn.Module, batch: int, latents: int, width: int) -> float:
+def saved_bytes_per_row(block: torch.nn.Module, batch: int, latents: int, width: int, recompute: str = "default") -> float:
     """Bytes autograd keeps for backward per latent row of a compiled block under bf16 autocast
     (the difference between two batch sizes, so the saved bf16 weight copies cancel)."""
     totals = []
     for size in (batch, 2 * batch):
         torch._dynamo.reset()
-        compiled = torch.compile(block)
+        compiled = compile_model(copy.deepcopy(block), "model", recompute=recompute)
         total = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -130,3 +145,36 @@ def test_selective_recompute_keeps_less_for_backward():
     qkv_and_fc1 = (3 * config.latent_heads * config.latent_dim_head + 2 * config.ff_mult * config.latent_dim) * 2
     assert selective <= plain - geglu_product
     assert selective >= qkv_and_fc1
+
+
+def test_pointwise_recompute_keeps_less_and_computes_the_same():
+    """Compiled with recompute="pointwise", a latent block keeps neither its a·GELU(g) product nor
+    its two normalised copies for backward (each recomputed from what is kept anyway), but still
+    every matmul output: nothing is run twice but elementwise work.  Its output and gradients
+    (fp32) equal the eager block's."""
+    config = load_model_config("tiny").audio
+    torch.manual_seed(0)
+    block = LatentBlock(config, "sdpa")
+    rows, width = config.num_latents, config.latent_dim
+    plain = saved_bytes_per_row(block, 2, rows, width)
+    pointwise = saved_bytes_per_row(block, 2, rows, width, "pointwise")
+    geglu_product, norm_outputs = config.ff_mult * width * 2, 2 * width * 2  # bf16 bytes per row
+    norm_statistics = 2 * 2 * 4  # what recomputing the norms may keep instead: mean and rstd of each, fp32
+    qkv_and_fc1 = (3 * config.latent_heads * config.latent_dim_head + 2 * config.ff_mult * width) * 2
+    assert pointwise <= plain - geglu_product - norm_outputs + norm_statistics
+    assert pointwise >= qkv_and_fc1
+
+    torch._dynamo.reset()
+    compiled = compile_model(copy.deepcopy(block), "model", recompute="pointwise")
+    x = torch.randn(3, rows, width)
+    outputs, grads = [], []
+    for module in (block, compiled):
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        (out * torch.linspace(-1, 1, width)).sum().backward()
+        outputs.append(out)
+        grads.append([inputs.grad] + [p.grad for p in module.parameters()])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
