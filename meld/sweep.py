@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_sweep_config(args.config, args.overrides)
         flags = {"dir": args.study_dir, "storage": args.storage, "workers": args.workers, "n_trials": args.trials}
         flags = {key: value for key, value in flags.items() if value is not None}
+        for flag, value in (("--data", args.data), ("--checkpoint", args.checkpoint)):
+            if value and not Path(value).exists():  # before any trial is recorded against it
+                raise SweepError(f"{flag} {value}: no such file or folder")
         fixed = tuple(f"{key}={value}" for key, value in (("data_root", args.data), ("model.checkpoint", args.checkpoint))
                       if value)
         config = dataclasses.replace(config, base_overrides=config.base_overrides + fixed,

@@ -389,10 +389,21 @@ def test_data_and_checkpoint_flags_fix_them_for_every_trial(tmp_path, monkeypatc
         raise SweepError("stop here")
 
     monkeypatch.setattr("meld.sweep.run_sweep", fake_run)
-    assert main(["--data", "/data/MELD.Raw", "--checkpoint", "clara-medium.ckpt", "--study-dir", str(tmp_path)]) == 2
+    data, checkpoint = tmp_path / "MELD.Raw", tmp_path / "clara-medium.ckpt"
+    data.mkdir()
+    checkpoint.write_bytes(b"")
+    assert main(["--data", str(data), "--checkpoint", str(checkpoint), "--study-dir", str(tmp_path / "study")]) == 2
     overrides = seen["config"].base_overrides
-    assert overrides[-2:] == ("data_root=/data/MELD.Raw", "model.checkpoint=clara-medium.ckpt")
+    assert overrides[-2:] == (f"data_root={data}", f"model.checkpoint={checkpoint}")
     assert "train.epochs=10" in overrides  # the config's own base overrides stay
+
+
+def test_a_missing_data_folder_is_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("meld.sweep.run_sweep", lambda config, **kwargs: pytest.fail("the sweep started"))
+    assert main(["--data", str(tmp_path / "nowhere"), "--study-dir", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --data {tmp_path / 'nowhere'}: no such file or folder\n"
+    assert not (tmp_path / "study").exists()
 
 
 # ---- with the real fine-tune
