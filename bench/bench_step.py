@@ -23,7 +23,8 @@ autocast), then optional flags:
   masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
 * ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
 
-MFU is TFLOP/s over the ceiling measured on this device (a bf16 8192³ matmul on GPU, fp32 on CPU).
+MFU is TFLOP/s over the ceiling measured on this device: a bf16 8192³ matmul on GPU (the bf16 peak,
+for every row); on CPU a 1024³ matmul in the row's own precision (bf16 for bf16 rows, else fp32).
 Variable-length rows count the FLOPs of the 3 s workload (the latent stack, most of the work, does
 not depend on the clip length), so their TFLOP/s is a lower bound.
 
@@ -199,9 +200,9 @@ def count_flops_per_sample(infer: bool, config_name: str, device: torch.device) 
     return counter.get_total_flops() / batch
 
 
-def matmul_ceiling(device: torch.device) -> float:
-    """TFLOP/s of a large square matmul on random data: bf16 8192³ on GPU, fp32 1024³ on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+def matmul_ceiling(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """TFLOP/s of a large square matmul on random data: 8192³ on GPU, 1024³ on CPU, in ``dtype``."""
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -213,6 +214,13 @@ def matmul_ceiling(device: torch.device) -> float:
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """The MFU denominator per variant precision: the bf16 peak on GPU, each precision's own on CPU."""
+    bf16 = matmul_ceiling(device, torch.bfloat16)
+    fp32 = bf16 if device.type == "cuda" else matmul_ceiling(device, torch.float32)
+    return {"fp32": fp32, "tf32": fp32, "bf16": bf16}
 
 
 def sync(device: torch.device) -> None:
@@ -298,9 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         args.warmup = min(args.warmup, 1)
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    ceiling = matmul_ceiling(device)
+    ceiling = ceilings(device)
+    shown = f"{ceiling['bf16']:.1f}" if gpu else f"bf16 {ceiling['bf16']:.2f}, fp32 {ceiling['fp32']:.2f}"
     print(f"device: {name} | torch {torch.__version__} | model {args.config} | batch {args.batch} unless named | "
-          f"mel [B, 80, {FRAMES}], tokens [B, {TEXT_LEN}], masks on | matmul ceiling {ceiling:.1f} TFLOP/s", flush=True)
+          f"mel [B, 80, {FRAMES}], tokens [B, {TEXT_LEN}], masks on | matmul ceiling {shown} TFLOP/s", flush=True)
     header = (f"{'variant':<34} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'GFLOP/sample':>12} "
               f"{'peak GiB':>8} {'warm-up s':>9}")  # fmt: skip
     rows = []
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             with open(args.json, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({**{k: v for k, v in row.items() if k != "profile"}, "device": name,
-                                         "ceiling_tflops": ceiling}) + "\n")  # fmt: skip
+                                         "ceiling_tflops": ceiling[Variant.parse(row["name"]).precision]}) + "\n")  # fmt: skip
         if row.get("profile"):
             print(f"\nprofile of {row['name']}:\n{row['profile']}", flush=True)
         if gpu:
@@ -327,11 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}", flush=True)
 
 
-def format_row(row: dict, ceiling: float) -> str:
+def format_row(row: dict, ceiling: dict[str, float]) -> str:
     if "note" in row:
         return f"{row['name']:<34} {row['batch']:>5} {row['note']}"
     return (f"{row['name']:<34} {row['batch']:>5} {row['samples_s']:>10.1f} {row['tflops']:>8.1f} "
-            f"{row['tflops'] / ceiling:>6.1%} {row['gflop_sample']:>12.4g} {row['peak_gib']:>8.2f} {row['warmup_s']:>9.1f}")
+            f"{row['tflops'] / ceiling[Variant.parse(row['name']).precision]:>6.1%} {row['gflop_sample']:>12.4g} {row['peak_gib']:>8.2f} {row['warmup_s']:>9.1f}")
 
 
 if __name__ == "__main__":
