@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"activation memory kept for backward | model {args.config} | mel [B, 80, 282], tokens [B, 32], masks on | "
           f"measured on CPU ({torch.get_num_threads()} threads), compiled variants through {PARTITION_BACKEND}",
           flush=True)  # fmt: skip
-    header = (f"{'variant':<40} {'MiB/sample':>10} {'fixed MiB':>9} "
+    header = (f"{'variant':<46} {'MiB/sample':>10} {'fixed MiB':>9} "
               + " ".join(f"{'peak GiB b' + str(b):>14}" for b in predict) + f" {'s':>5}")  # fmt: skip
     rows = []
     try:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_row(row: dict, predict: list[int]) -> str:
-    return (f"{row['name']:<40} {row['per_sample'] / MiB:>10.2f} {row['fixed'] / MiB:>9.1f} "
+    return (f"{row['name']:<46} {row['per_sample'] / MiB:>10.2f} {row['fixed'] / MiB:>9.1f} "
             + " ".join(f"{predicted_gib(row, b):>14.2f}" for b in predict) + f" {row['seconds']:>5.0f}")  # fmt: skip
 
 

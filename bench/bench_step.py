@@ -19,6 +19,8 @@ autocast), then optional flags:
   blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
   ``pointwise`` / ``aggressive``: the compiled backward recomputes elementwise results instead of
   keeping them (``clara.compilation``'s ``recompute``; with a compile flag);
+* ``qkvsplit``: the latent blocks' Q, K, V as three products over the fused weight's thirds
+  (``audio.latent_qkv=split``);
 * ``varlen``: MELD-like clip lengths (MELD's distribution, 1-12 s), padded to the batch's longest rounded up to 64 frames,
   masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
 * ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
@@ -56,7 +58,8 @@ from bench.workloads import meld_like_frames  # noqa: E402
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
 DEFAULT_GPU_VARIANTS = (
     "eager-fp32,eager-bf16,sdpa-bf16,sdpa-bf16-bf16res,sdpa-bf16-compile,sdpa-bf16-compile-bf16res,"
-    "sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-pointwise,"
+    "sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-qkvsplit,"
+    "sdpa-bf16-cudagraphs-bf16res-pointwise,"
     "sdpa-bf16-cudagraphs-bf16res-sac-b256,sdpa-bf16-compile-bf16res-b256,sdpa-bf16-compile-bf16res-pointwise-b256,"
     "sdpa-bf16-compile-bf16res-aggressive-b256,sdpa-bf16-blocks-varlen,sdpa-bf16-blocks-bucket,"
     "sdpa-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer-b256"
@@ -68,7 +71,7 @@ INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs")}  # fmt: skip
 _RECOMPUTES = ("pointwise", "aggressive")
-_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "fa2", "ckpt", "sac", "varlen", "bucket", "infer"}
+_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "fa2", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Variant:
     sac: bool = False
     batch: int | None = None
     recompute: str = "default"  # clara.compilation recompute level
+    qkvsplit: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -105,7 +109,8 @@ class Variant:
         lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
         batch = int(next(iter(sizes))[1:]) if sizes else None
         return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags, "fa2" in flags,
-                   "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default")  # fmt: skip
+                   "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default",
+                   "qkvsplit" in flags)  # fmt: skip
 
 
 def padded_frames(lengths: torch.Tensor) -> int:
@@ -156,7 +161,8 @@ def build(variant: Variant, config_name: str, device: torch.device, backend: str
     torch.manual_seed(0)
     overrides = [f"attention={variant.attention}", f"activation_checkpointing={str(variant.ckpt).lower()}",
                  f"selective_recompute={str(variant.sac).lower()}",
-                 f"audio.latent_stream={'autocast' if variant.bf16res else 'fp32'}"]  # fmt: skip
+                 f"audio.latent_stream={'autocast' if variant.bf16res else 'fp32'}",
+                 f"audio.latent_qkv={'split' if variant.qkvsplit else 'fused'}"]  # fmt: skip
     model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()

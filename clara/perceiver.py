@@ -81,20 +81,27 @@ class CrossAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Pre-norm self-attention over the latents, Q, K and V from one fused projection."""
+    """Pre-norm self-attention over the latents, Q, K and V from one fused projection weight
+    (applied as one product, or as three over its thirds with ``split``: see AudioConfig.latent_qkv)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, backend: str):
+    def __init__(self, dim: int, heads: int, dim_head: int, backend: str, *, split: bool = False):
         super().__init__()
         self.heads = heads
         self.backend = backend
+        self.split = split
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)  # Q, K, V stacked, each (h d)
         self.out = nn.Linear(heads * dim_head, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(batch, length, 3, self.heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
+        x = self.norm(x)
+        if self.split:
+            inner = self.out.in_features
+            q, k, v = (split_heads(F.linear(x, weight), self.heads) for weight in self.qkv.weight.split(inner))
+        else:
+            qkv = self.qkv(x).view(batch, length, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, d]
         return self.out(merge_heads(attention(q, k, v, backend=self.backend)))
 
 
@@ -104,7 +111,8 @@ class LatentBlock(nn.Module):
     def __init__(self, config: AudioConfig, backend: str, *, selective_recompute: bool = False):
         super().__init__()
         self.selective_recompute = selective_recompute
-        self.attn = SelfAttention(config.latent_dim, config.latent_heads, config.latent_dim_head, backend)
+        self.attn = SelfAttention(config.latent_dim, config.latent_heads, config.latent_dim_head, backend,
+                                  split=config.latent_qkv == "split")
         self.ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
