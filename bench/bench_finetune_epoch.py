@@ -3,14 +3,23 @@
 Writes a feature store of ``--clips`` synthetic clips (default 10,000, about MELD's train split) with
 MELD-like lengths (bench/workloads.py) through the kit's own ``meld.feature_cache.write_store``,
 reads it back through ``meld.dataset.MeldDataset`` (memory-mapped store, float16 -> float32 mels,
-pre-tokenised text) and ``collate``, and trains the kit's ``MeldClassifier`` (CLARA, audio + text,
-full fine-tuning, weighted cross-entropy) for one epoch with the shared engine, once per loader
-setting.  The engine logs, per step, the seconds spent waiting for the next batch
+pre-tokenised text) and fine-tuning's ``Collate``, and trains the kit's ``MeldClassifier`` (CLARA,
+audio + text, full fine-tuning, weighted cross-entropy) for one epoch with the shared engine, once
+per setting.  The engine logs, per step, the seconds spent waiting for the next batch
 (``data_wait_s``) and the whole step's wall time (``step_s``); the table gives their means over the
 epoch after the first logging window (warm-up, compilation).
 
+A setting is ``WORKERS/COMPILE[/FRAMES_MULTIPLE]``: loader worker processes, ``train.compile``
+(off, model or blocks) and the multiple the batch's mel frames are padded up to (DataConfig's
+``frames_multiple``; default 1, the batch's longest). With a frames multiple above 1 the token ids
+are padded to a multiple of 8 as well. The ``shapes`` column counts the distinct (frames, tokens)
+batch shapes the epoch trained on, read off the batches themselves: each new one can mean new GPU
+kernel plans or a torch.compile recompilation. (The engine's batches are shuffled, not bucketed by
+length, so a batch's longest clip varies from step to step.)
+
     python bench/bench_finetune_epoch.py                               # CPU: tiny CLARA, 512 clips
     python bench/bench_finetune_epoch.py --device cuda --config medium # the 10,000-clip GPU check
+    python bench/bench_finetune_epoch.py --settings 4/off,4/off/64,4/model/64
 """
 
 from __future__ import annotations
@@ -29,14 +38,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workloads import meld_like_frames  # noqa: E402
+from clara.compilation import SCOPES  # noqa: E402
 from clara.engine import TrainConfig, Trainer  # noqa: E402
-from meld.dataset import MeldDataset, collate  # noqa: E402
+from meld.dataset import MeldDataset  # noqa: E402
 from meld.feature_cache import OK, AudioSettings, ClipRecord, SplitStore, write_store  # noqa: E402
 from meld.finetune import build_classifier  # noqa: E402
 from meld.finetune_config import FinetuneConfig  # noqa: E402
+from meld.finetune_data import Collate  # noqa: E402
 from meld.labels import EMOTIONS, SENTIMENTS  # noqa: E402
 from meld.losses import build_loss  # noqa: E402
 from meld.records import Utterance  # noqa: E402
+
+
+TOKENS_MULTIPLE = 8  # token ids' multiple in every setting that pads frames to one
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``WORKERS/COMPILE[/FRAMES_MULTIPLE]`` setting of ``--settings``."""
+
+    name: str
+    workers: int
+    compile: str
+    frames_multiple: int = 1
+
+    @property
+    def tokens_multiple(self) -> int:
+        return TOKENS_MULTIPLE if self.frames_multiple > 1 else 1
+
+    @classmethod
+    def parse(cls, name: str) -> Setting:
+        parts = name.split("/")
+        numbers = [parts[0], *parts[2:]]
+        if (len(parts) not in (2, 3) or not all(n.isdigit() for n in numbers) or parts[1] not in SCOPES
+                or (len(parts) == 3 and int(parts[2]) < 1)):
+            raise SystemExit(f"setting {name!r}: expected WORKERS/COMPILE[/FRAMES_MULTIPLE], COMPILE one of "
+                             f"{', '.join(SCOPES)} and FRAMES_MULTIPLE at least 1, e.g. 4/off/64")
+        return cls(name, int(parts[0]), parts[1], *(int(n) for n in parts[2:]))
 
 
 @dataclass
@@ -78,30 +116,37 @@ def synthetic_split(root: Path, clips: int, seed: int = 0) -> tuple[list[Utteran
 class Task:
     def __init__(self, criterion):
         self.criterion = criterion
+        # (frames, tokens) of each batch trained on, seen here in the main process also when loader
+        # workers collate: mel [B, 80, frames], tokens [B, tokens].
+        self.shapes: set[tuple[int, int]] = set()
 
     def training_step(self, model, batch):
+        self.shapes.add((batch["mel"].shape[-1], batch["tokens"].shape[-1]))
         logits = model(batch)  # [B, 7]
         return self.criterion(logits, batch["emotion"]), {}
 
 
-def run(setting: str, args, dataset: MeldDataset, device: str, out_dir: Path) -> dict:
-    workers, compile_scope = setting.split("/")
+def run(setting: Setting, args, dataset: MeldDataset, device: str, out_dir: Path) -> dict:
     config = FinetuneConfig(model=replace(FinetuneConfig().model, clara=args.config))
     torch.manual_seed(0)
     classifier, _ = build_classifier(config, None, EMOTIONS)
     criterion = build_loss("weighted_ce", dataset.class_counts()["emotion"], power=0.5).to(device)
+    run_dir = out_dir / setting.name.replace("/", "-")
     train = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-5, warmup_steps=0, cycle_steps=0, device=device,
-                        log_every=args.log_every, eval_at_start=False, out_dir=str(out_dir / setting.replace("/", "-")),
-                        num_workers=int(workers), progress=False, resume=False, compile=compile_scope)  # fmt: skip
-    trainer = Trainer(train, classifier, Task(criterion), dataset, collate_fn=collate)
+                        log_every=args.log_every, eval_at_start=False, out_dir=str(run_dir), num_workers=setting.workers,
+                        progress=False, resume=False, compile=setting.compile)  # fmt: skip
+    task = Task(criterion)
+    collate = Collate(frames_multiple=setting.frames_multiple, tokens_multiple=setting.tokens_multiple)
+    trainer = Trainer(train, classifier, task, dataset, collate_fn=collate)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
     windows = result.history[1:] or result.history  # the first window holds warm-up and compilation
     step_s = float(np.mean([w["train/step_s"] for w in windows]))
     wait_s = float(np.mean([w["train/data_wait_s"] for w in windows]))
-    return {"setting": setting, "steps": result.step, "epoch_s": seconds, "step_ms": step_s * 1e3,
-            "wait_ms": wait_s * 1e3, "wait_share": wait_s / step_s, "samples_s": args.batch / step_s}  # fmt: skip
+    return {"setting": setting.name, "steps": result.step, "epoch_s": seconds, "step_ms": step_s * 1e3,
+            "wait_ms": wait_s * 1e3, "wait_share": wait_s / step_s, "samples_s": args.batch / step_s,
+            "shapes": len(task.shapes)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,12 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--settings", default=None,
-                        help="comma-separated WORKERS/COMPILE settings (default GPU: 0/off,4/off; CPU: 0/off)")
+                        help="comma-separated WORKERS/COMPILE[/FRAMES_MULTIPLE] settings, e.g. 4/off/64 (frames "
+                        f"padded to a multiple of 64, tokens to one of {TOKENS_MULTIPLE}); default GPU: "
+                        "0/off,4/off,4/off/64; CPU: 0/off,0/off/64")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.config = args.config or ("medium" if gpu else "tiny")
     args.clips = args.clips or (10_000 if gpu else 512)
-    settings = (args.settings or ("0/off,4/off" if gpu else "0/off")).split(",")
+    names = args.settings or ("0/off,4/off,4/off/64" if gpu else "0/off,0/off/64")
+    settings = [Setting.parse(name) for name in names.split(",")]
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         tmp = Path(tmp)
@@ -129,11 +177,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{len(dataset)} clips, median {np.median(frames) / 93.75:.2f} s, store {path.stat().st_size / 2**20:.0f} MiB, "
               f"written in {time.perf_counter() - started:.1f} s", flush=True)
         rows = [run(setting, args, dataset, args.device, tmp) for setting in settings]
-    header = f"{'workers/compile':<16} {'steps':>6} {'epoch s':>8} {'step ms':>8} {'loader wait ms':>15} {'wait share':>10} {'samples/s':>10}"
+    header = (f"{'setting':<16} {'steps':>6} {'epoch s':>8} {'step ms':>8} {'loader wait ms':>15} {'wait share':>10} "
+              f"{'samples/s':>10} {'shapes':>6}")
     print(f"\n{header}\n{'-' * len(header)}")
     for r in rows:
         print(f"{r['setting']:<16} {r['steps']:>6} {r['epoch_s']:>8.1f} {r['step_ms']:>8.1f} {r['wait_ms']:>15.2f} "
-              f"{r['wait_share']:>10.1%} {r['samples_s']:>10.1f}")
+              f"{r['wait_share']:>10.1%} {r['samples_s']:>10.1f} {r['shapes']:>6}")
     print(f"device: {name}")
 
 

@@ -48,6 +48,13 @@ class DataConfig:
     batch_size: int = 16
     bucket_by_length: bool = True  # batches of similar length, so less padding
     num_workers: int = 0
+    # Pad a batch's mel frames / token ids up to a multiple of this (1: to the batch's longest). A
+    # bounded set of batch shapes lets GPU kernel plans (cuDNN) and torch.compile graphs be reused
+    # instead of rebuilt for every new length; e.g. 64 and 8. CLARA masks padding (mask_padding, the
+    # default), so embeddings do not change; training's random audio-token dropout is drawn over the
+    # padded length, so a seeded run is not bit-identical to one with multiple 1.
+    frames_multiple: int = 1
+    tokens_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.context_turns < 0:
@@ -56,6 +63,9 @@ class DataConfig:
             raise ConfigError(f"max_tokens must be at least 3 (2 special tokens and a word), got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name in ("frames_multiple", "tokens_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (1: no rounding up), got {getattr(self, name)}")
 
     @property
     def uses_audio(self) -> bool:
@@ -141,19 +151,23 @@ class MeldDataset(Dataset):
         }
 
 
-def _pad(sequences: Sequence[torch.Tensor], dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad along the last dim with zeros: ([B, *dims, max len], lengths [B])."""
+def _pad(sequences: Sequence[torch.Tensor], dims: tuple[int, ...], *,
+         multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad along the last dim with zeros: ([B, *dims, W], lengths [B]), W the longest length
+    rounded up to a multiple of ``multiple``."""
     lengths = torch.tensor([seq.shape[-1] for seq in sequences], dtype=torch.long)
-    out = torch.zeros(len(sequences), *dims, int(lengths.max()), dtype=sequences[0].dtype)
+    width = -(-int(lengths.max()) // multiple) * multiple
+    out = torch.zeros(len(sequences), *dims, width, dtype=sequences[0].dtype)
     for row, seq in zip(out, sequences):
         row[..., : seq.shape[-1]] = seq
     return out, lengths
 
 
-def collate(items: Sequence[dict]) -> dict:
+def collate(items: Sequence[dict], *, frames_multiple: int = 1, tokens_multiple: int = 1) -> dict:
     """Batch of items: keys, speakers (lists); emotion, sentiment, dialogue_ids [B]; and, as present,
     mel [B, n_mels, T] + mel_lengths [B] (padded with 0.0, as LogMel pads), tokens [B, L] + token_lengths [B]
-    (padded with id 0, Tokenizer.pad_id)."""
+    (padded with id 0, Tokenizer.pad_id). T and L are the batch's longest, rounded up to a multiple of
+    ``frames_multiple`` and ``tokens_multiple`` (DataConfig); the lengths are the items' own."""
     batch = {
         "keys": [item["key"] for item in items],
         "speakers": [item["speaker"] for item in items],
@@ -162,9 +176,10 @@ def collate(items: Sequence[dict]) -> dict:
         "dialogue_ids": torch.tensor([item["dialogue_id"] for item in items], dtype=torch.long),
     }
     if "mel" in items[0]:
-        batch["mel"], batch["mel_lengths"] = _pad([item["mel"] for item in items], (items[0]["mel"].shape[0],))
+        mels = [item["mel"] for item in items]
+        batch["mel"], batch["mel_lengths"] = _pad(mels, (mels[0].shape[0],), multiple=frames_multiple)
     if "tokens" in items[0]:
-        batch["tokens"], batch["token_lengths"] = _pad([item["tokens"] for item in items], ())
+        batch["tokens"], batch["token_lengths"] = _pad([item["tokens"] for item in items], (), multiple=tokens_multiple)
     return batch
 
 
@@ -218,9 +233,11 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 def make_dataloader(dataset: MeldDataset, batch_size: int, *, shuffle: bool = False, bucket_by_length: bool = True,
-                    num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+                    num_workers: int = 0, seed: int = 0, drop_last: bool = False, frames_multiple: int = 1,
+                    tokens_multiple: int = 1) -> DataLoader:  # fmt: skip
     """A DataLoader yielding ``collate`` batches; seeded, so the same seed gives the same batches."""
-    common = {"collate_fn": collate, "num_workers": num_workers, "persistent_workers": num_workers > 0}
+    collate_fn = functools.partial(collate, frames_multiple=frames_multiple, tokens_multiple=tokens_multiple)
+    common = {"collate_fn": collate_fn, "num_workers": num_workers, "persistent_workers": num_workers > 0}
     if bucket_by_length:
         sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         return DataLoader(dataset, batch_sampler=sampler, **common)
@@ -284,7 +301,8 @@ def build_loaders(data_root: str | Path | None = None, config: DataConfig = Data
     datasets = build_datasets(data_root, config, cache_root=cache_root)
     return {
         split: make_dataloader(dataset, config.batch_size, shuffle=split == "train",
-                               bucket_by_length=config.bucket_by_length, num_workers=config.num_workers, seed=seed)
+                               bucket_by_length=config.bucket_by_length, num_workers=config.num_workers, seed=seed,
+                               frames_multiple=config.frames_multiple, tokens_multiple=config.tokens_multiple)
         for split, dataset in datasets.items()
     }
 

@@ -86,10 +86,18 @@ class _Data:
 
     def __init__(self, config: FinetuneConfig, clara_config: ClaraConfig | None) -> None:
         data = config.data
-        if clara_config is not None and data.uses_text and data.max_tokens > clara_config.text.max_positions:
-            raise config_lib.ConfigError(
-                f"data.max_tokens ({data.max_tokens}) exceeds the CLARA text tower's {clara_config.text.max_positions} "
-                f"positions; set data.max_tokens={clara_config.text.max_positions}")
+        if clara_config is not None and data.uses_text:
+            positions, multiple = clara_config.text.max_positions, data.tokens_multiple
+            if data.max_tokens > positions:
+                raise config_lib.ConfigError(
+                    f"data.max_tokens ({data.max_tokens}) exceeds the CLARA text tower's {positions} "
+                    f"positions; set data.max_tokens={positions}")
+            widest = -(-data.max_tokens // multiple) * multiple  # a batch's token width at most
+            if widest > positions:
+                raise config_lib.ConfigError(
+                    f"data.max_tokens ({data.max_tokens}) padded up to a multiple of data.tokens_multiple ({multiple}) "
+                    f"is {widest} tokens, more than the CLARA text tower's {positions} positions; "
+                    f"set data.max_tokens={positions // multiple * multiple}")
         self.root = Path(config.data_root) if config.data_root else ensure_demo(log=print)
         self.cache_root = Path(config.cache_root) if config.cache_root else default_cache_root(self.root)
         if data.uses_audio and config.prepare:
@@ -104,7 +112,7 @@ class _Data:
             self.views = {split: HFTextView(ds, self.hf_tokenizer, context_turns=data.context_turns,
                                             max_tokens=config.model.hf_max_tokens) for split, ds in self.datasets.items()}
         pad = self.hf_tokenizer.pad_token_id if self.hf_tokenizer is not None else 0
-        self.collate = Collate(pad or 0)
+        self.collate = Collate(pad or 0, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple)
         for split, dataset in self.datasets.items():
             if len(dataset) == 0:
                 raise MeldDataError(f"the {split} split of {self.root} has no usable utterances for modality {data.modality}")

@@ -65,13 +65,17 @@ class BalancedView(Dataset):
 
 
 class Collate:
-    """``meld.dataset.collate`` plus, where items have them, transformers ids padded with ``pad_id``."""
+    """``meld.dataset.collate`` (mel frames and CLARA tokens padded up to ``frames_multiple`` /
+    ``tokens_multiple``) plus, where items have them, transformers ids padded with ``pad_id`` to the
+    batch's longest."""
 
-    def __init__(self, pad_id: int = 0) -> None:
+    def __init__(self, pad_id: int = 0, *, frames_multiple: int = 1, tokens_multiple: int = 1) -> None:
         self.pad_id = pad_id
+        self.frames_multiple = frames_multiple
+        self.tokens_multiple = tokens_multiple
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        batch = collate(items)
+        batch = collate(items, frames_multiple=self.frames_multiple, tokens_multiple=self.tokens_multiple)
         if "hf_ids" in items[0]:
             ids = [item["hf_ids"] for item in items]
             width = max(len(row) for row in ids)

@@ -52,12 +52,37 @@ def test_step_benchmark_prints_its_table(capsys):
     assert "device: CPU" in out
 
 
-def test_finetune_epoch_benchmark_reports_loader_wait(capsys):
-    bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings", "0/off"])
+def test_finetune_epoch_benchmark_reports_loader_wait_and_shapes(capsys):
+    bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings", "0/off,0/off/64"])
     out = capsys.readouterr().out
-    row = next(line.split() for line in out.splitlines() if line.startswith("0/off"))
-    steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
-    assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("0/off")}
+    assert set(rows) == {"0/off", "0/off/64"}
+    for row in rows.values():
+        steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
+        assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
+    # Shuffled batches: most of the 6 have their own longest clip; rounded up to 64 frames, fewer shapes.
+    assert 1 <= int(rows["0/off/64"][7]) <= int(rows["0/off"][7]) <= 6
+
+
+def test_finetune_epoch_settings_parse():
+    setting = bench_finetune_epoch.Setting.parse("4/model/64")
+    assert (setting.workers, setting.compile, setting.frames_multiple, setting.tokens_multiple) == (4, "model", 64, 8)
+    assert bench_finetune_epoch.Setting.parse("0/off").frames_multiple == 1
+    assert bench_finetune_epoch.Setting.parse("0/off").tokens_multiple == 1
+    for bad in ("4", "4/fast", "4/off/0", "4/off/x", "4/off/64/8", "-1/off"):
+        with pytest.raises(SystemExit, match="expected WORKERS/COMPILE"):
+            bench_finetune_epoch.Setting.parse(bad)
+
+
+def test_finetune_epoch_shapes_are_counted_from_the_batches():
+    def model(batch):
+        return torch.zeros(2, 7)  # logits [B, 7]
+
+    task = bench_finetune_epoch.Task(torch.nn.CrossEntropyLoss())
+    for frames, tokens in ((128, 16), (192, 16), (128, 16), (128, 24)):
+        task.training_step(model, {"mel": torch.zeros(2, 80, frames), "tokens": torch.zeros(2, tokens),
+                                   "emotion": torch.zeros(2, dtype=torch.long)})
+    assert task.shapes == {(128, 16), (192, 16), (128, 24)}
 
 
 def test_kept_for_backward_counts_each_kept_storage_once():

@@ -1,7 +1,8 @@
-"""Datasets over the feature cache: items, collate padding, modalities, bucketing, class counts."""
+"""Datasets over the feature cache: items, collate padding (and its multiples), modalities, bucketing, class counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from clara.config import load
+from clara.config import ConfigError, load
+from clara.model import Clara
+from clara.model_config import load_model_config
 from clara.tokenizer import Tokenizer
 from meld.dataset import (
     DataConfig, LengthBucketSampler, build_datasets, build_loaders, class_counts, collate, make_dataloader,
@@ -79,6 +82,55 @@ def test_collate_pads_with_zeros_and_returns_lengths(prepared, tokenizer):
     assert batch["keys"] == [item["key"] for item in items]
     assert batch["emotion"].dtype == torch.long and batch["emotion"].tolist() == [item["emotion"] for item in items]
     assert batch["dialogue_ids"].tolist() == [item["dialogue_id"] for item in items]
+
+
+def _items(frames: list[int], tokens: list[int]) -> list[dict]:
+    """Dataset-like items: mel [80, T] in [-1, 1] and token ids [L] (never the pad id 0)."""
+    generator = torch.Generator().manual_seed(0)
+    return [{"key": f"k{i}", "emotion": i % 7, "sentiment": i % 3, "speaker": "Ross", "dialogue_id": i,
+             "mel": torch.rand(80, t, generator=generator) * 2 - 1,
+             "tokens": torch.randint(1, 50_000, (n,), generator=generator)}
+            for i, (t, n) in enumerate(zip(frames, tokens))]
+
+
+def test_collate_pads_up_to_the_multiples():
+    items = _items([70, 130], [5, 9])
+    batch = collate(items, frames_multiple=64, tokens_multiple=8)
+    assert batch["mel"].shape == (2, 80, 192) and batch["tokens"].shape == (2, 16)
+    assert batch["mel_lengths"].tolist() == [70, 130] and batch["token_lengths"].tolist() == [5, 9]
+    for row, item in enumerate(items):
+        frames, length = item["mel"].shape[1], len(item["tokens"])
+        assert torch.equal(batch["mel"][row, :, :frames], item["mel"]) and not batch["mel"][row, :, frames:].any()
+        assert torch.equal(batch["tokens"][row, :length], item["tokens"]) and not batch["tokens"][row, length:].any()
+    plain = collate(items)  # multiple 1: the batch's longest, as before
+    assert plain["mel"].shape == (2, 80, 130) and plain["tokens"].shape == (2, 9)
+    assert torch.equal(batch["mel"][..., :130], plain["mel"]) and torch.equal(batch["tokens"][:, :9], plain["tokens"])
+    exact = collate(_items([128, 64], [8, 1]), frames_multiple=64, tokens_multiple=8)  # already a multiple: no more
+    assert exact["mel"].shape[-1] == 128 and exact["tokens"].shape[-1] == 8
+
+
+@pytest.mark.parametrize("attention, cross_attention", [("sdpa", "softmax"), ("eager", "softmax"), ("sdpa", "gelu")])
+def test_padding_to_multiples_leaves_clara_embeddings_unchanged(attention, cross_attention):
+    """The padding is masked: the same items give the same embeddings however far the batch is padded."""
+    config = load_model_config("tiny")
+    config = dataclasses.replace(config, attention=attention,
+                                 audio=dataclasses.replace(config.audio, cross_attention=cross_attention))
+    model = Clara(config).eval()
+    items = _items([70, 130, 33, 101], [5, 9, 3, 12])
+    plain = collate(items)
+    padded = collate(items, frames_multiple=64, tokens_multiple=8)
+    assert padded["mel"].shape[-1] == 192 and padded["tokens"].shape[-1] == 16
+    with torch.no_grad():
+        for name in ("audio_embeds", "text_embeds"):
+            expected = getattr(model(plain["mel"], plain["tokens"], plain["mel_lengths"], plain["token_lengths"]), name)
+            actual = getattr(model(padded["mel"], padded["tokens"], padded["mel_lengths"], padded["token_lengths"]), name)
+            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["frames_multiple", "tokens_multiple"])
+def test_data_config_rejects_a_multiple_below_one(field):
+    with pytest.raises(ConfigError, match=f"^{field} must be at least 1.*got 0$"):
+        DataConfig(**{field: 0})
 
 
 def test_modalities(prepared, tokenizer):
@@ -170,6 +222,14 @@ def test_loaders_and_pickling(prepared, tokenizer):
                                                                               bucket_by_length=False, seed=1)]
     copy = pickle.loads(pickle.dumps(train.dataset))  # what a DataLoader worker started with spawn gets
     assert torch.equal(copy[2]["mel"], train.dataset[2]["mel"])
+
+
+def test_loaders_pad_batches_to_the_configured_multiples(prepared):
+    demo, cache = prepared
+    config = DataConfig(batch_size=4, frames_multiple=64, tokens_multiple=8, num_workers=1)
+    batches = list(build_loaders(demo, config, cache_root=cache)["dev"])  # a worker process: the collate pickles
+    assert all(b["mel"].shape[-1] % 64 == 0 and b["tokens"].shape[-1] % 8 == 0 for b in batches)
+    assert all(b["mel"].shape[-1] - int(b["mel_lengths"].max()) < 64 for b in batches)
 
 
 def test_default_yaml_is_the_defaults():

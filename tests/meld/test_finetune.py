@@ -10,7 +10,8 @@ import yaml
 
 from clara import config as config_lib
 from meld.classifier_io import load_classifier
-from meld.finetune import load_config, main, run_finetune
+from clara.model_config import load_model_config
+from meld.finetune import _Data, load_config, main, run_finetune
 from meld.finetune_config import FinetuneConfig
 from meld.report import SPLIT_KEYS
 from tests.meld.finetune_helpers import FAST, small_demo, text_config, write_csv_meld
@@ -115,7 +116,7 @@ def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampli
     root, cache = small_demo()
     config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", "model.fusion=gated",
                                 "strategy.name=partial", "strategy.layer_decay=0.7", "loss.sampler=balanced",
-                                "loss.name=focal", "train.epochs=1"])
+                                "loss.name=focal", "train.epochs=1", "data.frames_multiple=64", "data.tokens_multiple=8"])
     doc = run_finetune(config, out_dir=tmp_path)
     assert 0.0 <= doc["test"]["macro_f1"] <= 1.0
     _, spec, _ = load_classifier(tmp_path)
@@ -124,6 +125,14 @@ def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampli
     assert spec["head"]["options"]["unimodal_heads"] is True
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_audio" in record and "train/loss_text" in record for record in logged)
+
+
+def test_the_data_multiples_reach_the_batches(csv_root):
+    data = _Data(text_config(csv_root, "data.tokens_multiple=8"), load_model_config("tiny"))
+    items = [data.views["train"][i] for i in range(5)]
+    batch = data.collate(items)
+    assert batch["tokens"].shape[1] % 8 == 0 and batch["tokens"].shape[1] - int(batch["token_lengths"].max()) < 8
+    assert batch["token_lengths"].tolist() == [len(item["tokens"]) for item in items]
 
 
 def test_config_presets_load():
@@ -171,7 +180,9 @@ def test_wrong_kind_of_checkpoint_is_one_clear_error(csv_root, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("override, fragment", [("train.epochs=many", "train.epochs"), ("modell.fusion=gated", "modell"),
-                                                ("model.fusion=sum", "model.fusion"), ("seeds=0", "seeds")])
+                                                ("model.fusion=sum", "model.fusion"), ("seeds=0", "seeds"),
+                                                ("data.frames_multiple=0", "frames_multiple"),
+                                                ("data.tokens_multiple=3", "data.tokens_multiple (3)")])
 def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
     code, err = _cli(capsys, "--out", str(tmp_path / "o"), override)
     _assert_one_error(code, err, fragment)
