@@ -9,17 +9,19 @@ per setting.  The engine logs, per step, the seconds spent waiting for the next 
 (``data_wait_s``) and the whole step's wall time (``step_s``); the table gives their means over the
 epoch after the first logging window (warm-up, compilation).
 
-A setting is ``WORKERS/COMPILE[/FRAMES_MULTIPLE]``: loader worker processes, ``train.compile``
-(off, model or blocks) and the multiple the batch's mel frames are padded up to (DataConfig's
-``frames_multiple``; default 1, the batch's longest). With a frames multiple above 1 the token ids
-are padded to a multiple of 8 as well. The ``shapes`` column counts the distinct (frames, tokens)
-batch shapes the epoch trained on, read off the batches themselves: each new one can mean new GPU
-kernel plans or a torch.compile recompilation. (The engine's batches are shuffled, not bucketed by
-length, so a batch's longest clip varies from step to step.)
+A setting is ``WORKERS/COMPILE[/FRAMES_MULTIPLE[/bucket]]``: loader worker processes,
+``train.compile`` (off, model or blocks), the multiple the batch's mel frames are padded up to
+(DataConfig's ``frames_multiple``; default 1, the batch's longest), and ``bucket`` for
+length-bucketed batches (the engine's sampler given the clips' lengths, as ``meld.finetune`` does
+with ``data.bucket_by_length``); without it batches are plainly shuffled, so a batch's longest clip
+varies from step to step. With a frames multiple above 1 the token ids are padded to a multiple of 8
+as well. The ``shapes`` column counts the distinct (frames, tokens) batch shapes the epoch trained
+on, read off the batches themselves: each new one can mean new GPU kernel plans or a torch.compile
+recompilation.
 
     python bench/bench_finetune_epoch.py                               # CPU: tiny CLARA, 512 clips
     python bench/bench_finetune_epoch.py --device cuda --config medium # the 10,000-clip GPU check
-    python bench/bench_finetune_epoch.py --settings 4/off,4/off/64,4/model/64
+    python bench/bench_finetune_epoch.py --settings 4/off,4/off/64,4/off/64/bucket,4/model/64/bucket
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ TOKENS_MULTIPLE = 8  # token ids' multiple in every setting that pads frames to 
 
 @dataclass(frozen=True)
 class Setting:
-    """One ``WORKERS/COMPILE[/FRAMES_MULTIPLE]`` setting of ``--settings``."""
+    """One ``WORKERS/COMPILE[/FRAMES_MULTIPLE[/bucket]]`` setting of ``--settings``."""
 
     name: str
     workers: int
     compile: str
     frames_multiple: int = 1
+    bucket: bool = False
 
     @property
     def tokens_multiple(self) -> int:
@@ -69,12 +72,13 @@ class Setting:
     @classmethod
     def parse(cls, name: str) -> Setting:
         parts = name.split("/")
-        numbers = [parts[0], *parts[2:]]
-        if (len(parts) not in (2, 3) or not all(n.isdigit() for n in numbers) or parts[1] not in SCOPES
-                or (len(parts) == 3 and int(parts[2]) < 1)):
-            raise SystemExit(f"setting {name!r}: expected WORKERS/COMPILE[/FRAMES_MULTIPLE], COMPILE one of "
-                             f"{', '.join(SCOPES)} and FRAMES_MULTIPLE at least 1, e.g. 4/off/64")
-        return cls(name, int(parts[0]), parts[1], *(int(n) for n in parts[2:]))
+        bucket = len(parts) == 4 and parts[3] == "bucket"
+        numbers = [parts[0], *parts[2:3]]
+        if (len(parts) not in (2, 3, 4) or (len(parts) == 4 and not bucket) or not all(n.isdigit() for n in numbers)
+                or parts[1] not in SCOPES or (len(parts) >= 3 and int(parts[2]) < 1)):
+            raise SystemExit(f"setting {name!r}: expected WORKERS/COMPILE[/FRAMES_MULTIPLE[/bucket]], COMPILE one of "
+                             f"{', '.join(SCOPES)} and FRAMES_MULTIPLE at least 1, e.g. 4/off/64/bucket")
+        return cls(name, int(parts[0]), parts[1], *(int(n) for n in parts[2:3]), bucket=bucket)
 
 
 @dataclass
@@ -137,7 +141,8 @@ def run(setting: Setting, args, dataset: MeldDataset, device: str, out_dir: Path
                         progress=False, resume=False, compile=setting.compile)  # fmt: skip
     task = Task(criterion)
     collate = Collate(frames_multiple=setting.frames_multiple, tokens_multiple=setting.tokens_multiple)
-    trainer = Trainer(train, classifier, task, dataset, collate_fn=collate)
+    trainer = Trainer(train, classifier, task, dataset, collate_fn=collate,
+                      lengths=dataset.lengths if setting.bucket else None)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
@@ -157,14 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--settings", default=None,
-                        help="comma-separated WORKERS/COMPILE[/FRAMES_MULTIPLE] settings, e.g. 4/off/64 (frames "
-                        f"padded to a multiple of 64, tokens to one of {TOKENS_MULTIPLE}); default GPU: "
-                        "0/off,4/off,4/off/64; CPU: 0/off,0/off/64")
+                        help="comma-separated WORKERS/COMPILE[/FRAMES_MULTIPLE[/bucket]] settings, e.g. 4/off/64/bucket "
+                        f"(frames padded to a multiple of 64, tokens to one of {TOKENS_MULTIPLE}, length-bucketed "
+                        "batches); default GPU: 4/off,4/off/64,4/off/64/bucket; CPU: 0/off,0/off/64,0/off/64/bucket")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.config = args.config or ("medium" if gpu else "tiny")
     args.clips = args.clips or (10_000 if gpu else 512)
-    names = args.settings or ("0/off,4/off,4/off/64" if gpu else "0/off,0/off/64")
+    names = args.settings or ("4/off,4/off/64,4/off/64/bucket" if gpu else "0/off,0/off/64,0/off/64/bucket")
     settings = [Setting.parse(name) for name in names.split(",")]
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:

@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Protocol
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -144,12 +144,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
     Incomplete global batches are dropped (contrastive losses want full batches; DDP wants equal
     counts), and the count is cut to a multiple of ``multiple_of`` (the accumulation).
     ``set_epoch(epoch, skip)`` starts the next iteration after ``skip`` batches.
+
+    With ``lengths`` (one per sample: clip frames, token count), batches are length-bucketed: the
+    shuffled order is cut into pools of ``pool_batches`` global batches, each pool is sorted by
+    length and cut into global batches, and the batches are shuffled, so a batch holds samples of
+    similar length (little padding) while the epoch's order stays random.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, multiple_of: int = 1) -> None:  # fmt: skip
+                 shuffle: bool = True, multiple_of: int = 1, lengths: Sequence[int] | None = None,
+                 pool_batches: int = 50) -> None:  # fmt: skip
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"{len(lengths)} lengths for {num_samples} samples")
         self.num_samples, self.batch_size, self.seed, self.shuffle = num_samples, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.pool_batches = pool_batches
         global_batches = num_samples // (batch_size * world_size)
         self.batches_per_epoch = global_batches // multiple_of * multiple_of
         self.epoch = self.skip = 0
@@ -160,16 +170,26 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.skip)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(self.num_samples)
+    def _global_batches(self) -> torch.Tensor:
+        """This epoch's global batches, [batches_per_epoch, batch_size x world_size] indices."""
         global_batch = self.batch_size * self.world_size
+        if not self.shuffle:
+            return torch.arange(self.batches_per_epoch * global_batch).view(-1, global_batch)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.num_samples, generator=generator)
+        if self.lengths is None:
+            return order[: self.batches_per_epoch * global_batch].view(-1, global_batch)
+        pool = global_batch * self.pool_batches
+        # Stable sorts: equal lengths keep their shuffled order.
+        sorted_order = torch.cat([chunk[self.lengths[chunk].argsort(stable=True)] for chunk in order.split(pool)])
+        batches = sorted_order[: self.num_samples // global_batch * global_batch].view(-1, global_batch)
+        return batches[torch.randperm(len(batches), generator=generator)][: self.batches_per_epoch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._global_batches()
         for index in range(self.skip, self.batches_per_epoch):
-            start = index * global_batch + self.rank * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
+            yield batches[index, self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -204,11 +224,12 @@ class Trainer:
     ``groups``: AdamW parameter groups of the model's trainable parameters, each ``{"params",
     "weight_decay"}`` and optionally ``"lr_scale"`` (that group trains at lr_scale x the schedule's
     rate); default ``clara.optim.param_groups``: one rate, no decay on tensors of fewer than 2 dims.
+    ``lengths``: one per training sample; batches are then length-bucketed (ResumableBatchSampler).
     """
 
     def __init__(self, config: TrainConfig, model: nn.Module, task: Task, train_data: Dataset, *,
                  collate_fn: Callable[[list[Any]], Any] | None = None, env: distributed.DistEnv | None = None,
-                 groups: list[dict] | None = None) -> None:  # fmt: skip
+                 groups: list[dict] | None = None, lengths: Sequence[int] | None = None) -> None:  # fmt: skip
         _check(config)
         self.config = config
         self.env = env or distributed.init(config.device)
@@ -221,7 +242,7 @@ class Trainer:
 
         self.sampler = ResumableBatchSampler(
             len(train_data), config.batch_size, rank=self.env.rank, world_size=self.env.world_size,
-            seed=config.seed, multiple_of=config.accumulation,
+            seed=config.seed, multiple_of=config.accumulation, lengths=lengths,
         )  # fmt: skip
         self.steps_per_epoch = self.sampler.batches_per_epoch // config.accumulation
         self.samples_per_step = config.batch_size * config.accumulation * self.env.world_size

@@ -212,7 +212,12 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     groups = None
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:
         groups = decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay)
-    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env, groups=groups)
+    # data.bucket_by_length: batches of clips (or texts) of similar length, so less padding; cached
+    # embeddings (linear probe) have no length.
+    bucket = config.data.bucket_by_length and config.strategy.name != "linear_probe"
+    lengths = getattr(train_view, "lengths", None) if bucket else None
+    trainer = Trainer(train_config, model, task, train_view, collate_fn=collate_fn, env=env, groups=groups,
+                      lengths=lengths)
     task.trainer = trainer
     _write_status(out_dir, "running", seed=seed)
     try:

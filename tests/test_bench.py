@@ -53,10 +53,11 @@ def test_step_benchmark_prints_its_table(capsys):
 
 
 def test_finetune_epoch_benchmark_reports_loader_wait_and_shapes(capsys):
-    bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings", "0/off,0/off/64"])
+    bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings",
+                               "0/off,0/off/64,0/off/64/bucket"])  # fmt: skip
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("0/off")}
-    assert set(rows) == {"0/off", "0/off/64"}
+    assert set(rows) == {"0/off", "0/off/64", "0/off/64/bucket"}
     for row in rows.values():
         steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
         assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
@@ -69,7 +70,8 @@ def test_finetune_epoch_settings_parse():
     assert (setting.workers, setting.compile, setting.frames_multiple, setting.tokens_multiple) == (4, "model", 64, 8)
     assert bench_finetune_epoch.Setting.parse("0/off").frames_multiple == 1
     assert bench_finetune_epoch.Setting.parse("0/off").tokens_multiple == 1
-    for bad in ("4", "4/fast", "4/off/0", "4/off/x", "4/off/64/8", "-1/off"):
+    assert bench_finetune_epoch.Setting.parse("0/off/1/bucket").bucket and not setting.bucket
+    for bad in ("4", "4/fast", "4/off/0", "4/off/x", "4/off/64/8", "-1/off", "4/off/bucket", "4/off/64/bucket/1"):
         with pytest.raises(SystemExit, match="expected WORKERS/COMPILE"):
             bench_finetune_epoch.Setting.parse(bad)
 

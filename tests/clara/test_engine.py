@@ -187,6 +187,44 @@ def test_sampler_shards_are_disjoint_and_resumable():
     assert ResumableBatchSampler(50, 4, multiple_of=4).batches_per_epoch == 12
 
 
+def test_sampler_without_lengths_keeps_its_batches():
+    """The plain shuffle is the permutation cut into global batches (runs and resumes made before
+    bucketing existed draw the same batches)."""
+    sampler = ResumableBatchSampler(50, 4, rank=1, world_size=2, seed=1)
+    sampler.set_epoch(3)
+    seed = int(np.random.SeedSequence([1, 3]).generate_state(1)[0])
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert list(sampler) == [order[i * 8 + 4 : i * 8 + 8] for i in range(6)]
+
+
+def test_length_bucketed_sampler_pads_less_and_stays_resumable():
+    lengths = torch.randint(10, 1000, (403,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def padded(batches):  # frames a batch padded to its longest costs
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = ResumableBatchSampler(403, 8, seed=2)
+    ranks = [ResumableBatchSampler(403, 4, rank=r, world_size=2, seed=2, lengths=lengths, pool_batches=10) for r in range(2)]
+    for sampler in (plain, *ranks):
+        sampler.set_epoch(1)
+    bucketed = [list(sampler) for sampler in ranks]
+    assert len(bucketed[0]) == len(bucketed[1]) == 50  # 403 // 8 global batches, the rest dropped
+    seen = [i for rank in bucketed for batch in rank for i in batch]
+    assert len(seen) == len(set(seen)) == 400
+    global_batches = [a + b for a, b in zip(*bucketed)]
+    real = sum(lengths[i] for i in seen)
+    assert padded(global_batches) < 1.1 * real and padded(list(plain)) > 1.5 * real
+    # Sorted within pools, then shuffled: not one long ascending run.
+    longest = [max(lengths[i] for i in batch) for batch in global_batches]
+    assert longest != sorted(longest)
+    ranks[1].set_epoch(1, skip=7)
+    assert list(ranks[1]) == bucketed[1][7:]
+    ranks[1].set_epoch(2)
+    assert list(ranks[1]) != bucketed[1]
+    with pytest.raises(ValueError, match="3 lengths for 4 samples"):
+        ResumableBatchSampler(4, 2, lengths=[1, 2, 3])
+
+
 def test_move_to_walks_containers():
     batch = {"a": torch.ones(2), "b": [torch.zeros(1), "text"], "c": (torch.ones(1),)}
     moved = move_to(batch, torch.device("cpu"))
