@@ -12,7 +12,8 @@ autocast), then optional flags:
 
 * ``compile``: ``torch.compile`` of the whole model; ``blocks``: of each repeated block
   (``clara.compilation``); ``cudagraphs``: the whole model with mode reduce-overhead (CUDA graphs);
-  ``autotune``: the whole model with max-autotune-no-cudagraphs;
+  ``autotune``: the whole model with max-autotune-no-cudagraphs; ``maxautotune``: with max-autotune
+  (autotuning and CUDA graphs);
 * ``bf16res``: run the latents' residual stream in the autocast dtype (``audio.latent_stream``);
 * ``fa2``: restrict SDPA to FlashAttention-2 / memory-efficient kernels instead of letting PyTorch
   pick cuDNN; ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
@@ -69,7 +70,8 @@ PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CU
 INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
-           "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs")}  # fmt: skip
+           "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs"),
+           "maxautotune": ("model", "max-autotune")}  # fmt: skip
 _RECOMPUTES = ("pointwise", "aggressive")
 _FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "fa2", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer"}
 

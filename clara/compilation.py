@@ -7,7 +7,8 @@ cross-attention and its feed-forward) on its own; blocks of one class share thei
 the cold start is a few blocks' worth, and everything between blocks stays eager.
 
 ``mode`` is ``torch.compile``'s: ``"default"``, ``"reduce-overhead"`` (CUDA graphs: one launch per
-graph replay instead of one per kernel) or ``"max-autotune-no-cudagraphs"``.  Compiling is in place
+graph replay instead of one per kernel), ``"max-autotune-no-cudagraphs"`` (matmul and kernel
+configurations benchmarked at compile time: minutes of warm-up) or ``"max-autotune"`` (both).  Compiling is in place
 (``nn.Module.compile``), so parameter names, ``state_dict`` and checkpoints are unchanged.
 
 ``recompute`` sets how much the compiler recomputes in the backward pass instead of keeping it from
@@ -35,7 +36,7 @@ import torch._functorch.config as functorch_config
 from torch import nn
 
 Scope = Literal["off", "model", "blocks"]
-Mode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+Mode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 Recompute = Literal["default", "pointwise", "aggressive"]
 MODES: tuple[str, ...] = get_args(Mode)
