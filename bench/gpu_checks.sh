@@ -7,7 +7,8 @@
 # about a minute).  Pass "all" for bench_step.py's full ladder.
 set -uo pipefail
 NEXT_VARIANTS="sdpa-bf16-compile-bf16res-pointwise-b256,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-qkvsplit,\
-sdpa-bf16-cudagraphs-bf16res-pointwise,sdpa-bf16-cudagraphs-bf16res-infer-b256,sdpa-bf16-compile-bf16res-aggressive-b256"
+sdpa-bf16-cudagraphs-bf16res-pointwise,sdpa-bf16-cudagraphs-bf16res-infer-b256,sdpa-bf16-cudagraphs-bf16res-qkvsplit-infer-b256,\
+sdpa-bf16-compile-bf16res-aggressive-b256"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -111,3 +111,15 @@ def test_memory_benchmark_sees_pointwise_recomputation(capsys):
     out = capsys.readouterr().out
     line = next(line for line in out[out.index("variant") :].splitlines() if line.startswith("sdpa-fp32"))
     assert float(line.split()[1]) == pytest.approx(row["per_sample"] / 2**20, abs=0.006)
+
+
+def test_gpu_session_variants_all_parse():
+    """A typo in gpu_checks.sh would only show on a lent GPU, after minutes of its budget."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(bench_step.__file__).with_name("gpu_checks.sh")
+    listed = subprocess.run(["bash", "-c", f'eval "$(sed -n "/^NEXT_VARIANTS=/,/\\"$/p" {script})"; echo "$NEXT_VARIANTS"'],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    names = listed.split(",") + bench_step.DEFAULT_GPU_VARIANTS.split(",")
+    assert len(names) > 10 and all(bench_step.Variant.parse(name).name == name for name in names)
