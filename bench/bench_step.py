@@ -63,6 +63,7 @@ DEFAULT_GPU_VARIANTS = (
     "sdpa-bf16-cudagraphs-bf16res-pointwise,"
     "sdpa-bf16-cudagraphs-bf16res-sac-b256,sdpa-bf16-compile-bf16res-b256,sdpa-bf16-compile-bf16res-pointwise-b256,"
     "sdpa-bf16-compile-bf16res-aggressive-b256,sdpa-bf16-blocks-varlen,sdpa-bf16-blocks-bucket,"
+    "sdpa-bf16-cudagraphs-bf16res-bucket,"
     "sdpa-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer-b256"
 )
 FRAMES, TEXT_LEN = 282, 32
