@@ -8,15 +8,16 @@ the cold start is a few blocks' worth, and everything between blocks stays eager
 
 ``mode`` is ``torch.compile``'s: ``"default"``, ``"reduce-overhead"`` (CUDA graphs: one launch per
 graph replay instead of one per kernel), ``"max-autotune-no-cudagraphs"`` (matmul and kernel
-configurations benchmarked at compile time: minutes of warm-up) or ``"max-autotune"`` (both).  Compiling is in place
-(``nn.Module.compile``), so parameter names, ``state_dict`` and checkpoints are unchanged.
+configurations benchmarked at compile time: minutes of warm-up) or ``"max-autotune"`` (both).
+Compiling is in place (``nn.Module.compile``), so parameter names, ``state_dict`` and checkpoints
+are unchanged.
 
 ``recompute`` sets how much the compiler recomputes in the backward pass instead of keeping it from
 the forward pass (its partitioner's choice, never a matmul, attention or reduction):
 
 * ``"default"``: PyTorch's speed-first choice.  It keeps every elementwise result that a backward
   matmul reads: each norm's output and each GEGLU's a·GELU(g) product, beside the matmul outputs
-  they come from.  CLARA medium under bf16 autocast keeps about 135 MiB per sample.
+  they come from.  CLARA medium (bf16 autocast and latent stream) keeps about 135 MiB per sample.
 * ``"pointwise"``: such results are recomputed from what is kept anyway (a norm's input and
   statistics, the GEGLU's a and g), by one elementwise kernel in the backward pass; about 100 MiB
   per sample.  No block is run again: not activation checkpointing.
