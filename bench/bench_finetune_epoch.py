@@ -17,7 +17,9 @@ with ``data.bucket_by_length``); without it batches are plainly shuffled, so a b
 varies from step to step. With a frames multiple above 1 the token ids are padded to a multiple of 8
 as well. The ``shapes`` column counts the distinct (frames, tokens) batch shapes the epoch trained
 on, read off the batches themselves: each new one can mean new GPU kernel plans or a torch.compile
-recompilation.
+recompilation. ``loader alone ms`` is the same loader iterated over an epoch with no model: how
+fast the CPU side can deliver batches at all (milliseconds per batch with that many workers). A
+step that takes longer than that never has to wait once the prefetch queue is full.
 
     python bench/bench_finetune_epoch.py                               # CPU: tiny CLARA, 512 clips
     python bench/bench_finetune_epoch.py --device cuda --config medium # the 10,000-clip GPU check
@@ -36,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workloads import meld_like_frames  # noqa: E402
 from clara.compilation import SCOPES  # noqa: E402
-from clara.engine import TrainConfig, Trainer  # noqa: E402
+from clara.engine import ResumableBatchSampler, TrainConfig, Trainer  # noqa: E402
 from meld.dataset import MeldDataset  # noqa: E402
 from meld.feature_cache import OK, AudioSettings, ClipRecord, SplitStore, write_store  # noqa: E402
 from meld.finetune import build_classifier  # noqa: E402
@@ -154,6 +157,21 @@ def run(setting: Setting, args, dataset: MeldDataset, device: str, out_dir: Path
             "shapes": len(task.shapes)}  # fmt: skip
 
 
+def loader_alone_ms(setting: Setting, args, dataset: MeldDataset, device: str) -> float:
+    """Milliseconds per batch of the setting's loader with nothing else running: the same sampler,
+    collate, workers and pinning as the engine's, iterated over one epoch with no model, so the
+    rate at which the CPU side can feed batches at all (worker start-up excluded)."""
+    sampler = ResumableBatchSampler(len(dataset), args.batch, seed=0, lengths=dataset.lengths if setting.bucket else None)
+    collate = Collate(frames_multiple=setting.frames_multiple, tokens_multiple=setting.tokens_multiple)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=setting.workers,
+                        pin_memory=device.startswith("cuda"))  # fmt: skip
+    batches = iter(loader)
+    next(batches)
+    started = time.perf_counter()
+    count = sum(1 for _ in batches)
+    return (time.perf_counter() - started) / max(count, 1) * 1e3
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,13 +199,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"device: {name} | CLARA {args.config}, audio + text, full fine-tuning, batch {args.batch} | "
               f"{len(dataset)} clips, median {np.median(frames) / 93.75:.2f} s, store {path.stat().st_size / 2**20:.0f} MiB, "
               f"written in {time.perf_counter() - started:.1f} s", flush=True)
-        rows = [run(setting, args, dataset, args.device, tmp) for setting in settings]
-    header = (f"{'setting':<16} {'steps':>6} {'epoch s':>8} {'step ms':>8} {'loader wait ms':>15} {'wait share':>10} "
-              f"{'samples/s':>10} {'shapes':>6}")
+        rows = [{**run(setting, args, dataset, args.device, tmp), "alone_ms": loader_alone_ms(setting, args, dataset, args.device)}
+                for setting in settings]  # fmt: skip
+    header = (f"{'setting':<18} {'steps':>6} {'epoch s':>8} {'step ms':>8} {'loader wait ms':>15} {'wait share':>10} "
+              f"{'samples/s':>10} {'shapes':>6} {'loader alone ms':>16}")
     print(f"\n{header}\n{'-' * len(header)}")
     for r in rows:
-        print(f"{r['setting']:<16} {r['steps']:>6} {r['epoch_s']:>8.1f} {r['step_ms']:>8.1f} {r['wait_ms']:>15.2f} "
-              f"{r['wait_share']:>10.1%} {r['samples_s']:>10.1f} {r['shapes']:>6}")
+        print(f"{r['setting']:<18} {r['steps']:>6} {r['epoch_s']:>8.1f} {r['step_ms']:>8.1f} {r['wait_ms']:>15.2f} "
+              f"{r['wait_share']:>10.1%} {r['samples_s']:>10.1f} {r['shapes']:>6} {r['alone_ms']:>16.2f}")
     print(f"device: {name}")
 
 

@@ -61,6 +61,7 @@ def test_finetune_epoch_benchmark_reports_loader_wait_and_shapes(capsys):
     for row in rows.values():
         steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
         assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
+        assert float(row[8]) > 0  # ms per batch of the loader alone
     # Shuffled batches: most of the 6 have their own longest clip; rounded up to 64 frames, fewer shapes.
     assert 1 <= int(rows["0/off/64"][7]) <= int(rows["0/off"][7]) <= 6
 
