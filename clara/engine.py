@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.compilation import Mode, Recompute, Scope, compile_model
+from clara.precision import Precision, autocast_for, resolve_precision
 from clara.io_utils import atomic_path
 from clara.optim import WarmupCosineRestarts, adamw, param_groups
 
@@ -65,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     decay_1d: bool = False  # also decay biases, norms and temperatures (the reference did)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on GPU only; CPU runs fp32
+    precision: Precision = "auto"  # autocast on GPU only (clara.precision); CPU trains in fp32
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the start (if eval_at_start) and at the end
@@ -288,15 +289,10 @@ class Trainer:
             if requested in ("bf16", "fp16"):
                 self._print(f"precision={requested} applies to GPUs; training in fp32 on {self.device}")
             return "fp32"
-        if requested == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return requested
+        return resolve_precision(requested, self.device)
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_for(self.device, self.precision)
 
     def _print(self, message: str) -> None:
         if self.env.is_main:

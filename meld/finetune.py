@@ -40,6 +40,7 @@ from clara.engine import Trainer, seed_everything
 from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
+from clara.precision import resolve_precision
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -181,12 +182,13 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     eval_batch = config.data.batch_size
     if config.strategy.name == "linear_probe":
         classifier.to(env.device).eval()
-        fingerprint = {**data.fingerprint(config), "inputs": classifier.inputs}
+        precision = resolve_precision(config.train.precision, env.device)  # the embeddings' autocast, as training's
+        fingerprint = {**data.fingerprint(config), "inputs": classifier.inputs, "precision": precision}
         path = path_for(data.cache_root, cache_key(classifier.encoders(), fingerprint))
 
         def encode() -> dict:
             return {split: forward_all(classifier, view, data.collate, config.strategy.embed_batch_size, env.device,
-                                       head=False)["embeddings"] for split, view in data.views.items()}
+                                       head=False, precision=precision)["embeddings"] for split, view in data.views.items()}
 
         started = time.perf_counter()
         embeddings, cached = load_or_encode(path, encode)
@@ -230,7 +232,8 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
         raise
     model.load_state_dict(load_file(str(out_dir / BEST_WEIGHTS)))
     model.eval()
-    outputs = {split: forward_all(model, views[split], collate_fn or default_collate, eval_batch, trainer.device)
+    outputs = {split: forward_all(model, views[split], collate_fn or default_collate, eval_batch, trainer.device,
+                                  precision=trainer.precision)
                for split in ("dev", "test")}
     gold = {split: labels_of(views[split], config.target) for split in outputs}
     doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)

@@ -71,7 +71,7 @@ class ClassificationTask:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         trainer = self.trainer
-        out = forward_all(model, self.dev, self.collate_fn, self.batch_size, trainer.device)
+        out = forward_all(model, self.dev, self.collate_fn, self.batch_size, trainer.device, precision=trainer.precision)
         pred = out["logits"].argmax(-1)
         metrics = classification_metrics(self.dev_labels.tolist(), pred.tolist(), self.class_names)
         epoch = trainer.step // trainer.steps_per_epoch

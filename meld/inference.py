@@ -11,16 +11,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clara.engine import move_to
+from clara.precision import autocast_for
 from meld.finetune_data import ordered_batches
 
 
 @torch.no_grad()
 def forward_all(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, batch_size: int,
-                device: torch.device, *, head: bool = True) -> dict:
+                device: torch.device, *, head: bool = True, precision: str = "fp32") -> dict:  # fmt: skip
     """``{"embeddings": {input: [N, D]}}`` and, with ``head``, ``"fused"`` [N, F] and ``"logits"`` [N, C].
 
     ``model`` has ``embed(batch)`` and, with ``head``, a ``head`` (``meld.fusion.FusionHead``); the
-    caller puts it in eval mode. Tensors come back float32 on the CPU.
+    caller puts it in eval mode. The encoders and head run under ``precision``'s autocast (a
+    resolved clara.precision value: the training run's). Tensors come back float32 on the CPU.
     """
     lengths = getattr(dataset, "lengths", None) or [0] * len(dataset)
     batches = ordered_batches(lengths, batch_size)
@@ -28,11 +30,12 @@ def forward_all(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
     parts: dict[str, list[torch.Tensor]] = {}
     order: list[int] = []
     for indices, batch in zip(batches, loader):
-        embeddings = model.embed(move_to(batch, device))
-        outputs = {f"embeddings/{name}": value for name, value in embeddings.items()}
-        if head:
-            outputs["fused"] = model.head.fuse(embeddings)
-            outputs["logits"] = model.head.classifier(outputs["fused"])
+        with autocast_for(device, precision):
+            embeddings = model.embed(move_to(batch, device))
+            outputs = {f"embeddings/{name}": value for name, value in embeddings.items()}
+            if head:
+                outputs["fused"] = model.head.fuse(embeddings)
+                outputs["logits"] = model.head.classifier(outputs["fused"])
         for name, value in outputs.items():
             parts.setdefault(name, []).append(value.float().cpu())
         order += indices

@@ -32,6 +32,7 @@ from clara import distributed
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.config import ConfigError
 from clara.model import Clara
+from clara.precision import PRECISIONS, autocast_for, resolve_precision
 from clara.pretrain_data import DataError
 from clara.retrieval import chance_levels, retrieval_metrics
 from clara.tokenizer import Tokenizer
@@ -124,12 +125,14 @@ def score(
     return results, probabilities
 
 
-def retrieval(model: Clara, tokenizer: Tokenizer, audio: SplitAudio) -> dict[str, dict[str, float]]:
-    """R@1/5/10 audio<->text on one split with its captions; repeated captions are embedded once."""
+def retrieval(model: Clara, tokenizer: Tokenizer, audio: SplitAudio, precision: str = "fp32") -> dict[str, dict[str, float]]:
+    """R@1/5/10 audio<->text on one split with its captions; repeated captions are embedded once (the
+    text encoder under ``precision``'s autocast, the ranking in fp32)."""
     unique = sorted(set(audio.captions))
     position = {caption: i for i, caption in enumerate(unique)}
     text_of_audio = torch.tensor([position[c] for c in audio.captions], device=audio.embeds.device)
-    texts = encode_texts(model, tokenizer, unique)
+    with autocast_for(audio.embeds.device, precision):
+        texts = encode_texts(model, tokenizer, unique)
     return {"recall": retrieval_metrics(audio.embeds, texts, text_of_audio),
             "chance": chance_levels(text_of_audio.cpu(), len(unique)),
             "clips": len(audio.keys), "captions": len(unique)}
@@ -165,23 +168,28 @@ def load_split(dataset: MeldDataset, embeds: torch.Tensor, prompts: PromptSet, c
 
 
 def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, datasets: dict[str, MeldDataset],
-                      root: Path, data: DataConfig, batch_size: int) -> tuple[dict, list[torch.Tensor], bool]:
+                      root: Path, data: DataConfig, batch_size: int,
+                      precision: str = "fp32") -> tuple[dict, list[torch.Tensor], bool]:  # fmt: skip
     """Audio embeddings per split and prompt embeddings per class, computed once per (weights, inputs).
 
     Reuses the linear probe's embedding cache: the key hashes the model's weights, the audio settings,
-    every prompt text and every utterance key, so any change recomputes. Returns (audio {split: [N, D]},
+    every prompt text and every utterance key, so any change recomputes. The encoders run under
+    ``precision``'s autocast (clara.precision; also part of the key). Returns (audio {split: [N, D]},
     prompts [T, S_c, D] per class, whether it came from the cache).
     """
     fingerprint = {
         "kind": "zeroshot/1", "data": str(root), "audio": config_lib.to_dict(data.audio),
         "prompts": {label: prompts.texts(label) for label in prompts.labels},
         "splits": {split: [utt.key for utt in ds.utterances] for split, ds in datasets.items()},
+        "precision": precision,
     }
     path = path_for(default_cache_root(root), cache_key(model, fingerprint))
 
     def encode() -> dict[str, dict[str, torch.Tensor]]:
-        audio = {split: encode_split(model, ds, batch_size).cpu() for split, ds in datasets.items()}
-        per_class = encode_prompts(model, tokenizer, prompts)
+        device = next(model.parameters()).device
+        with autocast_for(device, precision):
+            audio = {split: encode_split(model, ds, batch_size).cpu() for split, ds in datasets.items()}
+            per_class = encode_prompts(model, tokenizer, prompts)
         return {"audio": audio, "prompts": {label: e.cpu() for label, e in zip(prompts.labels, per_class)}}
 
     stored, hit = load_or_encode(path, encode)
@@ -205,7 +213,9 @@ def run(args: argparse.Namespace) -> dict:
     data = DataConfig(modality="audio")
     datasets = build_datasets(root, data, splits=("train", *eval_splits))
 
-    audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size)
+    precision = resolve_precision(args.precision, device)
+    audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size,
+                                                  precision)  # fmt: skip
     if hit:
         print("audio and prompt embeddings: reused from the cache")
     # Train audio is used unlabelled, for the prior; its labels are never read.
@@ -213,12 +223,14 @@ def run(args: argparse.Namespace) -> dict:
     splits = {split: load_split(datasets[split], audio[split], prompts, captions) for split in eval_splits}
     weights = classifiers(prompts, prompt_embeds)
     scale = model.audio_log_scale.exp().detach().float()
-    results, probabilities = score(splits, unlabelled, content_free_embeds(model, data), weights, scale, prompts.labels)
-    recall = {split: retrieval(model, tokenizer, audio) for split, audio in splits.items()}
+    with autocast_for(device, precision):
+        content_free = content_free_embeds(model, data)
+    results, probabilities = score(splits, unlabelled, content_free, weights, scale, prompts.labels)
+    recall = {split: retrieval(model, tokenizer, audio, precision) for split, audio in splits.items()}
     run_info = {
         "data": str(root), "checkpoint": str(checkpoint), "prompts": str(args.prompts or DEFAULT_PROMPTS),
         "captions": str(args.captions or DEFAULT_CAPTIONS), "target": prompts.target,
-        "calibration": args.calibration, "device": str(device), "audio_scale": float(scale),
+        "calibration": args.calibration, "device": str(device), "precision": precision, "audio_scale": float(scale),
         "train_clips_unlabelled": len(datasets["train"]), "seconds": round(time.perf_counter() - started, 1),
     }
     return write_outputs(Path(args.out), prompts, captions, splits, results, probabilities, recall, run_info)
@@ -237,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder (default runs/zeroshot-<timestamp>)")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per inference batch")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the encoders' autocast on a GPU (auto: bf16, or fp16 where bf16 is missing); "
+                        "a CPU always runs fp32")
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1:
