@@ -38,8 +38,8 @@ from torch import nn
 
 Scope = Literal["off", "model", "blocks"]
 Mode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
-SCOPES: tuple[str, ...] = get_args(Scope)
 Recompute = Literal["default", "pointwise", "aggressive"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 MODES: tuple[str, ...] = get_args(Mode)
 RECOMPUTES: tuple[str, ...] = get_args(Recompute)
 

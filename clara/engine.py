@@ -44,9 +44,9 @@ from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.compilation import Mode, Recompute, Scope, compile_model
-from clara.precision import Precision, autocast_for, resolve_precision
 from clara.io_utils import atomic_path
 from clara.optim import WarmupCosineRestarts, adamw, param_groups
+from clara.precision import Precision, autocast_for, resolve_precision
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -285,10 +285,8 @@ class Trainer:
 
     def _resolve_precision(self) -> str:
         requested = self.config.precision
-        if self.device.type != "cuda":
-            if requested in ("bf16", "fp16"):
-                self._print(f"precision={requested} applies to GPUs; training in fp32 on {self.device}")
-            return "fp32"
+        if self.device.type != "cuda" and requested in ("bf16", "fp16"):
+            self._print(f"precision={requested} applies to GPUs; training in fp32 on {self.device}")
         return resolve_precision(requested, self.device)
 
     def _autocast(self):

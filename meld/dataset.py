@@ -151,12 +151,17 @@ class MeldDataset(Dataset):
         }
 
 
+def round_up(length: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``length``."""
+    return -(-length // multiple) * multiple
+
+
 def _pad(sequences: Sequence[torch.Tensor], dims: tuple[int, ...], *,
          multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad along the last dim with zeros: ([B, *dims, W], lengths [B]), W the longest length
     rounded up to a multiple of ``multiple``."""
     lengths = torch.tensor([seq.shape[-1] for seq in sequences], dtype=torch.long)
-    width = -(-int(lengths.max()) // multiple) * multiple
+    width = round_up(int(lengths.max()), multiple)
     out = torch.zeros(len(sequences), *dims, width, dtype=sequences[0].dtype)
     for row, seq in zip(out, sequences):
         row[..., : seq.shape[-1]] = seq

@@ -44,7 +44,7 @@ from clara.precision import resolve_precision
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
-from meld.dataset import MeldDataset, build_datasets
+from meld.dataset import MeldDataset, build_datasets, round_up
 from meld.demo import ensure_demo
 from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
@@ -93,7 +93,7 @@ class _Data:
                 raise config_lib.ConfigError(
                     f"data.max_tokens ({data.max_tokens}) exceeds the CLARA text tower's {positions} "
                     f"positions; set data.max_tokens={positions}")
-            widest = -(-data.max_tokens // multiple) * multiple  # a batch's token width at most
+            widest = round_up(data.max_tokens, multiple)  # a batch's token width at most
             if widest > positions:
                 raise config_lib.ConfigError(
                     f"data.max_tokens ({data.max_tokens}) padded up to a multiple of data.tokens_multiple ({multiple}) "
