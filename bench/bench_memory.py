@@ -64,8 +64,9 @@ def kept_for_backward(run: Callable[[], object], exclude: Iterable[torch.Tensor]
     return sum(kept.values()), by_shape
 
 
-def saved_bytes(variant: Variant, config: str, batch: int) -> tuple[int, Counter]:
-    """``kept_for_backward`` of one training forward (and loss) of ``variant`` on ``batch`` samples."""
+def saved_bytes(variant: Variant, config: str, batch: int) -> tuple[int, Counter, int]:
+    """``kept_for_backward`` of one training forward (and loss) of ``variant`` on ``batch`` samples,
+    and the model's parameter count."""
     torch._dynamo.reset()
     model, _ = build(variant, config, torch.device("cpu"), backend=PARTITION_BACKEND)
     mel, tokens, mel_lengths, token_lengths = make_batches(batch, "fixed", torch.device("cpu"), count=1)[0]
@@ -75,15 +76,14 @@ def saved_bytes(variant: Variant, config: str, batch: int) -> tuple[int, Counter
             out = model(mel, tokens, mel_lengths, token_lengths)
             ContrastiveLoss()(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale)
 
-    return kept_for_backward(forward, model.parameters())
+    total, by_shape = kept_for_backward(forward, model.parameters())
+    return total, by_shape, sum(p.numel() for p in model.parameters())
 
 
 def measure(variant: Variant, config: str, batch: int) -> dict:
     started = time.perf_counter()
-    small, _ = saved_bytes(variant, config, batch)
-    large, by_shape = saved_bytes(variant, config, 2 * batch)
-    model, _ = build(Variant("probe", "eager", "fp32"), config, torch.device("cpu"))
-    parameters = sum(p.numel() for p in model.parameters())
+    small, _, _ = saved_bytes(variant, config, batch)
+    large, by_shape, parameters = saved_bytes(variant, config, 2 * batch)
     per_sample = (large - small) / batch
     return {"name": variant.name, "per_sample": per_sample, "fixed": small - batch * per_sample,
             "states": 16 * parameters, "by_shape": by_shape, "batch": 2 * batch,
