@@ -2,9 +2,17 @@
 
 ``attention(q, k, v, key_mask=..., backend=...)`` computes softmax(q·kᵀ/√d)·v per head.  The
 ``eager`` backend is the plain reference math (it materialises the score matrix); ``sdpa`` calls
-PyTorch's fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); and
+PyTorch's fused ``scaled_dot_product_attention`` restricted to its flash, memory-efficient and math
+kernels; ``sdpa_cudnn`` calls it with PyTorch's own kernel choice, cuDNN's included; and
 ``flash_attn`` calls the flash-attn package, using its variable-length kernel when keys are padded.
 The fast backends are tested against ``eager``.
+
+Why ``sdpa`` leaves cuDNN out: on H100/H200 (sm90, cuDNN 9.15 or later) PyTorch 2.11 tries cuDNN's
+attention first, and cuDNN builds an execution plan for every new combination of batch size and
+sequence lengths (hundreds of milliseconds each for the forward and the backward, cached only for
+that exact shape).  Real batches here change shape all the time (clip lengths, caption lengths, the
+last batch), so every new shape would stall the step.  ``sdpa_cudnn`` is for fixed shapes, where the
+plans are built once (the fixed-shape benchmark).
 """
 
 from __future__ import annotations
@@ -14,9 +22,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Backend = Literal["eager", "sdpa", "flash_attn"]
-BACKENDS: tuple[str, ...] = ("eager", "sdpa", "flash_attn")
+Backend = Literal["eager", "sdpa", "sdpa_cudnn", "flash_attn"]
+BACKENDS: tuple[str, ...] = ("eager", "sdpa", "sdpa_cudnn", "flash_attn")
+# ``sdpa``'s kernels: everything but cuDNN (CPU runs its flash kernel or the math one).
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def flash_attn_available() -> bool:
@@ -32,10 +43,23 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     return torch.matmul(probs, v)  # [B, H, Lq, D]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+def _sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
     # A boolean mask broadcast over heads and queries: [B, 1, 1, Lk], True = attend.
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def without_cudnn_attention():
+    """A context in which PyTorch's ``scaled_dot_product_attention`` uses its flash, memory-efficient
+    or math kernels, never cuDNN's (see the module docstring).  For code that calls SDPA itself on
+    batches of changing shapes (a transformers text encoder); torch.compile traces it away, and in
+    eager mode it costs about 13 us per use on CPU."""
+    return sdpa_kernel(_NO_CUDNN)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    with without_cudnn_attention():
+        return _sdpa_cudnn(q, k, v, key_mask, dropout_p)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
@@ -67,7 +91,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     return out.transpose(1, 2).to(dtype)
 
 
-_KERNELS = {"eager": _eager, "sdpa": _sdpa, "flash_attn": _flash}
+_KERNELS = {"eager": _eager, "sdpa": _sdpa, "sdpa_cudnn": _sdpa_cudnn, "flash_attn": _flash}
 
 
 def attention(

@@ -45,7 +45,7 @@ class Clara(nn.Module):
         self.text_log_scale = nn.Parameter(torch.tensor(start))
 
     def set_attention(self, backend: str) -> None:
-        """Switch every attention module to ``backend`` (``eager``, ``sdpa`` or ``flash_attn``)."""
+        """Switch every attention module to ``backend`` (one of clara.attention.BACKENDS)."""
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         for module in self.modules():

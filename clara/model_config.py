@@ -16,7 +16,7 @@ CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 PRESET_DIR = CONFIG_ROOT / "model"
 PRESETS = ("tiny", "small", "medium", "large")
 
-Attention = Literal["eager", "sdpa", "flash_attn"]
+Attention = Literal["eager", "sdpa", "sdpa_cudnn", "flash_attn"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class ClaraConfig:
     text: TextConfig = field(default_factory=TextConfig)
     output_dim: int = 512
     mask_padding: bool = True  # False reproduces the reference exactly (padding is attended and pooled)
+    # The attention kernels (clara.attention): "sdpa" leaves out cuDNN's, which plan per new shape;
+    # "sdpa_cudnn" lets PyTorch pick them (first on H100/H200), for fixed-shape batches.
     attention: Attention = "sdpa"
     # Training only: recompute each transformer/latent block in the backward pass instead of keeping
     # its activations (less memory for big batches, about a third more compute).

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clara.attention import without_cudnn_attention
 from clara.checkpoint import CheckpointError
 
 
@@ -53,6 +54,8 @@ class HFTextEncoder(nn.Module):
         return cls(transformers.AutoModel.from_config(config))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
+        # Utterances pad to a new length in almost every batch; cuDNN's attention would plan anew for each.
+        with without_cudnn_attention():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
         weights = mask.to(hidden.dtype)[..., None]  # [B, L, 1]
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, H]

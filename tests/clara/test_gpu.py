@@ -15,7 +15,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn", "flash_attn"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_attention_matches_eager_on_cuda(backend, dtype, tolerance, masked):

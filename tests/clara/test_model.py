@@ -165,10 +165,53 @@ def test_sdpa_matches_eager_attention(with_mask):
     q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 13, 16), torch.randn(3, 4, 13, 16)
     mask = torch.arange(13)[None] < torch.tensor([13, 5, 1])[:, None] if with_mask else None
     eager = attention(q, k, v, key_mask=mask, backend="eager")
-    fused = attention(q, k, v, key_mask=mask, backend="sdpa")
-    assert (eager - fused).abs().max() <= 1e-5
+    for backend in ("sdpa", "sdpa_cudnn"):
+        assert (attention(q, k, v, key_mask=mask, backend=backend) - eager).abs().max() <= 1e-5
     # flash_attn without a GPU falls back to sdpa rather than failing.
     assert (attention(q, k, v, key_mask=mask, backend="flash_attn") - eager).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend, cudnn", [("sdpa", False), ("sdpa_cudnn", True)])
+def test_sdpa_leaves_cudnn_out_and_sdpa_cudnn_does_not(monkeypatch, backend, cudnn):
+    # cuDNN's attention builds a plan per new shape, so `sdpa` must call PyTorch's kernel with it
+    # disabled (and the rest enabled); `sdpa_cudnn` leaves PyTorch's choice alone.
+    seen = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    q = torch.randn(2, 2, 3, 8)
+    attention(q, q, q, key_mask=torch.ones(2, 3, dtype=torch.bool), backend=backend)
+    assert seen == [(cudnn, True, True, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the call
+
+
+def test_default_model_never_offers_cudnn_attention(monkeypatch):
+    # Every attention of both towers (cross, latent and text self-attention) goes through `sdpa`.
+    seen = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    config = load_model_config("tiny")
+    model = Clara(config).train()
+    out = model(torch.randn(2, 80, 50), torch.randint(1, 1000, (2, 7)), torch.tensor([50, 20]), torch.tensor([7, 3]))
+    (out.audio_embeds.sum() + out.text_embeds.sum()).backward()
+    assert len(seen) == 1 + config.audio.layers + config.text.layers and not any(seen)
+
+
+def test_sdpa_kernel_choice_compiles_without_graph_breaks():
+    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.arange(5)[None] < torch.tensor([5, 2])[:, None]
+    step = torch.compile(lambda q, k, m: attention(q, k, k, key_mask=m, backend="sdpa"), fullgraph=True, backend="aot_eager")
+    assert (step(q, k, mask) - attention(q, k, k, key_mask=mask, backend="eager")).abs().max() <= 1e-5
 
 
 def test_masked_attention_ignores_padded_keys():
