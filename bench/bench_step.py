@@ -6,8 +6,9 @@ Synthetic inputs made on the device before timing, warm-up steps (their time, co
 is the "warm-up s" column), then the mean over timed steps, synchronised.  FLOPs per sample are
 counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager training step.
 
-Each variant is a ``-``-joined name: an attention backend (``eager``, ``sdpa``, ``flash_attn``), a
-precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', ``bf16`` = bf16
+Each variant is a ``-``-joined name: an attention backend (``eager``, ``sdpa``, ``sdpa_cudnn``,
+``flash_attn``: ``clara.attention``; ``sdpa`` leaves cuDNN's kernels out, ``sdpa_cudnn`` lets PyTorch
+pick them, as it does first on H100/H200), a precision (``fp32`` = full fp32 matmuls, ``tf32`` = matmul precision 'medium', ``bf16`` = bf16
 autocast), then optional flags:
 
 * ``compile``: ``torch.compile`` of the whole model; ``blocks``: of each repeated block
@@ -15,8 +16,7 @@ autocast), then optional flags:
   ``autotune``: the whole model with max-autotune-no-cudagraphs; ``maxautotune``: with max-autotune
   (autotuning and CUDA graphs);
 * ``bf16res``: run the latents' residual stream in the autocast dtype (``audio.latent_stream``);
-* ``fa2``: restrict SDPA to FlashAttention-2 / memory-efficient kernels instead of letting PyTorch
-  pick cuDNN; ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
+* ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
   blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
   ``pointwise`` / ``aggressive``: the compiled backward recomputes elementwise results instead of
   keeping them (``clara.compilation``'s ``recompute``; with a compile flag);
@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from clara.attention import BACKENDS  # noqa: E402
 from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
 from clara.masking import length_mask  # noqa: E402
@@ -57,14 +58,18 @@ from clara.model_config import load_model_config  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
 
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
+# The GPU ladder.  Rows measured before the kit's ``sdpa`` left cuDNN out ran PyTorch's own choice,
+# so they continue as ``sdpa_cudnn`` rows; ``sdpa`` rows beside them show what the default costs.
 DEFAULT_GPU_VARIANTS = (
-    "eager-fp32,eager-bf16,sdpa-bf16,sdpa-bf16-bf16res,sdpa-bf16-compile,sdpa-bf16-compile-bf16res,"
-    "sdpa-bf16-cudagraphs,sdpa-bf16-cudagraphs-bf16res,sdpa-bf16-cudagraphs-bf16res-qkvsplit,"
-    "sdpa-bf16-cudagraphs-bf16res-pointwise,"
-    "sdpa-bf16-cudagraphs-bf16res-sac-b256,sdpa-bf16-compile-bf16res-b256,sdpa-bf16-compile-bf16res-pointwise-b256,"
-    "sdpa-bf16-compile-bf16res-aggressive-b256,sdpa-bf16-blocks-varlen,sdpa-bf16-blocks-bucket,"
-    "sdpa-bf16-cudagraphs-bf16res-bucket,"
-    "sdpa-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer-b256"
+    "eager-fp32,eager-bf16,sdpa_cudnn-bf16,sdpa-bf16,sdpa_cudnn-bf16-bf16res,sdpa_cudnn-bf16-compile,"
+    "sdpa_cudnn-bf16-compile-bf16res,sdpa_cudnn-bf16-cudagraphs,sdpa_cudnn-bf16-cudagraphs-bf16res,"
+    "sdpa-bf16-cudagraphs-bf16res,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,"
+    "sdpa_cudnn-bf16-cudagraphs-bf16res-pointwise,sdpa_cudnn-bf16-cudagraphs-bf16res-sac-b256,"
+    "sdpa_cudnn-bf16-compile-bf16res-b256,sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,"
+    "sdpa_cudnn-bf16-compile-bf16res-aggressive-b256,sdpa_cudnn-bf16-blocks-varlen,sdpa-bf16-blocks-varlen,"
+    "sdpa-bf16-blocks-bucket,sdpa-bf16-cudagraphs-bf16res-bucket,"
+    "sdpa_cudnn-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer,"
+    "sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256"
 )
 FRAMES, TEXT_LEN = 282, 32
 PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CUDA graphs) small
@@ -74,7 +79,7 @@ _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs"),
            "maxautotune": ("model", "max-autotune")}  # fmt: skip
 _RECOMPUTES = ("pointwise", "aggressive")
-_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "fa2", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer"}
+_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,6 @@ class Variant:
     lengths: str = "fixed"  # fixed, varlen or bucket
     infer: bool = False
     bf16res: bool = False
-    fa2: bool = False
     ckpt: bool = False
     sac: bool = False
     batch: int | None = None
@@ -102,7 +106,7 @@ class Variant:
         unknown = flags - _FLAGS - sizes
         compiled = [f for f in flags if f in _SCOPES]
         recompute = [f for f in flags if f in _RECOMPUTES]
-        if (len(parts) < 2 or parts[0] not in ("eager", "sdpa", "flash_attn") or parts[1] not in ("fp32", "tf32", "bf16")
+        if (len(parts) < 2 or parts[0] not in BACKENDS or parts[1] not in ("fp32", "tf32", "bf16")
                 or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags
                 or len(recompute) > 1 or (recompute and not compiled)):
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-FLAG...], flags from "
@@ -111,7 +115,7 @@ class Variant:
         scope, mode = _SCOPES[compiled[0]] if compiled else ("off", "default")
         lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
         batch = int(next(iter(sizes))[1:]) if sizes else None
-        return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags, "fa2" in flags,
+        return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags,
                    "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default",
                    "qkvsplit" in flags)  # fmt: skip
 
@@ -147,15 +151,10 @@ def make_batches(batch: int, lengths_kind: str, device: torch.device, count: int
 
 
 def numeric_context(variant: Variant, device: torch.device):
-    """The step's numeric context: bf16 autocast for bf16 variants, and the SDPA kernel choice."""
-    stack = contextlib.ExitStack()
+    """The step's numeric context: bf16 autocast for bf16 variants."""
     if variant.precision == "bf16":
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if variant.fa2:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]))
-    return stack
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build(variant: Variant, config_name: str, device: torch.device, backend: str = "inductor"):

@@ -15,7 +15,8 @@ def test_variant_names_parse_into_settings():
         "sdpa", "bf16", "model", "reduce-overhead", "bucket", True, 256)
     assert bench_step.Variant.parse("eager-fp32").scope == "off"
     assert bench_step.Variant.parse("sdpa-bf16-compile-pointwise").recompute == "pointwise"
-    for bad in ("sdpa-fp8", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast",
+    assert bench_step.Variant.parse("sdpa_cudnn-bf16-cudagraphs").attention == "sdpa_cudnn"
+    for bad in ("sdpa-fp8", "cudnn-bf16", "sdpa-bf16-fa2", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast",
                 "sdpa-bf16-pointwise", "sdpa-bf16-compile-pointwise-aggressive"):
         with pytest.raises(SystemExit):
             bench_step.Variant.parse(bad)
@@ -54,16 +55,19 @@ def test_step_benchmark_prints_its_table(capsys):
 
 def test_finetune_epoch_benchmark_reports_loader_wait_and_shapes(capsys):
     bench_finetune_epoch.main(["--clips", "96", "--batch", "16", "--log-every", "2", "--settings",
-                               "0/off,0/off/64,0/off/64/bucket"])  # fmt: skip
+                               "0/off,0/off/64,0/off/64/bucket/cudnn"])  # fmt: skip
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("0/off")}
-    assert set(rows) == {"0/off", "0/off/64", "0/off/64/bucket"}
+    assert set(rows) == {"0/off", "0/off/64", "0/off/64/bucket/cudnn"}
     for row in rows.values():
         steps, epoch_s, step_ms, wait_ms, share = int(row[1]), float(row[2]), float(row[3]), float(row[4]), row[5]
         assert steps == 6 and epoch_s > 0 and 0 <= wait_ms < step_ms and share.endswith("%")
-        assert float(row[8]) > 0  # ms per batch of the loader alone
+        samples_s, tflops = float(row[6]), float(row[7])
+        gflop = float(out.split(" GFLOP per training sample")[0].rsplit("| ", 1)[1])
+        assert tflops == pytest.approx(gflop * samples_s / 1e3, rel=0.02, abs=0.006)
+        assert float(row[9]) > 0  # ms per batch of the loader alone
     # Shuffled batches: most of the 6 have their own longest clip; rounded up to 64 frames, fewer shapes.
-    assert 1 <= int(rows["0/off/64"][7]) <= int(rows["0/off"][7]) <= 6
+    assert 1 <= int(rows["0/off/64"][8]) <= int(rows["0/off"][8]) <= 6
 
 
 def test_finetune_epoch_settings_parse():
@@ -72,7 +76,12 @@ def test_finetune_epoch_settings_parse():
     assert bench_finetune_epoch.Setting.parse("0/off").frames_multiple == 1
     assert bench_finetune_epoch.Setting.parse("0/off").tokens_multiple == 1
     assert bench_finetune_epoch.Setting.parse("0/off/1/bucket").bucket and not setting.bucket
-    for bad in ("4", "4/fast", "4/off/0", "4/off/x", "4/off/64/8", "-1/off", "4/off/bucket", "4/off/64/bucket/1"):
+    assert setting.attention == "sdpa"
+    cudnn = bench_finetune_epoch.Setting.parse("0/off/1/bucket/cudnn")
+    assert cudnn.bucket and cudnn.attention == "sdpa_cudnn"
+    assert not bench_finetune_epoch.Setting.parse("0/off/1/cudnn").bucket
+    for bad in ("4", "4/fast", "4/off/0", "4/off/x", "4/off/64/8", "-1/off", "4/off/bucket", "4/off/64/bucket/1",
+                "4/off/64/cudnn/bucket", "4/off/64/bucket/bucket"):
         with pytest.raises(SystemExit, match="expected WORKERS/COMPILE"):
             bench_finetune_epoch.Setting.parse(bad)
 
