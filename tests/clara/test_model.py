@@ -172,39 +172,23 @@ def test_sdpa_matches_eager_attention(with_mask):
 
 
 @pytest.mark.parametrize("backend, cudnn", [("sdpa", False), ("sdpa_cudnn", True)])
-def test_sdpa_leaves_cudnn_out_and_sdpa_cudnn_does_not(monkeypatch, backend, cudnn):
+def test_sdpa_leaves_cudnn_out_and_sdpa_cudnn_does_not(sdpa_calls, backend, cudnn):
     # cuDNN's attention builds a plan per new shape, so `sdpa` must call PyTorch's kernel with it
     # disabled (and the rest enabled); `sdpa_cudnn` leaves PyTorch's choice alone.
-    seen = []
-    fused = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     q = torch.randn(2, 2, 3, 8)
     attention(q, q, q, key_mask=torch.ones(2, 3, dtype=torch.bool), backend=backend)
-    assert seen == [(cudnn, True, True, True)]
+    assert sdpa_calls == [{"cudnn": cudnn, "flash": True, "efficient": True, "math": True}]
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the call
 
 
-def test_default_model_never_offers_cudnn_attention(monkeypatch):
+def test_default_model_never_offers_cudnn_attention(sdpa_calls):
     # Every attention of both towers (cross, latent and text self-attention) goes through `sdpa`.
-    seen = []
-    fused = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     config = load_model_config("tiny")
     model = Clara(config).train()
     out = model(torch.randn(2, 80, 50), torch.randint(1, 1000, (2, 7)), torch.tensor([50, 20]), torch.tensor([7, 3]))
     (out.audio_embeds.sum() + out.text_embeds.sum()).backward()
-    assert len(seen) == 1 + config.audio.layers + config.text.layers and not any(seen)
+    assert len(sdpa_calls) == 1 + config.audio.layers + config.text.layers
+    assert not any(call["cudnn"] for call in sdpa_calls)
 
 
 def test_sdpa_kernel_choice_compiles_without_graph_breaks():

@@ -162,22 +162,14 @@ def test_local_transformers_encoder_mean_pools_real_tokens(tmp_path):
     assert "hf_text.model.encoder.layer.0.attention.self.query.weight" not in trainable
 
 
-def test_local_transformers_encoder_keeps_cudnn_attention_out(tmp_path, monkeypatch):
+def test_local_transformers_encoder_keeps_cudnn_attention_out(tmp_path, sdpa_calls):
     # Its batches change length all the time, and cuDNN's attention plans anew for every shape.
     encoder = HFTextEncoder.from_folder(tiny_bert(tmp_path / "bert")).eval()
     if getattr(encoder.model.config, "_attn_implementation", "sdpa") != "sdpa":
         pytest.skip("this transformers version does not run BERT through SDPA")
-    seen = []
-    fused = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     ids = torch.tensor([[2, 5, 6, 8, 3], [2, 9, 3, 0, 0]])
     encoder(ids, (ids != 0).long())
-    assert seen == [False, False]  # one call per layer, none with cuDNN allowed
+    assert [call["cudnn"] for call in sdpa_calls] == [False, False]  # one call per layer, cuDNN never allowed
 
 
 def test_a_folder_that_is_not_a_model_is_one_clear_error(tmp_path):
