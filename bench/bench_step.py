@@ -31,8 +31,15 @@ for every row); on CPU a 1024³ matmul in the row's own precision (bf16 for bf16
 Variable-length rows count the FLOPs of the 3 s workload (the latent stack, most of the work, does
 not depend on the clip length), so their TFLOP/s is a lower bound.
 
+``--prewarm N`` first compiles every compiled variant once in N parallel processes (``--compile-only``:
+one untimed step per input shape), so the timed run, one variant at a time as always, finds inductor's
+on-disk caches warm: compilation is mostly CPU work, and a lent GPU's time is short.  The "warm-up s"
+column is then the warm-cache time.  A variant whose prewarm fails (out of memory next to the
+others, say) just compiles cold in the timed run.
+
     python bench/bench_step.py                                   # CPU, small batch, a few variants
     python bench/bench_step.py --device cuda                     # the GPU table
+    python bench/bench_step.py --device cuda --prewarm 4 --variants ...
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,8 +276,7 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     try:
         start = time.perf_counter()
-        # Every distinct input shape once (compilation, CUDA-graph recording), then the warm-up steps.
-        for inputs in batches[: len(batches) if variant.lengths != "fixed" else 1] + batches[: args.warmup]:
+        for inputs in priming_batches(variant, batches) + batches[: args.warmup]:
             step(*inputs)
         sync(device)
         warmup = time.perf_counter() - start
@@ -285,6 +293,44 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
     del model
     return {**row, "samples_s": samples, "tflops": samples * flops / 1e12, "gflop_sample": flops / 1e9,
             "peak_gib": peak, "warmup_s": warmup, "profile": profile}  # fmt: skip
+
+
+def priming_batches(variant: Variant, batches: list) -> list:
+    """Every distinct input shape once: what compilation and CUDA-graph recording need to see."""
+    return batches if variant.lengths != "fixed" else batches[:1]
+
+
+def compile_only(variant: Variant, args, device: torch.device) -> None:
+    """Build ``variant`` and run its priming steps, untimed: compiles it into inductor's on-disk caches."""
+    _, step = build(variant, args.config, device)
+    for inputs in priming_batches(variant, make_batches(variant.batch or args.batch, variant.lengths, device)):
+        step(*inputs)
+    sync(device)
+
+
+def run_parallel(commands: list[list[str]], jobs: int) -> list[tuple[int, str]]:
+    """Run ``commands``, at most ``jobs`` at a time; (index, last line of stderr) of each that failed."""
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = list(pool.map(run, commands))
+    return [(i, (p.stderr.strip().splitlines() or ["(no message)"])[-1]) for i, p in enumerate(done) if p.returncode]
+
+
+def prewarm(variants: list[Variant], args) -> None:
+    """Compile the compiled variants in ``args.prewarm`` parallel processes (see the module docstring)."""
+    compiled = [v for v in variants if v.scope != "off"]
+    if not compiled:
+        return
+    commands = [[sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--config", args.config,
+                 "--batch", str(args.batch), "--variants", v.name, "--compile-only"] for v in compiled]  # fmt: skip
+    start = time.perf_counter()
+    failed = run_parallel(commands, args.prewarm)
+    print(f"prewarm: {len(compiled)} compiled variants in {min(args.prewarm, len(compiled))} processes, "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    for index, message in failed:
+        print(f"prewarm of {compiled[index].name} failed, it compiles in the timed run: {message[:200]}", flush=True)
 
 
 def _has_flash() -> bool:
@@ -304,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
+    parser.add_argument("--prewarm", type=int, default=0, metavar="N",
+                        help="compile the compiled variants in N parallel processes before timing any")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -313,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     if not gpu:
         args.warmup = min(args.warmup, 1)
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
+    if args.compile_only:
+        for variant in variants:
+            compile_only(variant, args, device)
+        return
+    if args.prewarm > 0:
+        prewarm(variants, args)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     ceiling = ceilings(device)
     shown = f"{ceiling['bf16']:.1f}" if gpu else f"bf16 {ceiling['bf16']:.2f}, fp32 {ceiling['fp32']:.2f}"

@@ -133,3 +133,44 @@ def test_gpu_session_variants_all_parse():
                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     names = listed.split(",") + bench_step.DEFAULT_GPU_VARIANTS.split(",")
     assert len(names) > 10 and all(bench_step.Variant.parse(name).name == name for name in names)
+
+
+def test_run_parallel_keeps_to_its_job_count_and_reports_failures(tmp_path):
+    import sys
+
+    log = tmp_path / "log"
+    work = ("import sys, time; open(sys.argv[1], 'a').write(f'start {time.time()}\\n'); time.sleep(1.0); "
+            "open(sys.argv[1], 'a').write(f'end {time.time()}\\n')")
+    commands = [[sys.executable, "-c", work, str(log)] for _ in range(4)]
+    commands.insert(1, [sys.executable, "-c", "import sys; sys.exit('no such variant')"])
+    assert bench_step.run_parallel(commands, 2) == [(1, "no such variant")]
+    events = sorted((float(t), kind) for kind, t in (line.split() for line in log.read_text().splitlines()))
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert len(events) == 8 and peak == 2  # never more than 2 at once, and 2 did overlap
+
+
+def test_prewarm_compiles_just_the_compiled_variants(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench_step, "run_parallel", lambda commands, jobs: seen.extend(commands) or [(0, "out of memory")])
+    variants = [bench_step.Variant.parse(n) for n in ("sdpa-bf16", "sdpa-bf16-cudagraphs-b256", "sdpa-bf16-blocks-varlen")]
+    args = type("Args", (), {"prewarm": 4, "device": "cuda", "config": "medium", "batch": 64})()
+    bench_step.prewarm(variants, args)
+    assert [c[c.index("--variants") + 1] for c in seen] == ["sdpa-bf16-cudagraphs-b256", "sdpa-bf16-blocks-varlen"]
+    assert all("--compile-only" in c and c[c.index("--batch") + 1] == "64" for c in seen)
+    out = capsys.readouterr().out
+    assert "2 compiled variants in 2 processes" in out
+    assert "prewarm of sdpa-bf16-cudagraphs-b256 failed, it compiles in the timed run: out of memory" in out
+
+
+@pytest.mark.slow
+def test_prewarm_fills_the_compile_cache_the_timed_run_reads(monkeypatch, tmp_path, capsys):
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # the prewarm processes inherit it
+    bench_step.main(["--config", "tiny", "--variants", "sdpa-fp32-compile", "--steps", "1", "--prewarm", "1"])
+    out = capsys.readouterr().out
+    assert "prewarm: 1 compiled variants in 1 processes" in out and "failed" not in out
+    assert any(cache.rglob("*"))
+    assert float(next(l for l in out.splitlines() if l.startswith("sdpa-fp32-compile")).split()[2]) > 0
