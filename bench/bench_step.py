@@ -75,8 +75,9 @@ DEFAULT_GPU_VARIANTS = (
     "sdpa-bf16-cudagraphs-bf16res,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-pointwise,sdpa_cudnn-bf16-cudagraphs-bf16res-sac-b256,"
     "sdpa_cudnn-bf16-compile-bf16res-b256,sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,"
-    "sdpa_cudnn-bf16-compile-bf16res-aggressive-b256,sdpa_cudnn-bf16-blocks-varlen,sdpa-bf16-blocks-varlen,"
-    "sdpa-bf16-blocks-bucket,sdpa-bf16-cudagraphs-bf16res-bucket,"
+    "sdpa_cudnn-bf16-compile-bf16res-aggressive-b256,sdpa_cudnn-bf16-blocks-bf16res-varlen,"
+    "sdpa_cudnn-bf16-blocks-bf16res-bucket,sdpa-bf16-blocks-bf16res-varlen,sdpa-bf16-blocks-bf16res-bucket,"
+    "sdpa-bf16-cudagraphs-bf16res-bucket,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256"
 )

@@ -8,7 +8,8 @@
 set -uo pipefail
 NEXT_VARIANTS="sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,sdpa-bf16-cudagraphs-bf16res,\
 sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa-bf16-cudagraphs-bf16res-infer-b256,\
-sdpa_cudnn-bf16-cudagraphs-bf16res-pointwise,sdpa_cudnn-bf16-compile-bf16res-aggressive-b256"
+sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-pointwise,\
+sdpa_cudnn-bf16-compile-bf16res-aggressive-b256"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -2,8 +2,9 @@
 
 ``attention(q, k, v, key_mask=..., backend=...)`` computes softmax(q·kᵀ/√d)·v per head.  The
 ``eager`` backend is the plain reference math (it materialises the score matrix); ``sdpa`` calls
-PyTorch's fused ``scaled_dot_product_attention`` restricted to its flash, memory-efficient and math
-kernels; ``sdpa_cudnn`` calls it with PyTorch's own kernel choice, cuDNN's included; and
+PyTorch's fused ``scaled_dot_product_attention`` with cuDNN's kernels taken out of those enabled
+(flash, memory-efficient and math by default; a caller's ``sdpa_kernel`` choice is narrowed, never
+widened); ``sdpa_cudnn`` calls it with PyTorch's own kernel choice, cuDNN's included; and
 ``flash_attn`` calls the flash-attn package, using its variable-length kernel when keys are padded.
 The fast backends are tested against ``eager``.
 
@@ -26,8 +27,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Backend = Literal["eager", "sdpa", "sdpa_cudnn", "flash_attn"]
 BACKENDS: tuple[str, ...] = ("eager", "sdpa", "sdpa_cudnn", "flash_attn")
-# ``sdpa``'s kernels: everything but cuDNN (CPU runs its flash kernel or the math one).
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def flash_attn_available() -> bool:
@@ -49,12 +48,24 @@ def _sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+@torch.compiler.assume_constant_result
+def _enabled_without_cudnn() -> tuple[SDPBackend, ...]:
+    """The SDPA kernels enabled now (PyTorch's defaults, or what a caller's ``sdpa_kernel`` left on),
+    less cuDNN's; the math kernel if that leaves none.  Under torch.compile it is read once, when
+    the code is traced (dynamo cannot trace the flag reads themselves)."""
+    flags = torch.backends.cuda
+    enabled = ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+               (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+               (SDPBackend.MATH, flags.math_sdp_enabled()))  # fmt: skip
+    return tuple(kernel for kernel, on in enabled if on) or (SDPBackend.MATH,)
+
+
 def without_cudnn_attention():
-    """A context in which PyTorch's ``scaled_dot_product_attention`` uses its flash, memory-efficient
-    or math kernels, never cuDNN's (see the module docstring).  For code that calls SDPA itself on
-    batches of changing shapes (a transformers text encoder); torch.compile traces it away, and in
-    eager mode it costs about 13 us per use on CPU."""
-    return sdpa_kernel(_NO_CUDNN)
+    """A context in which PyTorch's ``scaled_dot_product_attention`` keeps the kernels it has enabled
+    but cuDNN's (see the module docstring).  For code that calls SDPA itself on batches of changing
+    shapes (a transformers text encoder); torch.compile traces it away, and in eager mode it costs
+    about 13 us per use on CPU."""
+    return sdpa_kernel(list(_enabled_without_cudnn()))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:

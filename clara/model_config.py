@@ -58,10 +58,11 @@ class AudioConfig:
     # How the latent blocks compute Q, K and V from their one fused weight [3·H·d, D]: "fused" as one
     # product whose output [B, N, 3, H, d] is viewed as three strided heads tensors; "split" as three
     # products over the weight's thirds, each [B, N, H·d] and so a dense transpose of [B, H, N, d].
-    # Same numbers and checkpoint.  Why split: attention kernels allocate gradients (and outputs)
-    # like their inputs, so dense heads tensors give dQ, dK, dV and the output in [B, N, H, d]
-    # memory, which the projections' matmuls read as they are, where the fused form's strided views
-    # make the backward stack and transpose dQ, dK, dV (0.9 ms of a 36.8 ms step on an H200).
+    # Same numbers and checkpoint.  Why split: cuDNN's attention (attention=sdpa_cudnn) allocates
+    # gradients (and outputs) like its inputs, so dense heads tensors give dQ, dK, dV and the output
+    # in [B, N, H, d] memory, which the projections' matmuls read as they are, where the fused form's
+    # strided views make the backward stack and transpose dQ, dK, dV (0.9 ms of a 36.8 ms step on an
+    # H200).  Its effect with the default sdpa kernels is not measured.
     latent_qkv: Literal["fused", "split"] = "fused"
 
 

@@ -65,8 +65,8 @@ def _assert_close_relative(got: list[torch.Tensor], want: list[torch.Tensor], to
 
 
 def test_split_qkv_and_pointwise_recompute_match_the_plain_block_on_cuda():
-    """audio.latent_qkv=split (cuDNN attention on dense heads tensors) and a block compiled with
-    recompute="pointwise" give the plain eager block's gradients to within bf16 rounding."""
+    """audio.latent_qkv=split (dense heads tensors, with either kernel family) and a block compiled
+    with recompute="pointwise" give the plain eager block's gradients to within bf16 rounding."""
     import copy
 
     from clara.compilation import compile_model, set_recompute
@@ -75,11 +75,12 @@ def test_split_qkv_and_pointwise_recompute_match_the_plain_block_on_cuda():
     config = load_model_config("small").audio
     torch.manual_seed(0)
     plain = LatentBlock(config, "sdpa").cuda()
-    split = copy.deepcopy(plain)
-    split.attn.split = True
     x = torch.randn(8, config.num_latents, config.latent_dim, device="cuda")
     want = _gradients(plain, x)
-    _assert_close_relative(_gradients(split, x), want, 2e-2)
+    for backend in ("sdpa", "sdpa_cudnn"):
+        split = copy.deepcopy(plain)
+        split.attn.split, split.attn.backend = True, backend
+        _assert_close_relative(_gradients(split, x), want, 2e-2)
     try:
         torch._dynamo.reset()
         compiled = compile_model(copy.deepcopy(plain), "model", recompute="pointwise")

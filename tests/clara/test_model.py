@@ -181,13 +181,28 @@ def test_sdpa_leaves_cudnn_out_and_sdpa_cudnn_does_not(sdpa_calls, backend, cudn
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the call
 
 
-def test_default_model_never_offers_cudnn_attention(sdpa_calls):
-    # Every attention of both towers (cross, latent and text self-attention) goes through `sdpa`.
-    config = load_model_config("tiny")
+def test_sdpa_narrows_a_callers_kernel_choice_rather_than_widening_it(sdpa_calls):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 2, 3, 8)
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]):  # e.g. the math kernel, for determinism
+        attention(q, q, q, backend="sdpa")
+        attention(q, q, q, backend="sdpa_cudnn")
+    assert sdpa_calls == [{"cudnn": False, "flash": False, "efficient": False, "math": True},
+                          {"cudnn": True, "flash": False, "efficient": False, "math": True}]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["", "activation_checkpointing=true", "selective_recompute=true"])
+def test_default_model_never_offers_cudnn_attention(sdpa_calls, option):
+    # Every attention of both towers (cross, latent and text self-attention) goes through `sdpa`,
+    # also when the backward pass recomputes blocks (then SDPA is called again).
+    config = load_model_config("tiny", [option] if option else [])
     model = Clara(config).train()
     out = model(torch.randn(2, 80, 50), torch.randint(1, 1000, (2, 7)), torch.tensor([50, 20]), torch.tensor([7, 3]))
+    forward_calls = len(sdpa_calls)
     (out.audio_embeds.sum() + out.text_embeds.sum()).backward()
-    assert len(sdpa_calls) == 1 + config.audio.layers + config.text.layers
+    assert forward_calls == 1 + config.audio.layers + config.text.layers
+    assert len(sdpa_calls) > forward_calls if option else len(sdpa_calls) == forward_calls
     assert not any(call["cudnn"] for call in sdpa_calls)
 
 
