@@ -33,6 +33,32 @@ def test_fused_attention_matches_eager_on_cuda(backend, dtype, tolerance, masked
     assert (fused - reference).abs().max().item() <= tolerance
 
 
+def _attention_ops(fn) -> list[str]:
+    """The aten attention ops ``fn()`` dispatches to (which kernel PyTorch picked)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        fn()
+    return [op for op in recorder.ops if "scaled_dot_product" in op]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_never_runs_cudnn_attention_on_cuda(masked):
+    q = torch.randn(4, 8, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = (torch.arange(64, device="cuda")[None] < torch.tensor([64, 17, 50, 1], device="cuda")[:, None]) if masked else None
+    ops = _attention_ops(lambda: attention(q, q, q, key_mask=mask, backend="sdpa").sum().backward())
+    assert ops and not any("cudnn" in op for op in ops), ops
+
+
 def test_masked_batching_on_cuda_bf16():
     torch.manual_seed(0)
     model = Clara(load_model_config("small")).cuda().eval()
