@@ -65,6 +65,7 @@ from clara.masking import length_mask  # noqa: E402
 from clara.model import Clara  # noqa: E402
 from clara.model_config import load_model_config  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
+from meld.dataset import round_up  # noqa: E402
 
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
 # The GPU ladder.  Rows measured before the kit's ``sdpa`` left cuDNN out ran PyTorch's own choice,
@@ -131,7 +132,7 @@ class Variant:
 
 
 def padded_frames(lengths: torch.Tensor) -> int:
-    return int(-(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return round_up(int(lengths.max()), PAD_MULTIPLE)
 
 
 def make_batches(batch: int, lengths_kind: str, device: torch.device, count: int = INPUT_SETS, seed: int = 0) -> list[list[torch.Tensor]]:

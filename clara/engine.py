@@ -137,6 +137,13 @@ def preserved_rng() -> Iterator[None]:
         set_rng_state(state)
 
 
+def sorted_in_pools(order: torch.Tensor, lengths: torch.Tensor, pool: int) -> torch.Tensor:
+    """``order`` [N] (sample indices) with each run of ``pool`` consecutive entries sorted by the
+    samples' ``lengths``; stable, so equal lengths keep their order.  Cut into batches whose size
+    divides ``pool``, every batch then holds samples of similar length (length bucketing)."""
+    return torch.cat([chunk[lengths[chunk].argsort(stable=True)] for chunk in order.split(max(pool, 1))])
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of indices for one process, resumable mid-epoch.
 
@@ -181,9 +188,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.num_samples, generator=generator)
         if self.lengths is None:
             return order[: self.batches_per_epoch * global_batch].view(-1, global_batch)
-        pool = global_batch * self.pool_batches
-        # Stable sorts: equal lengths keep their shuffled order.
-        sorted_order = torch.cat([chunk[self.lengths[chunk].argsort(stable=True)] for chunk in order.split(pool)])
+        sorted_order = sorted_in_pools(order, self.lengths, global_batch * self.pool_batches)
         batches = sorted_order[: self.num_samples // global_batch * global_batch].view(-1, global_batch)
         return batches[torch.randperm(len(batches), generator=generator)][: self.batches_per_epoch]
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clara.config import ConfigError
+from clara.engine import sorted_in_pools
 from clara.tokenizer import Tokenizer
 from meld.context import dialogue_context, format_with_context
 from meld.demo import ensure_demo
@@ -199,7 +200,7 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, pool_batches: int = 50) -> None:
-        self.lengths = np.asarray(lengths)
+        self.lengths = torch.as_tensor(np.asarray(lengths))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -210,19 +211,15 @@ class LengthBucketSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _pools(self, order: np.ndarray) -> list[np.ndarray]:
-        return [order[start : start + self.pool] for start in range(0, len(order), self.pool)]
-
     def __iter__(self) -> Iterator[list[int]]:
+        count = len(self.lengths)
         if self.shuffle:
             rng = np.random.default_rng((self.seed, self.epoch))
-            pools = self._pools(rng.permutation(len(self.lengths)))
+            order = sorted_in_pools(torch.from_numpy(rng.permutation(count)), self.lengths, self.pool)
         else:
-            pools = [np.arange(len(self.lengths))]
-        batches = []
-        for pool in pools:
-            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
-            batches += [pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+            order = sorted_in_pools(torch.arange(count), self.lengths, count)
+        # A pool is a whole number of batches, so no batch straddles two pools.
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)]
         if self.drop_last:
             batches = [batch for batch in batches if len(batch) == self.batch_size]
         if self.shuffle:
@@ -231,10 +228,8 @@ class LengthBucketSampler(Sampler[list[int]]):
         yield from batches
 
     def __len__(self) -> int:
-        everything = np.arange(len(self.lengths))
-        sizes = [len(pool) for pool in self._pools(everything)] if self.shuffle else [len(everything)]
-        round_up = not self.drop_last
-        return sum((size + (self.batch_size - 1) * round_up) // self.batch_size for size in sizes)
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + int(rest > 0 and not self.drop_last)
 
 
 def make_dataloader(dataset: MeldDataset, batch_size: int, *, shuffle: bool = False, bucket_by_length: bool = True,
