@@ -145,9 +145,9 @@ def _load_ours(directory: Path, overrides: Sequence[str]) -> Clara:
             raise CheckpointError(f"{directory}: not a meld-clara checkpoint (no {needed.name})")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
-        config = config_lib.from_dict(ClaraConfig, config_lib.apply_overrides(data, overrides), source=str(config_path))
+        config = config_lib.from_dict(ClaraConfig, config_lib.apply_overrides(data, overrides))
     except (json.JSONDecodeError, config_lib.ConfigError) as err:
-        raise CheckpointError(f"{config_path}: {err}") from None
+        raise CheckpointError(f"{config_path}{' + overrides' if overrides else ''}: {err}") from None
     model = Clara(config)
     try:
         tensors = load_file(str(weights_path))

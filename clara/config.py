@@ -100,7 +100,7 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"{where + ': ' if where else ''}unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
             f"known keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
@@ -115,8 +115,18 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "") -> T:
-    """Build the dataclass ``cls`` from a nested mapping; ``source`` names the origin in errors."""
-    return _from_mapping(cls, data or {}, source)
+    """Build the dataclass ``cls`` from a nested mapping; ``source`` names the origin in errors.
+
+    Errors read ``<source>: <dotted key>: <what was expected>``, e.g. ``run.yaml: train.lr: expected
+    a number, got 'fast'``; the source is kept apart from the key so a path's dots are not mistaken
+    for one.
+    """
+    try:
+        return _from_mapping(cls, data or {}, "")
+    except ConfigError as err:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -186,7 +196,14 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data, source=str(path) if path is not None else "config")
+    return from_dict(cls, data, source=_source(path, overrides))
+
+
+def _source(path: str | Path | None, overrides: Sequence[str]) -> str:
+    """What a config came from, for its errors: the file, the overrides, or both."""
+    if path is None:
+        return "overrides" if overrides else "config"
+    return f"{path} + overrides" if overrides else str(path)
 
 
 def replace(config: T, overrides: Sequence[str]) -> T:

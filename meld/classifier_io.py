@@ -67,7 +67,7 @@ def load_classifier(path: str | Path) -> tuple[MeldClassifier, dict, Any]:
         raise CheckpointError(f"{spec_path}: not valid JSON ({err})") from None
     if spec.get("format") != FORMAT:
         raise CheckpointError(f"{spec_path}: format {spec.get('format')!r}, expected {FORMAT!r}")
-    clara = Clara(config_lib.from_dict(ClaraConfig, spec["clara"], source=str(spec_path))) if spec["clara"] else None
+    clara = Clara(config_lib.from_dict(ClaraConfig, spec["clara"], source=f"{spec_path}: clara")) if spec["clara"] else None
     hf_text = hf_tokenizer = None
     if "hf_text" in spec["inputs"]:
         hf_text = HFTextEncoder.from_config_folder(folder / HF_DIR)

@@ -135,6 +135,18 @@ def test_wrong_kinds_of_file_are_named(tmp_path):
         load_checkpoint(tmp_path / "empty_dir")
 
 
+def test_a_bad_stored_config_or_override_names_the_file_once(tmp_path, model):
+    save_checkpoint(model, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "ckpt", overrides=["attention=fast"])
+    assert str(err.value).startswith(f"{config} + overrides: attention: 'fast' is not one of")
+    config.write_text(config.read_text().replace('"audio": {', '"audio": {"lyers": 2, ', 1))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "ckpt")
+    assert str(err.value).startswith(f"{config}: audio: unknown key(s) lyers for ")
+
+
 def test_tied_reference_layers_are_rejected(tmp_path):
     path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
     payload = torch.load(path, weights_only=True)

@@ -53,6 +53,21 @@ def test_bad_values_are_named(overrides, message):
         config_lib.load(Outer, None, overrides)
 
 
+def test_errors_keep_the_source_apart_from_the_key(tmp_path):
+    path = tmp_path / "run.v2.yaml"
+    path.write_text("inner:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, path)
+    assert str(err.value) == f"{path}: inner.lr: expected a number, got 'fast'"
+    path.write_text("nmae: x\n")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, path, ["limit=3"])
+    assert str(err.value).startswith(f"{path} + overrides: unknown key(s) nmae for Outer; known keys: inner, limit")
+    with pytest.raises(ConfigError) as err:
+        config_lib.replace(Outer(), ["inner.steps=1.5"])
+    assert str(err.value) == "overrides: inner.steps: expected an integer, got 1.5"
+
+
 def test_missing_and_malformed_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         config_lib.load(Outer, tmp_path / "nope.yaml")
