@@ -208,8 +208,9 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
         print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
         train_config = replace(train_config, warmup_steps=total_steps // 10)
     unimodal_weight = config.loss.unimodal_weight if unimodal_losses(config, classifier.inputs) else 0.0
+    dev_figures = config.outputs == "full" and config.tensorboard_extras
     task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
-                              eval_batch, out_dir, epoch_callback, dev_figures=config.outputs == "full",
+                              eval_batch, out_dir, epoch_callback, dev_figures=dev_figures,
                               unimodal_weight=unimodal_weight)
     groups = None
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:

@@ -90,10 +90,13 @@ class FinetuneConfig:
     target: Literal["emotion", "sentiment"] = "emotion"
     seeds: int = 1  # runs with seeds train.seed, train.seed + 1, ...; the report gives mean ± std
     prepare: bool = True  # for audio: bring the feature cache up to date first (a no-op when it is)
-    tensorboard_extras: bool = True  # confusion figures, PR curves, hparams and the test-set projector
-    # light (sweep trials): no confusion PNG or figures, PR curves or projector, which cost a linear-probe
-    # run several times its training; metrics, predictions, report.md tables and TensorBoard scalars and
-    # hparams are still written
+    # TensorBoard beyond its scalars: the dev confusion figure at each new best, and at the end hparams,
+    # the test confusion figure, PR curves and the test-set projector. false: scalars only.
+    tensorboard_extras: bool = True
+    # What is drawn, in files and in TensorBoard. light (sweep trials): no confusion PNG or figures, PR
+    # curves or projector, which cost a linear-probe run several times its training; metrics,
+    # predictions, report.md tables and TensorBoard scalars (and hparams, with tensorboard_extras) are
+    # still written
     outputs: Literal["full", "light"] = "full"
     threads: int = 0  # torch intra-op CPU threads; 0 = torch's default. Tiny models run best on 1, and
     #                   on a shared CPU more threads spin-wait for each other (10x slower was measured)

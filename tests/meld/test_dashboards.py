@@ -39,3 +39,15 @@ def test_light_outputs_keep_scalars_and_hparams_and_drop_the_figures_only(tmp_pa
     assert light_doc["dev"] == full_doc["dev"] and light_doc["test"] == full_doc["test"]
     assert light_doc["selection"]["step"] == full_doc["selection"]["step"]
     assert (light / "model" / "classifier.json").is_file()
+
+
+def test_without_tensorboard_extras_the_dashboards_hold_scalars_only(tmp_path):
+    root = write_csv_meld(tmp_path / "meld")
+    out = tmp_path / "run"
+    run_finetune(text_config(root, "tensorboard_extras=false"), out_dir=out)
+    scalars, images, tensors, plugins = dashboards(out / "tensorboard")
+    assert "eval/macro_f1" in scalars and "train/loss" in scalars, scalars
+    assert not images and not plugins and not any(tag.startswith("test/pr/") for tag in tensors)
+    assert not list((out / "tensorboard").rglob("projector_config.pbtxt"))
+    # The files are outputs=full's: the PNG is drawn all the same.
+    assert (out / "confusion_test.png").is_file()
