@@ -169,7 +169,8 @@ def from_reference_hparams(hparams: Mapping[str, Any], *, source: str = "hyper_p
     """Map a reference checkpoint's ``hyper_parameters`` onto a ``ClaraConfig``.
 
     Fields the checkpoint leaves out take the reference constructor's defaults; unknown
-    architecture fields are an error.
+    architecture fields are an error (training-only settings and ``_``-prefixed bookkeeping are
+    skipped).
     """
     data: dict[str, Any] = {"audio": {}, "text": {}}
     unknown = []
@@ -185,7 +186,9 @@ def from_reference_hparams(hparams: Mapping[str, Any], *, source: str = "hyper_p
         elif key == "audio_encoder_weight_tie_layers":
             if value:
                 raise config_lib.ConfigError(f"{source}: tied Perceiver layers are not supported")
-        elif key not in _REFERENCE_IGNORED:
+        elif key not in _REFERENCE_IGNORED and not key.startswith("_"):
+            # Leading-underscore keys are the trainer's bookkeeping, not architecture: Lightning's
+            # CLI (2.1 and later) stores ``_instantiator`` and ``_class_path`` beside the arguments.
             unknown.append(key)
     if unknown:
         raise config_lib.ConfigError(f"{source}: unknown reference hyper-parameter(s) {', '.join(sorted(unknown))}")
