@@ -141,13 +141,23 @@ def reference_state_dict_shapes(*, text_layers, text_heads, audio_layers, cross_
     return shapes
 
 
+# The temperatures a random reference checkpoint carries (log scales, as the reference stores them).
+# Distinct from each other and from the model's initial ln(1/0.07) = 2.6592600, so a loader that
+# skipped them (the fresh model keeps its init) or swapped the two modalities would be caught.
+REFERENCE_AUDIO_TEMPERATURE = 2.1
+REFERENCE_TEXT_TEMPERATURE = 3.3
+
+
 def random_reference_state_dict(shapes, seed=0):
-    """Random weights of those shapes: LayerNorm gains near 1, everything else small noise."""
+    """Random weights of those shapes: LayerNorm gains near 1, everything else small noise; the two
+    temperatures are ``REFERENCE_AUDIO_TEMPERATURE`` and ``REFERENCE_TEXT_TEMPERATURE``."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, shape in shapes.items():
-        if key.endswith("tempeture"):
-            sd[key] = torch.tensor(2.6592600)
+        if key.endswith("audio_tempeture"):
+            sd[key] = torch.tensor(REFERENCE_AUDIO_TEMPERATURE)
+        elif key.endswith("text_tempeture"):
+            sd[key] = torch.tensor(REFERENCE_TEXT_TEMPERATURE)
         elif ("norm" in key or key.endswith(".ln.weight") or ".ln." in key) and key.endswith("weight") and len(shape) == 1:
             sd[key] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:

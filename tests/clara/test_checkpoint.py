@@ -21,13 +21,23 @@ def model():
     return Clara(load_model_config("tiny", ["audio.cross_attention=gelu"])).eval()
 
 
+def set_temperatures(model, audio: float, text: float) -> None:
+    """Give the two temperatures values a fresh model never holds (init: both ln(1/0.07) = 2.659),
+    different from each other, so a loader that skipped or swapped them cannot pass."""
+    with torch.no_grad():
+        model.audio_log_scale.fill_(audio)
+        model.text_log_scale.fill_(text)
+
+
 def test_round_trip_keeps_weights_and_config(tmp_path, model):
+    set_temperatures(model, audio=1.75, text=3.25)
     save_checkpoint(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config == model.config and not loaded.training
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.audio_log_scale.item() == 1.75 and loaded.text_log_scale.item() == 3.25
     # Saving again over an existing checkpoint replaces it whole.
     save_checkpoint(loaded, tmp_path / "ckpt")
     assert load_checkpoint(tmp_path / "ckpt" / "model.safetensors").config == model.config
@@ -36,8 +46,11 @@ def test_round_trip_keeps_weights_and_config(tmp_path, model):
 def test_reference_export_import_round_trip(tmp_path):
     hparams = REFERENCE_SIZES["tiny"][0]
     original = Clara(from_reference_hparams(hparams))
+    set_temperatures(original, audio=1.75, text=3.25)
     reference = to_reference_state_dict(original)
     assert all(k.startswith("model.") for k in reference)
+    # Each modality's temperature goes to the reference's key of that modality (clara.md).
+    assert reference["model.audio_tempeture"].item() == 1.75 and reference["model.text_tempeture"].item() == 3.25
     # The fused latent qkv splits back into the reference's to_q and to_kv.
     assert reference["model.audio_encoder.layers.1.0.fn.to_q.weight"].shape == (128, 32)
     assert reference["model.audio_encoder.layers.1.0.fn.to_kv.weight"].shape == (256, 32)
@@ -45,6 +58,7 @@ def test_reference_export_import_round_trip(tmp_path):
     loaded = load_checkpoint(tmp_path / "exported.ckpt")
     for key, value in original.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.audio_log_scale.item() == 1.75 and loaded.text_log_scale.item() == 3.25
 
 
 def test_reference_checkpoint_has_282_tensors_at_medium(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from clara.model import Clara
 from clara.model_config import ClaraConfig, load_model_config
 from clara.perceiver import keep_random_tokens
 from tests.clara.reference_math import (
+    REFERENCE_AUDIO_TEMPERATURE,
+    REFERENCE_TEXT_TEMPERATURE,
     random_reference_state_dict,
     reference_encode_audio,
     reference_encode_text,
@@ -81,9 +84,18 @@ def test_reference_checkpoint_matches_reference_math(tmp_path, size, mask_paddin
         ref_text = reference_encode_text(state, tokens, layers=args["text_layers"], heads=args["text_heads"])
     assert (ours_audio - ref_audio).abs().max() <= 1e-5
     assert (ours_text - ref_text).abs().max() <= 1e-5
-    # The temperatures are the reference's, as scales.
-    out = model(mel, tokens)
-    assert torch.allclose(out.audio_scale, state["model.audio_tempeture"].exp())
+    # The temperatures are the reference's, as scales: `audio_tempeture` is the audio one and
+    # `text_tempeture` the text one (clara.md).  The checkpoint's values differ from each other and
+    # from the model's init, so a loader that skipped or swapped them fails here.
+    assert REFERENCE_AUDIO_TEMPERATURE != REFERENCE_TEXT_TEMPERATURE
+    init = math.log(1.0 / model.config.init_temperature)  # what a fresh model holds
+    assert min(abs(REFERENCE_AUDIO_TEMPERATURE - init), abs(REFERENCE_TEXT_TEMPERATURE - init)) > 0.1
+    with torch.no_grad():
+        out = model(mel, tokens)
+    expected_audio = torch.tensor(REFERENCE_AUDIO_TEMPERATURE).exp()
+    expected_text = torch.tensor(REFERENCE_TEXT_TEMPERATURE).exp()
+    torch.testing.assert_close(out.audio_scale, expected_audio, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.text_scale, expected_text, rtol=1e-6, atol=0)
 
 
 def test_unmasked_mode_reproduces_reference_on_padded_batches(tmp_path):

@@ -16,6 +16,10 @@ from meld.prompts import (
     PROMPT_ROOT, SEED_TEMPLATE, PromptSet, class_embeddings, encode_prompts, load_prompts, zero_shot_logits,
 )
 
+# The audio temperature the `tiny` fixture saves: not the init ln(1/0.07) = 2.659, so a checkpoint
+# loader that dropped it would leave the reloaded model with a different scale.
+SAVED_AUDIO_LOG_SCALE = 2.5
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Clara:
@@ -23,7 +27,7 @@ def tiny(tmp_path_factory) -> Clara:
     torch.manual_seed(0)
     model = Clara(load_model_config("tiny"))
     with torch.no_grad():
-        model.audio_log_scale.fill_(2.5)
+        model.audio_log_scale.fill_(SAVED_AUDIO_LOG_SCALE)
     path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny")
     return load_checkpoint(path)
 
@@ -55,7 +59,9 @@ def test_one_template_matches_the_reference_procedure(tiny, tokenizer):
             rows.append(mean / mean.norm())
         W = torch.stack(rows)  # [C, D]
         A = _audio(tiny)
-        reference = torch.exp(tiny.audio_log_scale) * A @ W.T  # [B, C]
+        # The scale is the value that was saved, not read back from the loaded model (which is what
+        # the side under test uses), so the comparison also checks the checkpoint kept it.
+        reference = torch.exp(torch.tensor(SAVED_AUDIO_LOG_SCALE)) * A @ W.T  # [B, C]
 
     prompts = PromptSet(target="emotion", templates=(template,))
     with torch.no_grad():
@@ -63,6 +69,10 @@ def test_one_template_matches_the_reference_procedure(tiny, tokenizer):
         ours = zero_shot_logits(A, W_ours, tiny.audio_log_scale.exp())
     assert ours.shape == (5, len(EMOTIONS))
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_fixture_reloads_its_non_default_audio_scale(tiny):
+    assert tiny.audio_log_scale.item() == SAVED_AUDIO_LOG_SCALE
 
 
 def test_templates_and_synonyms_are_averaged_then_renormalised(tiny, tokenizer):
