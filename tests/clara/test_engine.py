@@ -252,3 +252,113 @@ def test_gpu_mixed_precision_and_exact_resume(tmp_path, precision):
     fit(tmp_path / "split", task=DtypeTask(), steps=4, **settings)
     resumed, _ = fit(tmp_path / "split", task=DtypeTask(), **settings)  # restores the CUDA RNG too
     assert losses(resumed) == pytest.approx({s: v for s, v in losses(full).items() if s > 4}, abs=1e-6)
+
+
+# -- accumulation, clipping and logged loss against hand-computed references ------------------------
+#
+# The engine only builds AdamW, whose first step is lr * g / (|g| + eps) ~ lr * sign(g): blind to
+# the gradient's scale, so it cannot show a missing 1/accumulation or a missing clip.  These tests
+# swap in plain SGD (p <- p - lr * g, exact to check by hand) through the same factory the engine
+# calls; everything else (sampler, accumulation loop, clipping, logging) is the engine's own.
+# The model has no dropout and the task no jitter, so one step is a pure function of the weights
+# and the 8 examples it sees.
+
+
+class RecordingMSETask:
+    """Deterministic MSE that records each micro-batch it is given (the step's examples, in order)."""
+
+    def __init__(self):
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, model, batch):
+        self.batches.append({key: value.clone() for key, value in batch.items()})
+        loss = nn.functional.mse_loss(model(batch["x"]).squeeze(-1), batch["y"])
+        return loss, {"target_mean": batch["y"].mean()}
+
+
+def deterministic_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def one_sgd_step(out_dir, monkeypatch, **overrides):
+    """One optimiser step of the engine with SGD; returns (weights before, trainer, task, result)."""
+    monkeypatch.setattr("clara.engine.adamw", lambda groups, lr: torch.optim.SGD(groups, lr=lr))
+    settings = dict(
+        steps=1, batch_size=4, accumulation=2, lr=0.1, min_lr=0.0, warmup_steps=0, cycle_steps=0,
+        weight_decay=0.0, grad_clip=0.0, log_every=1, eval_at_start=False, seed=7, out_dir=str(out_dir),
+        device="cpu", progress=False,
+    )
+    settings.update(overrides)
+    model = deterministic_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    task = RecordingMSETask()
+    trainer = Trainer(TrainConfig(**settings), model, task, ToyData())
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    result = trainer.fit()
+    return before, trainer, task, result
+
+
+def reference_gradient(batches) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Plain autograd: the gradient of the MSE over all the step's examples at the initial weights,
+    and that MSE."""
+    model = deterministic_model()
+    x = torch.cat([b["x"] for b in batches])
+    y = torch.cat([b["y"] for b in batches])
+    loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, loss.detach()
+
+
+def test_accumulated_step_equals_one_big_batch_step(tmp_path, monkeypatch):
+    """4 x accumulation 2 must be the same SGD step as 8 x 1 on the same 8 examples: the engine
+    divides each micro-batch loss by the accumulation count, so the summed gradients are the mean."""
+    _, accumulated, acc_task, _ = one_sgd_step(tmp_path / "acc", monkeypatch, batch_size=4, accumulation=2)
+    _, single, one_task, _ = one_sgd_step(tmp_path / "one", monkeypatch, batch_size=8, accumulation=1)
+    # Same seed and dataset size: the sampler's permutation is the same, so the first global batch
+    # of 8 is the two micro-batches of 4 (it was cut at 4 and at 8 from the same order).
+    assert len(acc_task.batches) == 2 and len(one_task.batches) == 1
+    torch.testing.assert_close(torch.cat([b["x"] for b in acc_task.batches]), one_task.batches[0]["x"], rtol=0, atol=0)
+    for (name, a), (_, b) in zip(accumulated.model.named_parameters(), single.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    # And it is the plain SGD step on the mean gradient (not only the two runs agreeing).
+    grads, _ = reference_gradient(one_task.batches)
+    start = dict(deterministic_model().named_parameters())
+    for name, p in accumulated.model.named_parameters():
+        torch.testing.assert_close(p.detach(), start[name].detach() - 0.1 * grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_clipping_applies_lr_times_the_clipped_gradient(tmp_path, monkeypatch):
+    """With a limit far below the gradient norm the update is lr * g * limit / ||g|| (the global norm
+    over all parameters, of the accumulated gradient), so the applied gradient's norm is the limit;
+    the logged grad_norm is the norm before clipping."""
+    limit, lr = 1e-3, 1.0  # lr 1: the update (~1e-4 per weight) stays far above fp32 rounding of the weights
+    before, trainer, task, result = one_sgd_step(tmp_path, monkeypatch, grad_clip=limit, lr=lr)
+    grads, _ = reference_gradient(task.batches)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    assert norm > 1000 * limit  # the limit really bites
+    factor = limit / (norm.item() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s scale
+    applied_sq = 0.0
+    for name, p in trainer.model.named_parameters():
+        expected = before[name] - lr * factor * grads[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-7, msg=name)
+        applied_sq += (((before[name] - p.detach()).double() / lr) ** 2).sum().item()
+    assert applied_sq**0.5 == pytest.approx(limit, rel=1e-3)  # the gradient applied has norm = limit
+    assert result.history[0]["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+
+
+def test_logged_loss_of_an_accumulated_step_is_the_mean_over_micro_batches(tmp_path, monkeypatch):
+    """The engine documents logs as averaged: the step's loss (and the task's own logs) is the mean of
+    the micro-batch values, which for equal micro-batches is the MSE over the whole step's batch."""
+    _, _, task, result = one_sgd_step(tmp_path, monkeypatch, batch_size=4, accumulation=2)
+    model = deterministic_model()
+    with torch.no_grad():
+        micro = [nn.functional.mse_loss(model(b["x"]).squeeze(-1), b["y"]).item() for b in task.batches]
+    _, full_batch_loss = reference_gradient(task.batches)
+    record = result.history[0]
+    assert record["step"] == 1
+    assert micro[0] != pytest.approx(micro[1], rel=1e-3)  # a sum or a single micro-batch would show
+    assert record["train/loss"] == pytest.approx(sum(micro) / 2, rel=1e-6)
+    assert record["train/loss"] == pytest.approx(full_batch_loss.item(), rel=1e-6)
+    expected_mean_target = sum(b["y"].mean().item() for b in task.batches) / 2
+    assert record["train/target_mean"] == pytest.approx(expected_mean_target, rel=1e-6, abs=1e-7)
