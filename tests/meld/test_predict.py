@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import wave
 from pathlib import Path
@@ -10,15 +11,21 @@ import numpy as np
 import pytest
 
 from meld.finetune import load_config, run_finetune
+from meld.layout import find_layout
 from meld.predict import main, predict
+from meld.records import load_splits
 from tests.meld.finetune_helpers import FAST, small_demo, text_config, write_csv_meld
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory) -> Path:
-    root = write_csv_meld(tmp_path_factory.mktemp("csv") / "meld")
+def text_root(tmp_path_factory) -> Path:
+    return write_csv_meld(tmp_path_factory.mktemp("csv") / "meld")
+
+
+@pytest.fixture(scope="module")
+def text_run(text_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "text"
-    run_finetune(text_config(root, "train.epochs=1"), out_dir=out)
+    run_finetune(text_config(text_root, "train.epochs=1"), out_dir=out)
     return out
 
 
@@ -51,10 +58,36 @@ def test_text_prediction_prints_label_and_probabilities(text_run, capsys):
     assert sum(probabilities) == pytest.approx(1.0, abs=0.01) and probabilities == sorted(probabilities, reverse=True)
 
 
-def test_prediction_matches_the_run_model(text_run):
-    result = predict(text_run, "I am so sad and alone.")
-    assert result["label"] == next(iter(result["probabilities"]))
-    assert set(result["probabilities"]) == {"neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"}
+def _test_utterances(root: Path):
+    """The test split's utterances (key, text, ...) of a MELD root, CSV-only or not."""
+    return load_splits(find_layout(root, ("test",), need_clips=False))["test"]
+
+
+def _run_predictions(run: Path) -> dict[str, dict[str, float]]:
+    """predictions.csv of a run: {key: {class: p}}, the probabilities the run's own evaluation computed."""
+    with open(run / "predictions.csv", newline="") as handle:
+        return {row["key"]: {name[2:]: float(value) for name, value in row.items() if name.startswith("p_")}
+                for row in csv.DictReader(handle)}
+
+
+def _assert_same_probabilities(result: dict, expected: dict[str, float], what: str) -> None:
+    # predictions.csv keeps 6 decimals, and its batch was padded differently: 1e-4 is well above both.
+    assert result["probabilities"] == pytest.approx(expected, abs=1e-4), what
+    top, second = sorted(expected.values(), reverse=True)[:2]
+    assert result["label"] == max(expected, key=expected.get) or top - second < 1e-4, what
+
+
+def test_prediction_matches_the_run_model(text_root, text_run):
+    # predict() rebuilds the classifier from model/ and tokenizes the text itself; its probabilities must
+    # be the ones the run's own test evaluation wrote for the same utterance (same model, same inputs).
+    expected = _run_predictions(text_run)
+    utterances = _test_utterances(text_root)
+    assert {u.key for u in utterances} == set(expected)
+    for utt in utterances:
+        _assert_same_probabilities(predict(text_run, utt.text), expected[utt.key], utt.key)
+    # And the model is not a constant: different texts get different distributions.
+    rows = [tuple(expected[u.key].values()) for u in utterances]
+    assert len({tuple(round(p, 3) for p in row) for row in rows}) > 1
 
 
 def test_audio_file_prediction(audio_run, tmp_path, capsys):
@@ -65,6 +98,23 @@ def test_audio_file_prediction(audio_run, tmp_path, capsys):
     root, _ = small_demo()
     mp4 = next((root / "train" / "train_splits").glob("dia1_utt*.mp4"))
     assert main(["--run", str(audio_run), str(mp4)]) == 0
+
+
+def test_audio_prediction_matches_the_run_model(audio_run):
+    # A test clip decoded by predict() (the mp4 itself, not prepare's cached log-mel) must get the
+    # probabilities the run's evaluation wrote for it: same model, same audio front-end.
+    expected = _run_predictions(audio_run)
+    root, _ = small_demo()
+    clips, checked = find_layout(root, ("test",), need_clips=True)["test"].clips, 0
+    for utt in _test_utterances(root):
+        clip = clips / utt.clip_name
+        if utt.key not in expected or not clip.is_file():
+            continue  # the demo plants broken clips, which the run leaves out
+        _assert_same_probabilities(predict(audio_run, str(clip)), expected[utt.key], utt.key)
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
 
 
 def _assert_one_error(capsys, argv, fragment):
@@ -92,5 +142,12 @@ def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_
                          "data.context_turns=1", "train.epochs=1")
     run_finetune(config, out_dir=tmp_path / "run")
     assert (tmp_path / "run" / "model" / "hf_text" / "tokenizer_config.json").is_file()
-    result = predict(tmp_path / "run", "i am so happy")
-    assert len(result["probabilities"]) == 7
+    # The run's test predictions came from CLARA's text and the BERT text of each utterance; predict()
+    # must rebuild both towers and the attention head from model/ and give the same probabilities. Only
+    # first turns: with context_turns=1 the run saw later turns after their previous one, and predict()
+    # is given one text with no dialogue around it.
+    expected = _run_predictions(tmp_path / "run")
+    first_turns = [u for u in _test_utterances(root) if u.utterance_id == 0]
+    assert len(first_turns) == 7
+    for utt in first_turns:
+        _assert_same_probabilities(predict(tmp_path / "run", utt.text), expected[utt.key], utt.key)
