@@ -32,19 +32,70 @@ def _classifier(inputs=("audio", "text"), fusion="concat", features="projected",
 @pytest.mark.parametrize("fusion", ["concat", "gated", "attention"])
 @pytest.mark.parametrize("features", ["projected", "pooled"])
 def test_every_fusion_gives_logits(fusion, features):
+    # Plumbing through the whole classifier only; each head's arithmetic is checked against a hand-computed
+    # reference in the gated and attention tests below.
     model = _classifier(fusion=fusion, features=features).eval()
     logits = model(_batch())
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
 
 
+def _randomised_head(fusion: str, fusion_dim: int) -> tuple[FusionHead, dict, torch.Tensor, torch.Tensor]:
+    """A tiny eval-mode head with every parameter random (LayerNorm affine and the modality embedding too,
+    which start at 1/0), and a batch: (head, embeddings, normed audio [3, 4], normed text [3, 6])."""
+    torch.manual_seed(0)
+    head = FusionHead({"audio": 4, "text": 6}, 3, fusion=fusion, fusion_dim=fusion_dim).eval()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    embeddings = {"audio": torch.randn(3, 4), "text": torch.randn(3, 6)}
+    audio = F.layer_norm(embeddings["audio"], (4,), head.norms["audio"].weight, head.norms["audio"].bias)
+    text = F.layer_norm(embeddings["text"], (6,), head.norms["text"].weight, head.norms["text"].bias)
+    return head, embeddings, audio, text
+
+
 def test_gated_fusion_mixes_two_inputs_with_a_sigmoid_gate():
-    head = FusionHead({"audio": 4, "text": 6}, 3, fusion="gated", fusion_dim=5)
-    head.fuse({"audio": torch.randn(2, 4), "text": torch.randn(2, 6)})
-    gates = head.last_gates  # [B, 2, H]
-    assert gates.shape == (2, 2, 5)
-    assert torch.allclose(gates.sum(dim=1), torch.ones(2, 5))
-    logits = head.gate(torch.randn(1, 10)).view(1, 2, 5)  # softmax over two = sigmoid of the difference
-    assert torch.allclose(logits.softmax(1)[:, 0], torch.sigmoid(logits[:, 0] - logits[:, 1]))
+    # The documented two-input form, written out from the head's own weights: each input projected and
+    # squashed, tanh(W_m x_m + b_m) [B, H], mixed per unit by g = sigmoid(gate_audio - gate_text), where
+    # the gate logits are one linear layer on both normed inputs. Independent of the softmax the code uses.
+    head, embeddings, audio, text = _randomised_head("gated", fusion_dim=5)
+    with torch.no_grad():
+        fused = head.fuse(embeddings)
+        proj_audio = torch.tanh(audio @ head.proj["audio"].weight.T + head.proj["audio"].bias)  # [B, H]
+        proj_text = torch.tanh(text @ head.proj["text"].weight.T + head.proj["text"].bias)
+        gate_logits = torch.cat([audio, text], dim=1) @ head.gate.weight.T + head.gate.bias  # [B, 2H]: audio, text
+        g = torch.sigmoid(gate_logits[:, :5] - gate_logits[:, 5:])  # [B, H]
+        expected = g * proj_audio + (1 - g) * proj_text
+        torch.testing.assert_close(fused, expected)
+        torch.testing.assert_close(head.last_gates, torch.stack([g, 1 - g], dim=1))  # [B, 2, H], what it inspects
+        # The logits are the linear head on that mix (eval: no dropout).
+        torch.testing.assert_close(head(embeddings), expected @ head.classifier.weight.T + head.classifier.bias)
+    assert not torch.allclose(g, torch.full_like(g, 0.5), atol=0.05)  # a real mix, not a plain average
+
+
+def test_attention_fusion_is_one_learned_query_attending_over_the_modality_tokens():
+    # Eager multi-head attention of the learned query over [audio, text] tokens (projection plus the
+    # modality embedding), from the head's own weights; then the residual query and a LayerNorm.
+    head, embeddings, audio, text = _randomised_head("attention", fusion_dim=8)
+    attend = head.attend
+    heads, width = attend.num_heads, 8 // attend.num_heads
+    assert heads == 4
+    with torch.no_grad():
+        tokens = torch.stack([audio @ head.proj["audio"].weight.T + head.proj["audio"].bias,
+                              text @ head.proj["text"].weight.T + head.proj["text"].bias], dim=1)  # [B, 2, H]
+        tokens = tokens + head.modality
+        w_q, w_k, w_v = attend.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attend.in_proj_bias.chunk(3)
+        query = head.query[0, 0]  # [H]
+        q = (query @ w_q.T + b_q).view(heads, width)  # [h, d]: one query, the same for every example
+        k = (tokens @ w_k.T + b_k).view(3, 2, heads, width)  # [B, M, h, d]
+        v = (tokens @ w_v.T + b_v).view(3, 2, heads, width)
+        weights = (torch.einsum("hd,bmhd->bhm", q, k) / width**0.5).softmax(dim=-1)  # [B, h, M]
+        mixed = torch.einsum("bhm,bmhd->bhd", weights, v).reshape(3, 8)  # [B, H]
+        out = mixed @ attend.out_proj.weight.T + attend.out_proj.bias
+        expected = F.layer_norm(out + query, (8,), head.attend_norm.weight, head.attend_norm.bias)
+        torch.testing.assert_close(head.fuse(embeddings), expected)
+        torch.testing.assert_close(head(embeddings), expected @ head.classifier.weight.T + head.classifier.bias)
+    assert not torch.allclose(weights, torch.full_like(weights, 0.5), atol=0.05)  # the query does choose
 
 
 def test_head_accepts_cached_embeddings_without_towers():
