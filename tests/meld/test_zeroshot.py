@@ -77,6 +77,43 @@ def test_predictions_agree_with_the_metrics(run_dir):
         assert recomputed["macro_f1"] == pytest.approx(metrics[split]["macro_f1"])
 
 
+def _split_rows(run_dir, split: str) -> dict:
+    """One split's predictions.csv rows: keys, gold indices, probabilities [N, C], predicted class names."""
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["key"].startswith(f"{split}/")]
+    return {"keys": [r["key"] for r in rows], "gold": [EMOTIONS.index(r["gold"]) for r in rows],
+            "probs": np.array([[float(r[f"p_{e}"]) for e in EMOTIONS] for r in rows]),
+            "predicted": [r["predicted"] for r in rows]}
+
+
+@pytest.mark.parametrize("calibration", ["prior", "content_free"])
+def test_calibrated_predictions_are_the_raw_ones_divided_by_the_stored_prior(setup, run_dir, tmp_path, calibration):
+    # End to end: the headline probabilities of a calibrated run must be the raw run's p(c|x) / p̂(c),
+    # renormalised, with p̂ the estimate metrics.json reports. A run that skipped the calibration would
+    # write the raw probabilities under the calibrated name; this recomputation catches it.
+    root, checkpoint, _ = setup
+    outs = {"none": tmp_path / "none", "prior": run_dir, "content_free": tmp_path / "content_free"}
+    for name in ("none", calibration):
+        if name != "prior":  # run_dir is the default, prior-calibrated run
+            assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--calibration", name,
+                         "--out", str(outs[name])]) == 0
+    metrics = json.loads((outs[calibration] / "metrics.json").read_text())
+    prior = np.array([metrics["zeroshot"]["priors"]["ensemble"][calibration][e] for e in EMOTIONS])
+    assert prior.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.abs(prior - 1 / len(EMOTIONS)).max() > 0.01  # else calibration would change nothing to see
+    for split in ("dev", "test"):
+        raw, ours = _split_rows(outs["none"], split), _split_rows(outs[calibration], split)
+        assert ours["keys"] == raw["keys"] and len(ours["keys"]) > 0
+        expected = raw["probs"] / prior
+        expected /= expected.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(ours["probs"], expected, atol=1e-4)  # predictions.csv keeps 6 decimals
+        assert not np.allclose(ours["probs"], raw["probs"], atol=1e-3)
+        assert [EMOTIONS[i] for i in expected.argmax(axis=1)] == ours["predicted"]
+        # The headline metrics are those of the recomputed calibrated predictions.
+        recomputed = classification_metrics(ours["gold"], expected.argmax(axis=1), EMOTIONS)
+        assert recomputed["macro_f1"] == pytest.approx(metrics[split]["macro_f1"])
+
+
 def test_one_template_ensemble_is_that_template(setup, tmp_path):
     root, checkpoint, _ = setup
     prompts = tmp_path / "one.yaml"
