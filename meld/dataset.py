@@ -77,7 +77,8 @@ class DataConfig:
         return self.modality in ("text", "both")
 
 
-def _encode(tokenizer: Tokenizer, utt: Utterance, context: list[tuple[str, str]], max_tokens: int) -> list[int]:
+def encode_with_context(tokenizer: Tokenizer, utt: Utterance, context: Sequence[tuple[str, str]],
+                        max_tokens: int) -> list[int]:
     """Token ids of the utterance after as many of its latest context turns as fit in ``max_tokens``."""
     if not context:
         return tokenizer.encode(utt.text)[:max_tokens]
@@ -117,7 +118,7 @@ class MeldDataset(Dataset):
             # Context comes from every row of the split, also those dropped for lack of audio.
             context = dialogue_context(utterances, context_turns)
             self.tokens = [
-                torch.tensor(_encode(tokenizer, utt, context[utt.key], max_tokens), dtype=torch.long)
+                torch.tensor(encode_with_context(tokenizer, utt, context[utt.key], max_tokens), dtype=torch.long)
                 for utt in self.utterances
             ]
         if store is not None:

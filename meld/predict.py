@@ -4,6 +4,11 @@ ITEM is an audio or video file (mp4, wav, flac, ...) for runs trained on audio, 
 it) for runs trained on text. A run on both takes the file and its transcript:
 ``--run RUN clip.mp4 --text "what was said"``. Prints the predicted label and every class's
 probability, most likely first (``--json`` for one JSON object instead).
+
+A run trained with dialogue context (``data.context_turns`` > 0) read each utterance after its
+previous turns: give them, oldest first, as ``--context "Monica: text" --context "Joey: text"`` with
+the utterance's own ``--speaker``. Without ``--context`` the utterance is read as a dialogue's first
+turn, as the run read those.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,8 +26,10 @@ from clara.checkpoint import CheckpointError
 from clara.config import ConfigError, from_dict
 from clara.tokenizer import Tokenizer
 from meld.classifier_io import load_classifier
-from meld.dataset import DataConfig
+from meld.context import format_with_context
+from meld.dataset import DataConfig, encode_with_context
 from meld.finetune_data import Collate
+from meld.records import Utterance
 
 AUDIO_SUFFIXES = {".mp4", ".m4a", ".wav", ".flac", ".mp3", ".ogg", ".aac", ".webm", ".mkv", ".mov", ".opus"}
 
@@ -30,8 +38,32 @@ class PredictError(ValueError):
     """An item that does not fit the run (text for an audio model, a missing file, ...)."""
 
 
-def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenizer) -> dict:
-    """One dataset-like item (mel, tokens, hf_ids as the run needs) for ``item`` and an optional transcript."""
+def parse_turn(text: str) -> tuple[str, str]:
+    """``"Monica: I know!"`` -> ("Monica", "I know!"): one context turn as the CLI takes it."""
+    speaker, sep, said = text.partition(":")
+    if not sep or not speaker.strip() or not said.strip():
+        raise PredictError(f"--context {text!r}: expected \"Speaker: what they said\"")
+    return speaker.strip(), said.strip()
+
+
+def _check_context(data: DataConfig, context: Sequence[tuple[str, str]], speaker: str | None) -> None:
+    needs_text = data.modality != "audio"
+    if context and not needs_text:
+        raise PredictError("this run classifies audio only; dialogue context (--context) is for runs on text")
+    if context and not data.context_turns:
+        raise PredictError("this run was trained without dialogue context (data.context_turns 0); leave out --context")
+    if context and not speaker:
+        raise PredictError("with --context, give the utterance's own speaker too (--speaker NAME): the run read "
+                           "every turn as \"Speaker: text\"")
+
+
+def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenizer,
+          context: Sequence[tuple[str, str]] = (), speaker: str | None = None) -> dict:  # fmt: skip
+    """One dataset-like item (mel, tokens, hf_ids as the run needs) for ``item`` and an optional transcript.
+
+    ``context``: the (speaker, text) of previous turns, oldest first; the run's last
+    ``data.context_turns`` of them precede the transcript, formatted as in training.
+    """
     inputs = set(spec["inputs"])
     needs_audio, needs_text = "audio" in inputs, bool(inputs & {"text", "hf_text"})
     path = Path(item)
@@ -45,7 +77,9 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
     transcript = text if needs_audio else item
     if needs_text and transcript is None:
         raise PredictError("this run uses audio and text: add the transcript with --text \"...\"")
-    out: dict = {"key": str(item), "emotion": 0, "sentiment": 0, "speaker": "", "dialogue_id": 0}
+    turns = list(context)[-data.context_turns:] if data.context_turns else []
+    utt = Utterance("predict", 0, len(turns), speaker or "", transcript or "", "", "", 0, 0, 0.0, 0.0, 0)
+    out: dict = {"key": str(item), "emotion": 0, "sentiment": 0, "speaker": utt.speaker, "dialogue_id": 0}
     if needs_audio:
         audio = data.audio
         wave = load_audio(path, max_seconds=audio.max_seconds, sample_rate=audio.sample_rate)
@@ -55,19 +89,27 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         mel, _ = audio.log_mel()(wave)  # [n_mels, T]
         out["mel"] = mel
     if "text" in inputs:
-        ids = Tokenizer(data.language).encode(transcript)[: data.max_tokens]
+        ids = encode_with_context(Tokenizer(data.language), utt, turns, data.max_tokens)
         out["tokens"] = torch.tensor(ids, dtype=torch.long)
     if "hf_text" in inputs:
-        ids = hf_tokenizer(transcript, truncation=True, max_length=spec["hf_max_tokens"])["input_ids"]
+        hf_text = format_with_context(utt, turns, sep=f" {hf_tokenizer.sep_token or '|'} ") if turns else transcript
+        ids = hf_tokenizer(hf_text, truncation=True, max_length=spec["hf_max_tokens"])["input_ids"]
         out["hf_ids"] = torch.tensor(ids)
     return out
 
 
-def predict(run: str | Path, item: str, text: str | None = None) -> dict:
-    """``{"label", "target", "probabilities": {class: p}}`` for one item, classified by the run's model."""
+def predict(run: str | Path, item: str, text: str | None = None, *, context: Sequence[tuple[str, str]] = (),
+            speaker: str | None = None) -> dict:  # fmt: skip
+    """``{"label", "target", "probabilities": {class: p}}`` for one item, classified by the run's model.
+
+    ``context``: previous turns of the dialogue as (speaker, text), oldest first, with the item's own
+    ``speaker``, for runs trained with ``data.context_turns`` > 0.
+    """
     classifier, spec, hf_tokenizer = load_classifier(run)
     data = from_dict(DataConfig, spec["data"], source="classifier.json data")
-    batch = Collate(getattr(hf_tokenizer, "pad_token_id", 0) or 0)([_item(spec, data, item, text, hf_tokenizer)])
+    _check_context(data, context, speaker)
+    item_dict = _item(spec, data, item, text, hf_tokenizer, context, speaker)
+    batch = Collate(getattr(hf_tokenizer, "pad_token_id", 0) or 0)([item_dict])
     with torch.no_grad():
         probabilities = classifier(batch).softmax(-1)[0]  # [C]
     names = spec["class_names"]
@@ -80,10 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="a finished `python -m meld.finetune` run directory (its --out)")
     parser.add_argument("item", help="an audio/video file, or a quoted text")
     parser.add_argument("--text", help="the transcript, for runs on audio and text")
+    parser.add_argument("--context", action="append", default=[], metavar="\"SPEAKER: TEXT\"",
+                        help="a previous turn of the dialogue, oldest first (repeat), for runs trained with "
+                             "data.context_turns > 0")
+    parser.add_argument("--speaker", help="the utterance's own speaker, with --context")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        result = predict(args.run, args.item, args.text)
+        context = [parse_turn(turn) for turn in args.context]
+        result = predict(args.run, args.item, args.text, context=context, speaker=args.speaker)
     except (PredictError, CheckpointError, ConfigError, AudioDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

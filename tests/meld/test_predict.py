@@ -131,6 +131,9 @@ def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 100)
     _assert_one_error(capsys, ["--run", str(audio_run), str(broken)], "broken.mp4")
+    _assert_one_error(capsys, ["--run", str(text_run), "hi", "--context", "Ross: hello", "--speaker", "Joey"],
+                      "trained without dialogue context")
+    _assert_one_error(capsys, ["--run", str(audio_run), str(broken), "--context", "Ross: hello"], "audio only")
 
 
 def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_path, capsys):
@@ -142,12 +145,50 @@ def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_
                          "data.context_turns=1", "train.epochs=1")
     run_finetune(config, out_dir=tmp_path / "run")
     assert (tmp_path / "run" / "model" / "hf_text" / "tokenizer_config.json").is_file()
-    # The run's test predictions came from CLARA's text and the BERT text of each utterance; predict()
-    # must rebuild both towers and the attention head from model/ and give the same probabilities. Only
-    # first turns: with context_turns=1 the run saw later turns after their previous one, and predict()
-    # is given one text with no dialogue around it.
+    # The run's test predictions came from CLARA's text and the BERT text of each utterance after its
+    # previous turn (context_turns=1); predict() must rebuild both towers and the attention head from
+    # model/ and, given the same turn, give the same probabilities.
     expected = _run_predictions(tmp_path / "run")
-    first_turns = [u for u in _test_utterances(root) if u.utterance_id == 0]
-    assert len(first_turns) == 7
-    for utt in first_turns:
-        _assert_same_probabilities(predict(tmp_path / "run", utt.text), expected[utt.key], utt.key)
+    utterances = _test_utterances(root)
+    for utt in utterances:
+        context = _previous_turns(utterances, utt)
+        result = predict(tmp_path / "run", utt.text, context=context, speaker=utt.speaker)
+        _assert_same_probabilities(result, expected[utt.key], utt.key)
+    assert sum(1 for utt in utterances if _previous_turns(utterances, utt)) == 7
+
+
+def _previous_turns(utterances, utt) -> list[tuple[str, str]]:
+    """(speaker, text) of the turns before ``utt`` in its dialogue, oldest first, as the CSV has them."""
+    earlier = sorted((u for u in utterances if u.dialogue_id == utt.dialogue_id and u.utterance_id < utt.utterance_id),
+                     key=lambda u: u.utterance_id)
+    return [(u.speaker, u.text) for u in earlier]
+
+
+def test_dialogue_context_is_read_as_the_run_read_it(text_root, tmp_path, capsys):
+    run = tmp_path / "context"
+    run_finetune(text_config(text_root, "train.epochs=1", "data.context_turns=2"), out_dir=run)
+    expected = _run_predictions(run)
+    utterances = _test_utterances(text_root)
+    later = [utt for utt in utterances if utt.utterance_id > 0]
+    assert len(later) == 7
+    for utt in utterances:
+        result = predict(run, utt.text, context=_previous_turns(utterances, utt), speaker=utt.speaker)
+        _assert_same_probabilities(result, expected[utt.key], utt.key)
+    # The context changes the input: without it a later turn is read as a first turn, and differs.
+    utt = later[0]
+    alone = predict(run, utt.text)["probabilities"]
+    assert alone != pytest.approx(expected[utt.key], abs=1e-4)
+    # Older turns than the run's two are left out, as in training.
+    turns = [("Chandler", "Could this BE any longer?"), *_previous_turns(utterances, utt)]
+    padded = predict(run, utt.text, context=[("Joey", "How you doin'?"), *turns], speaker=utt.speaker)
+    assert padded == predict(run, utt.text, context=turns[-2:], speaker=utt.speaker)
+    # And the CLI takes the turns as "Speaker: text".
+    argv = ["--run", str(run), utt.text, "--speaker", utt.speaker, "--json"]
+    for speaker, text in _previous_turns(utterances, utt):
+        argv += ["--context", f"{speaker}: {text}"]
+    capsys.readouterr()  # the run's own printing
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["probabilities"] == pytest.approx(expected[utt.key], abs=1e-4)
+    _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "no speaker here", "--speaker", "Ross"],
+                      "expected \"Speaker: what they said\"")
+    _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "Ross: hello"], "--speaker")
