@@ -1,6 +1,7 @@
 """The built-in demo dataset: a small MELD.Raw tree made from a seed, to run every command without MELD.
 
-``python -m meld.demo --out DIR [--size N] [--seed S] [--force]`` writes::
+``python -m meld.demo [--out DIR] [--size N] [--seed S] [--force]`` writes (DIR: by default the demo that
+every command given no ``--data`` uses, ``default_demo_root()``)::
 
     DIR/MELD.Raw/train/train_sent_emo.csv   DIR/MELD.Raw/train/train_splits/dia{D}_utt{U}.mp4
     DIR/MELD.Raw/dev_sent_emo.csv           DIR/MELD.Raw/dev_splits_complete/dia{D}_utt{U}.mp4
@@ -455,17 +456,20 @@ def summary(root: Path, manifest: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meld.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder to build the demo in (MELD root: OUT/MELD.Raw)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder to build the demo in (MELD root: OUT/MELD.Raw); default: the demo the "
+                             f"other commands use without --data, {default_demo_root()}")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="utterances over all splits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this demo already")
     args = parser.parse_args(argv)
+    out = args.out or default_demo_root()
     try:
-        root = make_demo(args.out, size=args.size, seed=args.seed, force=args.force, log=print)
+        root = make_demo(out, size=args.size, seed=args.seed, force=args.force, log=print)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(summary(root, read_manifest(args.out)))
+    print(summary(root, read_manifest(out)))
     return 0
 
 

@@ -266,6 +266,16 @@ def test_default_root_and_ensure_demo(tmp_path, monkeypatch, stub_writer):
     assert demo.default_demo_root() == tmp_path / "home" / ".cache" / "meld-clara" / "demo"
 
 
+def test_cli_with_no_arguments_builds_the_default_demo(tmp_path, monkeypatch, stub_writer, capsys):
+    # The demo the other commands use without --data, so `python -m meld.demo` shows (and builds) it.
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache"))
+    assert demo.main([]) == 0
+    assert stub_writer == [demo.DEFAULT_SIZE]
+    assert demo.read_manifest(tmp_path / "cache" / "demo")["size"] == demo.DEFAULT_SIZE
+    assert f"Demo MELD at {tmp_path / 'cache' / 'demo' / 'MELD.Raw'}" in capsys.readouterr().out
+    assert demo.main([]) == 0 and stub_writer == [demo.DEFAULT_SIZE]  # the second call only reads it
+
+
 def test_cli_summary_and_one_line_errors(out, capsys):
     assert demo.main(["--out", str(out), "--size", str(SIZE)]) == 0
     printed = capsys.readouterr().out
