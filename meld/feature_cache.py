@@ -19,6 +19,9 @@ A split store is one safetensors file, written atomically, memory-mapped when re
 The journal makes a run resumable without losing finished clips: the preparing process appends one
 record per clip (header with CRC32, JSON ``ClipRecord``, float16 [T, n_mels] bytes) and flushes it. A run
 killed mid-append leaves a torn last record, which fails its length or CRC check and is dropped.
+
+A store damaged on disk (truncated, overwritten) is rebuilt by the next prepare run: ``open_stores``
+leaves it out, so its clips are decoded again and the store written anew; readers get an error saying so.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import hashlib
 import json
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -161,10 +164,20 @@ def write_settings(cache_dir: Path, settings: AudioSettings) -> None:
     atomic_write_text(cache_dir / "settings.json", text + "\n")
 
 
+class UnreadableStore(MeldDataError):
+    """A split store that cannot be read: damaged on disk, or not one this version writes."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: not a readable feature store ({reason}); run meld.prepare again with the "
+                         "same --data and --cache: it rebuilds the store")
+
+
 class SplitStore:
     """Read access to one split's consolidated store; picklable, so DataLoader workers can share it.
 
-    The file is opened (memory-mapped) on first use in each process, never pickled itself.
+    The file is opened (memory-mapped) on first use in each process, never pickled itself. Raises
+    UnreadableStore for a file that is not a complete store.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -172,19 +185,22 @@ class SplitStore:
         try:
             with safe_open(str(self.path), framework="np") as handle:
                 meta = json.loads((handle.metadata() or {})[_META_KEY])
-                self.n_mels = handle.get_slice("mel").get_shape()[1]
-        except (OSError, KeyError, ValueError, SafetensorError) as err:
-            raise MeldDataError(f"{self.path}: not a readable feature store ({err}); run meld.prepare again") from None
-        if meta.get("format") != CACHE_FORMAT:
-            raise MeldDataError(f"{self.path}: cache format {meta.get('format')}, expected {CACHE_FORMAT}")
-        self.settings = meta["settings"]
-        self.records = [ClipRecord(**record) for record in meta["records"]]
-        self._offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for record in self.records:
-            if record.cached:
-                self._offsets[record.key] = (offset, record.frames)
-                offset += record.frames
+                rows, self.n_mels = handle.get_slice("mel").get_shape()
+            if meta.get("format") != CACHE_FORMAT:
+                raise UnreadableStore(self.path, f"cache format {meta.get('format')}, expected {CACHE_FORMAT}")
+            self.settings = meta["settings"]
+            self.records = [ClipRecord(**record) for record in meta["records"]]
+            self._offsets: dict[str, tuple[int, int]] = {}
+            offset = 0
+            for record in self.records:
+                if record.cached:
+                    self._offsets[record.key] = (offset, record.frames)
+                    offset += record.frames
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
+            # TypeError, AttributeError: metadata that is JSON but not the records written (damaged or foreign)
+            raise UnreadableStore(self.path, f"{type(err).__name__}: {err}") from None
+        if offset != rows:
+            raise UnreadableStore(self.path, f"its records cover {offset} mel frames, its tensor has {rows}")
         self._mel = None
 
     def __getstate__(self) -> dict:
@@ -203,6 +219,27 @@ class SplitStore:
     def log_mel(self, key: str) -> np.ndarray:
         """float32 [n_mels, T], as LogMel returned it (up to float16 rounding)."""
         return np.ascontiguousarray(self.frames(key).T, dtype=np.float32)
+
+
+def open_stores(cache_dir: Path, splits: Sequence[str], log: Callable[[str], None] = print) -> dict[str, SplitStore]:
+    """The writer's view of ``cache_dir``'s split stores: split -> store, for each readable one.
+
+    A store that cannot be read is left out, with one line to ``log``, so its clips count as not cached:
+    the caller (prepare) decodes them again and writes the store anew, atomically over the damaged file.
+    Other splits' stores and the journals are untouched. Readers open ``SplitStore`` and get its error,
+    whose advice (run prepare again) is this repair.
+    """
+    stores = {}
+    for split in splits:
+        path = store_path(cache_dir, split)
+        if not path.is_file():
+            continue
+        try:
+            stores[split] = SplitStore(path)
+        except UnreadableStore as err:
+            log(f"{path}: not a readable feature store ({err.reason}); decoding the {split} split's clips "
+                "again to rebuild it")
+    return stores
 
 
 def write_store(path: Path, settings: AudioSettings, clips: Sequence[CachedClip]) -> None:

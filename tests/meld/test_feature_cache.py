@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from clara.config import ConfigError
 from meld import feature_cache
 from meld.errors import MeldDataError
 from meld.feature_cache import (
     OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord, Journal, SplitStore, audio_cache_dir,
-    default_cache_root, journal_files, read_journal, write_store,
+    default_cache_root, journal_files, open_stores, read_journal, store_path, write_store,
 )
 
 
@@ -115,7 +117,63 @@ def test_store_round_trip_is_deterministic_and_picklable(tmp_path):
     assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
 
 
-def test_unreadable_store_is_a_clear_error(tmp_path):
-    (tmp_path / "train.safetensors").write_bytes(b"not a store")
-    with pytest.raises(MeldDataError, match="not a readable feature store"):
-        SplitStore(tmp_path / "train.safetensors")
+def _store(path, clips) -> bytes:
+    write_store(path, AudioSettings(), clips)
+    return path.read_bytes()
+
+
+def _handmade(path, records: list[dict], frames: int) -> bytes:
+    """A safetensors file with store metadata of our choosing and a mel of ``frames`` rows."""
+    meta = {"format": feature_cache.CACHE_FORMAT, "settings": {}, "records": records}
+    save_file({"mel": mel(frames, 0.0)}, str(path), metadata={"meld_clara": json.dumps(meta)})
+    return path.read_bytes()
+
+
+def _damaged_stores(tmp_path) -> dict[str, bytes]:
+    """name -> the bytes of a file that is not a complete store: the ways a store gets damaged on disk."""
+    journal = Journal(tmp_path / "journal")
+    clips = [journal.append(record("dev/dia0_utt0", OK, 4), mel(4, 0.25)),
+             journal.append(record("dev/dia0_utt1", OK, 2), mel(2, 0.5))]
+    journal.close()
+    good = _store(tmp_path / "good.safetensors", clips)
+    return {
+        "garbage": b"garbage\n", "empty": b"", "truncated": good[:-1], "cut in the header": good[:5],
+        "foreign records": _handmade(tmp_path / "foreign.safetensors", [{"key": "dev/dia0_utt0"}], 4),
+        "records not a list of objects": _handmade(tmp_path / "list.safetensors", [["dev/dia0_utt0"]], 4),
+        # Records that cover more frames than the tensor holds: a reader would slice past its end.
+        "frames do not add up": _handmade(tmp_path / "short.safetensors",
+                                          [dataclasses.asdict(record("dev/dia0_utt0", OK, 4))], 3),
+    }
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "cut in the header", "foreign records",
+                                    "records not a list of objects", "frames do not add up"])
+def test_unreadable_store_is_one_clear_error_that_says_prepare_rebuilds_it(tmp_path, damage):
+    path = tmp_path / "train.safetensors"
+    path.write_bytes(_damaged_stores(tmp_path)[damage])
+    with pytest.raises(MeldDataError, match="not a readable feature store") as caught:
+        SplitStore(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and "rebuilds the store" in message
+
+
+def test_open_stores_leaves_damaged_stores_out_so_prepare_rebuilds_them(tmp_path):
+    damaged = _damaged_stores(tmp_path)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    journal = Journal(tmp_path / "j2")
+    dev = [journal.append(record("dev/dia3_utt0", TRUNCATED, 3), mel(3, 1.0))]
+    journal.close()
+    _store(store_path(cache_dir, "dev"), dev)
+    for damage, data in damaged.items():
+        store_path(cache_dir, "train").write_bytes(data)
+        lines: list[str] = []
+        stores = open_stores(cache_dir, ("train", "dev", "test"), log=lines.append)
+        assert set(stores) == {"dev"}, damage  # test has no store yet; train's is left out to be rebuilt
+        assert stores["dev"].records == [clip.record for clip in dev]
+        assert len(lines) == 1 and lines[0].startswith(f"{store_path(cache_dir, 'train')}: not a readable")
+        assert "rebuild" in lines[0] and "train split" in lines[0]
+    # Once rebuilt (prepare writes the store anew), it is read again.
+    store_path(cache_dir, "train").write_bytes((tmp_path / "good.safetensors").read_bytes())
+    lines = []
+    assert set(open_stores(cache_dir, ("train", "dev", "test"), log=lines.append)) == {"train", "dev"} and lines == []
