@@ -23,6 +23,7 @@ from clara.model_config import ClaraConfig
 from meld.classifier import MeldClassifier
 from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
+from meld.labels import TARGETS
 
 FORMAT = "meld-clara-classifier/1"
 SPEC_FILE = "classifier.json"
@@ -49,30 +50,84 @@ def save_classifier(path: Path, classifier: MeldClassifier, spec: dict, hf_token
     return path
 
 
+# What load_classifier reads from classifier.json: field -> (JSON types accepted, what is expected).
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "target": ((str,), "emotion or sentiment"),
+    "class_names": ((list,), "a list of class names"),
+    "inputs": ((list,), "a list of the inputs (audio, text, hf_text)"),
+    "features": ((str,), "projected or pooled"),
+    "clara": ((dict, type(None)), "the CLARA architecture (an object), or null"),
+    "head": ((dict,), 'an object {"dims": {input: size} for each of the inputs, "options": {...}}'),
+    "data": ((dict,), "the data settings (an object)"),
+    "hf_max_tokens": ((int,), "a whole number"),
+}
+_INPUTS = ("audio", "text", "hf_text")
+_FEATURES = ("projected", "pooled")
+
+
+def _check_spec(spec: Any, spec_path: Path) -> None:
+    """Raise CheckpointError naming ``spec_path`` and the first field that is missing or of the wrong shape."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{spec_path}: expected a JSON object with the fields format, {', '.join(_FIELDS)}; "
+                              f"got {type(spec).__name__}")
+    if spec.get("format") != FORMAT:
+        raise CheckpointError(f"{spec_path}: format {spec.get('format')!r}, expected {FORMAT!r}")
+    for name, (types, expected) in _FIELDS.items():
+        if name not in spec:
+            raise CheckpointError(f"{spec_path}: field {name!r} is missing; expected {expected}")
+        if not isinstance(spec[name], types) or isinstance(spec[name], bool):
+            raise CheckpointError(f"{spec_path}: field {name!r} is {json.dumps(spec[name])[:60]}; expected {expected}")
+    for name, choices in (("target", tuple(TARGETS)), ("features", _FEATURES)):
+        if spec[name] not in choices:
+            raise CheckpointError(f"{spec_path}: field {name!r} is {spec[name]!r}; expected {' or '.join(choices)}")
+    inputs, names = spec["inputs"], spec["class_names"]
+    if not inputs or not all(name in _INPUTS for name in inputs):
+        raise CheckpointError(f"{spec_path}: field 'inputs' is {json.dumps(inputs)[:60]}; expected some of "
+                              f"{', '.join(_INPUTS)}")
+    if len(names) < 2 or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{spec_path}: field 'class_names' is {json.dumps(names)[:60]}; expected two or more "
+                              "class names")
+    if spec["clara"] is None and set(inputs) & {"audio", "text"}:
+        raise CheckpointError(f"{spec_path}: field 'clara' is null, but the inputs {', '.join(inputs)} need CLARA's "
+                              "architecture")
+    head, dims = spec["head"], spec["head"].get("dims")
+    if (not isinstance(dims, dict) or not isinstance(head.get("options"), dict) or set(dims) != set(inputs)
+            or not all(isinstance(size, int) and size > 0 for size in dims.values())):
+        raise CheckpointError(f"{spec_path}: field 'head' is {json.dumps(head)[:60]}; expected {_FIELDS['head'][1]}")
+
+
 def is_classifier_dir(path: Path) -> bool:
     return (path / SPEC_FILE).is_file() or (path / "model" / SPEC_FILE).is_file()
+
+
+def spec_file(path: str | Path) -> Path:
+    """Where the spec of a run (or of its model/ folder) ``path`` is, whether or not it exists."""
+    path = Path(path)
+    return path / "model" / SPEC_FILE if (path / "model" / SPEC_FILE).is_file() else path / SPEC_FILE
 
 
 def load_classifier(path: str | Path) -> tuple[MeldClassifier, dict, Any]:
     """(classifier in eval mode, its spec, the transformers tokenizer or None) from a run or its model/ folder."""
     path = Path(path)
-    folder = path / "model" if (path / "model" / SPEC_FILE).is_file() else path
-    spec_path = folder / SPEC_FILE
+    spec_path = spec_file(path)
+    folder = spec_path.parent
     if not spec_path.is_file():
         raise CheckpointError(f"{path}: not a fine-tune run directory (no model/{SPEC_FILE}); "
                               "give the --out folder of a finished `python -m meld.finetune`")
     try:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{spec_path}: not valid JSON ({err})") from None
-    if spec.get("format") != FORMAT:
-        raise CheckpointError(f"{spec_path}: format {spec.get('format')!r}, expected {FORMAT!r}")
+    _check_spec(spec, spec_path)
     clara = Clara(config_lib.from_dict(ClaraConfig, spec["clara"], source=f"{spec_path}: clara")) if spec["clara"] else None
     hf_text = hf_tokenizer = None
     if "hf_text" in spec["inputs"]:
         hf_text = HFTextEncoder.from_config_folder(folder / HF_DIR)
         hf_tokenizer = load_hf_tokenizer(folder / HF_DIR)
-    head = FusionHead(spec["head"]["dims"], len(spec["class_names"]), **spec["head"]["options"])
+    try:
+        head = FusionHead(spec["head"]["dims"], len(spec["class_names"]), **spec["head"]["options"])
+    except (TypeError, ValueError, KeyError) as err:  # unknown options, dims that are not sizes of the inputs
+        raise CheckpointError(f"{spec_path}: field 'head' does not describe a head ({type(err).__name__}: {err})") from None
     classifier = MeldClassifier(clara, head, inputs=tuple(spec["inputs"]), features=spec["features"], hf_text=hf_text)
     try:
         classifier.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))

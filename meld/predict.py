@@ -25,7 +25,7 @@ from clara.audio_io import AudioDecodeError, load_audio
 from clara.checkpoint import CheckpointError
 from clara.config import ConfigError, from_dict
 from clara.tokenizer import Tokenizer
-from meld.classifier_io import load_classifier
+from meld.classifier_io import load_classifier, spec_file
 from meld.context import format_with_context
 from meld.dataset import DataConfig, encode_with_context
 from meld.finetune_data import Collate
@@ -106,7 +106,7 @@ def predict(run: str | Path, item: str, text: str | None = None, *, context: Seq
     ``speaker``, for runs trained with ``data.context_turns`` > 0.
     """
     classifier, spec, hf_tokenizer = load_classifier(run)
-    data = from_dict(DataConfig, spec["data"], source="classifier.json data")
+    data = from_dict(DataConfig, spec["data"], source=f"{spec_file(run)}: data")
     _check_context(data, context, speaker)
     item_dict = _item(spec, data, item, text, hf_tokenizer, context, speaker)
     batch = Collate(getattr(hf_tokenizer, "pad_token_id", 0) or 0)([item_dict])

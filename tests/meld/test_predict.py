@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import wave
 from pathlib import Path
 
@@ -134,6 +135,41 @@ def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     _assert_one_error(capsys, ["--run", str(text_run), "hi", "--context", "Ross: hello", "--speaker", "Joey"],
                       "trained without dialogue context")
     _assert_one_error(capsys, ["--run", str(audio_run), str(broken), "--context", "Ross: hello"], "audio only")
+
+
+def _spec_changes(spec: dict) -> dict:
+    """name -> (a damaged or foreign classifier.json, the fragment its error must have after the file name)."""
+    head = spec["head"]
+    without_target = {k: v for k, v in spec.items() if k != "target"}
+    return {
+        "a list": ([], "expected a JSON object with the fields format, target"),
+        "a string": ("model", "expected a JSON object"),
+        "no target": (without_target, "field 'target' is missing; expected emotion or sentiment"),
+        "unknown target": ({**spec, "target": "mood"}, "field 'target' is 'mood'; expected emotion or sentiment"),
+        "inputs a string": ({**spec, "inputs": "text"}, "field 'inputs' is \"text\"; expected a list"),
+        "unknown input": ({**spec, "inputs": ["video"]}, "field 'inputs' is [\"video\"]; expected some of audio"),
+        "no classes": ({**spec, "class_names": []}, "field 'class_names' is []; expected two or more"),
+        "features": ({**spec, "features": "raw"}, "field 'features' is 'raw'; expected projected or pooled"),
+        "clara missing": ({**spec, "clara": None}, "field 'clara' is null, but the inputs text need CLARA"),
+        "head a list": ({**spec, "head": []}, "field 'head' is []; expected an object {\"dims\""),
+        "head dims of another input": ({**spec, "head": {**head, "dims": {"audio": 32}}}, "field 'head' is"),
+        "head option unknown": ({**spec, "head": {**head, "options": {"depth": 3}}},
+                                "field 'head' does not describe a head (TypeError"),
+        "token limit": ({**spec, "hf_max_tokens": "512"}, "field 'hf_max_tokens' is \"512\"; expected a whole number"),
+        "data unknown key": ({**spec, "data": {"bogus": 1}}, ": data: unknown key(s) bogus"),
+    }
+
+
+def test_a_damaged_model_spec_is_one_error_naming_the_file_and_field(text_run, tmp_path, capsys):
+    spec = json.loads((text_run / "model" / "classifier.json").read_text())
+    for name, (changed, fragment) in _spec_changes(spec).items():
+        run = tmp_path / name.replace(" ", "-")
+        shutil.copytree(text_run / "model", run / "model")
+        path = run / "model" / "classifier.json"
+        path.write_text(json.dumps(changed))
+        assert main(["--run", str(run), "hello"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {path}: ") and fragment in err, (name, err)
 
 
 def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_path, capsys):
