@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,10 @@ from meld.finetune_data import Collate
 from meld.records import Utterance
 
 AUDIO_SUFFIXES = {".mp4", ".m4a", ".wav", ".flac", ".mp3", ".ogg", ".aac", ".webm", ".mkv", ".mov", ".opus"}
+
+
+# A file name rather than an utterance: a path separator, or no spaces and a short extension ("clip.avi").
+_PATH_LIKE = re.compile(r".*[/\\].*|\S+\.[A-Za-z0-9]{1,5}")
 
 
 class PredictError(ValueError):
@@ -67,8 +72,10 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
     inputs = set(spec["inputs"])
     needs_audio, needs_text = "audio" in inputs, bool(inputs & {"text", "hf_text"})
     path = Path(item)
-    is_audio = path.suffix.lower() in AUDIO_SUFFIXES or path.is_file()
-    if is_audio and not path.is_file():
+    exists = path.is_file()
+    is_audio = path.suffix.lower() in AUDIO_SUFFIXES or exists
+    # A run that needs audio reads a path-like item (any suffix, a folder) as a file it cannot find, not as text.
+    if not exists and (is_audio or (needs_audio and _PATH_LIKE.fullmatch(item))):
         raise PredictError(f"{path}: file not found")
     if needs_audio and not is_audio:
         raise PredictError(f"this run classifies audio ({'+'.join(spec['inputs'])}); give an mp4 or wav file, not text")
