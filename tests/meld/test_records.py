@@ -5,7 +5,7 @@ import pytest
 
 from meld.errors import MeldDataError
 from meld.layout import find_layout
-from meld.records import SPLITS, Utterance, load_splits, parse_timestamp, read_split_csv
+from meld.records import COLUMNS, SPLITS, Utterance, load_splits, parse_timestamp, read_split_csv
 from tests.meld.test_text_repair import misread_as_cp1252
 
 HEADER = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
@@ -160,6 +160,51 @@ def test_wrong_field_count(tmp_path):
     path = write_csv(tmp_path / "dev_sent_emo.csv", HAND_CSV + "4,Short row,Ross\n")
     with pytest.raises(MeldDataError, match=r", line 5: 3 fields, expected 11$"):
         read_split_csv(path, "dev")
+
+
+def test_a_field_over_the_csv_limit_names_its_line(tmp_path):
+    path = write_csv(tmp_path / "dev_sent_emo.csv", HAND_CSV.replace("Fine.", "x" * 131_073))
+    with pytest.raises(MeldDataError) as err:
+        read_split_csv(path, "dev")
+    assert str(err.value).startswith(f"{path}, line 3: a field of over 131072 characters")
+
+
+def test_a_quote_never_closed_names_the_line_it_opens_on(tmp_path):
+    path = write_csv(tmp_path / "dev_sent_emo.csv", HAND_CSV + '4,"Oh no,Ross\n5,Bye,Joey\n')
+    with pytest.raises(MeldDataError, match=rf"^{path}, line 5: 2 fields, expected 11 \(is a quote \" opened on"):
+        read_split_csv(path, "dev")
+
+
+def test_a_5000_digit_id_is_an_invalid_integer_of_its_field(tmp_path):
+    path = write_csv(tmp_path / "dev_sent_emo.csv", HAND_CSV.replace(",7,1,", f",{'1' * 5000},1,"))
+    with pytest.raises(MeldDataError) as err:
+        read_split_csv(path, "dev")
+    assert str(err.value) == (f"{path}, line 4: Dialogue_ID '{'1' * 40}'... (5000 characters) is not a valid id: "
+                              "5000 digits, expected at most 18")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    path = tmp_path / "dev_sent_emo.csv"
+    path.write_bytes(HAND_CSV.encode(encoding) if encoding == "utf-16" else ("\ufeff" + HAND_CSV).encode(encoding))
+    assert path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+    assert read_split_csv(path, "dev") == HAND_RECORDS
+
+
+@pytest.mark.parametrize(("encode", "hint"), [
+    (lambda text: text.replace(",", ";").encode("utf-8"), "it looks ';'-separated"),
+    # Excel's "Unicode text": UTF-16 with a byte-order mark, tab-separated.
+    (lambda text: text.replace(",", "\t").encode("utf-16"), "it looks tab-separated"),
+    (lambda text: text.encode("utf-16-le"), "it has NUL characters: is it UTF-16 without a byte-order mark?"),
+], ids=["semicolons", "excel-unicode-text", "utf16-without-bom"])
+def test_a_header_not_split_into_columns_says_why(tmp_path, encode, hint):
+    path = tmp_path / "dev_sent_emo.csv"
+    path.write_bytes(encode(HAND_CSV))
+    with pytest.raises(MeldDataError) as err:
+        read_split_csv(path, "dev")
+    message = str(err.value)
+    assert message.startswith(f"{path}: the header row has ") and "missing column" not in message
+    assert f"expected comma-separated columns {', '.join(COLUMNS)} ({hint}" in message
 
 
 def test_empty_missing_file_and_unknown_split(tmp_path):
