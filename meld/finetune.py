@@ -12,6 +12,8 @@ with ``confusion_test.png``, ``predictions.csv``, ``model/`` (the selected class
 when the same command is run again), ``best.safetensors`` + ``best.json`` (the selection so far),
 ``status.json`` (running, complete, stopped or interrupted), ``metrics.jsonl`` and ``tensorboard/``. With ``--seeds N`` each
 seed gets ``seed-<s>/`` and the top level reports mean ± std and keeps the seed with the best dev macro-F1.
+An existing ``--out`` must hold a fine-tune run with the same settings (MAY_DIFFER_ON_RESUME lists what may
+change), or be empty; anything else is refused before a file is written.
 
 For sweeps: ``load_config(path, overrides)`` and ``run_finetune(config, out_dir=..., epoch_callback=...)``.
 """
@@ -41,6 +43,7 @@ from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
 from clara.precision import resolve_precision
+from clara.run_dir import CONFIG_FILE, OutDirError, check_folder_path, check_same_settings, claim, saved_config
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -65,6 +68,21 @@ PRESET_DIR = CONFIG_ROOT / "finetune"
 DEMO_CONFIG = PRESET_DIR / "demo.yaml"
 STATUS_FILE = "status.json"
 USER_ERRORS = (config_lib.ConfigError, MeldDataError, CheckpointError, AudioDecodeError)
+KIND = "meld.finetune"
+# Settings a run may be resumed (or a finished one redone) with when they differ from its config.yaml:
+# they change how it runs, what is logged or drawn, or where caches live (the feature and embedding
+# caches are keyed by content), not what it computes. train.steps and train.epochs are here too: a run
+# given more continues from its checkpoint to the new length. The seeds (seeds, train.seed) are not:
+# they decide which trainings the folder's results and mean ± std are over, and seeds 1 vs N lay the
+# folder out differently.
+MAY_DIFFER_ON_RESUME = frozenset({
+    "threads", "tensorboard_extras", "outputs", "prepare", "cache_root", "data.batch_size", "model.allow_pickle",
+    "strategy.embed_batch_size", "train.steps", "train.epochs", "train.progress", "train.log_every",
+    "train.num_workers", "train.device", "train.resume", "train.checkpoint_every", "train.out_dir",
+    "train.compile", "train.compile_mode", "train.compile_recompute", "train.find_unused_parameters",
+    # run_finetune sets these itself (an evaluation per epoch), whatever the config says
+    "train.eval_every", "train.eval_every_epoch", "train.eval_at_start",
+})
 
 
 def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
@@ -76,6 +94,24 @@ def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
     else:
         resolved = Path(path)
     return config_lib.load(FinetuneConfig, resolved, list(overrides))
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds a fine-tune run (a config.yaml that reads as fine-tune settings)."""
+    return saved_config(path, FinetuneConfig) is not None
+
+
+def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
+    """Refuse, before anything is written, an ``out_dir`` that is a file, holds another command's run,
+    or holds a fine-tune run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
+    check_folder_path(out_dir)
+    if not (out_dir / CONFIG_FILE).exists():
+        return
+    saved = saved_config(out_dir, FinetuneConfig)
+    if saved is None:
+        raise OutDirError(f"{out_dir} exists and is not a {KIND} run ({CONFIG_FILE} holds other settings); "
+                          "give an empty or new folder")
+    check_same_settings(out_dir, saved, config, MAY_DIFFER_ON_RESUME, "--out")
 
 
 def _write_status(out_dir: Path, status: str, **details) -> None:
@@ -255,15 +291,23 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     ``epoch_callback(epoch, dev_metrics)`` runs after each epoch's dev evaluation (epochs count from
     1); an exception it raises propagates, after ``status.json`` records the stop and every file in
     ``out_dir`` is complete (all are written atomically).
+
+    An ``out_dir`` holding a fine-tune run resumes it; one with other settings, or another command's
+    run, is refused (OutDirError) before anything is written. Other files in it are the caller's to
+    keep apart (the command line refuses a non-empty folder that holds no run).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, config)
+    if config.cache_root:
+        check_folder_path(config.cache_root)
     if config.threads:
         torch.set_num_threads(config.threads)
-    config_lib.save_yaml(config, out_dir / "config.yaml")
+    # The inputs are read and checked before out_dir is made, so a mistake in them leaves no run folder.
     clara = _load_clara(config)
     clara_config = clara.config if clara is not None else load_model_config(config.model.clara)
     data = _Data(config, clara_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     seeds = [config.train.seed + offset for offset in range(config.seeds)]
     if len(seeds) == 1:
         return _run_seed(config, data, clara, out_dir, seeds[0], epoch_callback)
@@ -307,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
     try:
         config = load_config(args.config, overrides)
+        claim(out_dir, KIND, holds_run)  # a folder with the user's files in it is not ours to write into
         doc = run_finetune(config, out_dir=out_dir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

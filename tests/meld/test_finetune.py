@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from clara import config as config_lib
+from clara.run_dir import OutDirError
 from meld.classifier_io import load_classifier
 from clara.model_config import load_model_config
 from meld.finetune import _Data, load_config, main, run_finetune
@@ -183,6 +186,7 @@ def test_missing_csv_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = _cli(capsys, "--data", str(tmp_path / "empty"), "--modality", "text", "--out", str(tmp_path / "o"), *FAST)
     _assert_one_error(code, err, "sent_emo.csv")
+    assert not (tmp_path / "o").exists()  # the data is checked before the run folder is made
 
 
 def test_unknown_label_is_one_clear_error(tmp_path, capsys):
@@ -197,6 +201,7 @@ def test_wrong_kind_of_checkpoint_is_one_clear_error(csv_root, tmp_path, capsys)
     code, err = _cli(capsys, "--data", str(csv_root), "--modality", "text", "--checkpoint", str(text_file),
                      "--out", str(tmp_path / "o"), *FAST)
     _assert_one_error(code, err, "notes.ckpt")
+    assert not (tmp_path / "o").exists()  # the checkpoint is checked before the run folder is made
     (tmp_path / "run" / "model").mkdir(parents=True)
     (tmp_path / "run" / "model" / "classifier.json").write_text("{}")
     code, err = _cli(capsys, "--data", str(csv_root), "--modality", "text", "--checkpoint", str(tmp_path / "run"),
@@ -240,3 +245,73 @@ def test_demo_audio_plus_text_is_at_least_as_good_as_either_alone(tmp_path):
     assert means["both"]["test"] == pytest.approx(0.5599, abs=0.05)  # other CPUs round differently over 1700 steps
     for split in ("dev", "test"):
         assert means["both"][split] >= max(means["audio"][split], means["text"][split])
+
+
+# -- the run folder: resume only the same run, never write over other files --------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _text_cli(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(root), "--modality", "text", "--out", str(out), *FAST, *extra]
+
+
+def test_a_run_folder_with_other_settings_is_refused_untouched(text_run, csv_root, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(text_run[0], copy)
+    before = _snapshot(copy)
+    other = write_csv_meld(tmp_path / "other", {"train": 4, "dev": 2, "test": 2})
+    for extra in (["train.lr=0.5"], ["model.hidden_dim=16"], ["target=sentiment"], ["seeds=2"]):
+        code, err = _cli(capsys, *_text_cli(other, copy, *extra))
+        _assert_one_error(code, err, f"{copy} holds a run with other settings (data_root, {extra[0].split('=')[0]})",
+                          "use a new --out")
+    assert _snapshot(copy) == before
+
+
+def test_a_run_folder_resumes_with_other_logging_and_continues_to_more_epochs(text_run, csv_root, tmp_path, capsys):
+    out, doc, _ = text_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # Progress, logging and threads change nothing the run computes: the finished run is re-scored as it was.
+    code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.progress=true", "train.log_every=1", "threads=2"))
+    assert code == 0
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert {split: metrics[split] for split in ("dev", "test")} == json.loads(json.dumps({s: doc[s] for s in ("dev", "test")}))
+    steps = torch.load(copy / "checkpoint.pt", weights_only=True)["step"]
+    code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.epochs=3"))
+    assert code == 0 and torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == steps * 3 // 2
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+def test_a_folder_that_is_not_a_finetune_run_is_refused_untouched(csv_root, tmp_path, capsys):
+    user = tmp_path / "userdir"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "notes.txt").write_text("mine")
+    (user / "report.md").write_text("my report")
+    zeroshot = tmp_path / "zeroshot"
+    zeroshot.mkdir()
+    (zeroshot / "metrics.json").write_text('{"zeroshot": {}}')
+    for folder in (user, zeroshot):
+        before = _snapshot(folder)
+        code, err = _cli(capsys, *_text_cli(csv_root, folder))
+        _assert_one_error(code, err, f"{folder} exists and is not a meld.finetune run; give an empty or new folder")
+        assert _snapshot(folder) == before
+    # Another command's run is refused through the API too (a sweep calls run_finetune directly).
+    pretrain = tmp_path / "pretrain"
+    pretrain.mkdir()
+    (pretrain / "config.yaml").write_text("model: tiny\ndata:\n  train: demo\n")
+    with pytest.raises(OutDirError, match="is not a meld.finetune run"):
+        run_finetune(text_config(csv_root), out_dir=pretrain)
+    assert (pretrain / "config.yaml").read_text() == "model: tiny\ndata:\n  train: demo\n"
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(csv_root, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv in (_text_cli(csv_root, afile), _text_cli(csv_root, afile / "sub"),
+                 ["--data", str(csv_root), "--modality", "audio", "--cache", str(afile), "--out", str(tmp_path / "o"), *FAST]):
+        code, err = _cli(capsys, *argv)
+        _assert_one_error(code, err, f"{afile}: exists and is not a folder")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,87 @@
+"""A command's output folder, checked before anything is written into it.
+
+A run folder may be given again to resume the run it holds; anything else in it is someone's finished
+work. So a command refuses, with one message naming the folder: a path that is a file (or lies under
+one), a non-empty folder that holds no run of its kind (the user's files, another command's run), and
+a run made with other settings (resuming it would mix two runs' steps, or mislabel the old results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from clara import config as config_lib
+from clara.config import ConfigError
+
+CONFIG_FILE = "config.yaml"  # a run's resolved settings, as config_lib.save_yaml writes them
+T = TypeVar("T")
+
+
+class OutDirError(ConfigError):
+    """An output folder that cannot take this run; the message names it and says what to give instead."""
+
+
+def check_folder_path(path: str | Path) -> None:
+    """Raise OutDirError when ``path``, or the nearest part of it that exists, is not a folder."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return
+        if part.exists() or part.is_symlink():  # a file, or a link to nothing
+            raise OutDirError(f"{part}: exists and is not a folder" + ("" if part == path else f" (in {path})"))
+
+
+def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool]) -> bool:
+    """Whether ``path`` holds a ``kind`` run (by ``holds_run``) to resume or redo; False for a new or empty folder.
+
+    Raises OutDirError for a file, and for a non-empty folder that holds no ``kind`` run.
+    """
+    path = Path(path)
+    check_folder_path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    if holds_run(path):
+        return True
+    raise OutDirError(f"{path} exists and is not a {kind} run; give an empty or new folder")
+
+
+def saved_config(path: str | Path, cls: type[T]) -> T | None:
+    """The settings in ``path``/config.yaml read as ``cls``; None when there is no such file or it
+    describes something else (another command's run, a file that is not a config)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        return config_lib.from_dict(cls, yaml.safe_load(file.read_text(encoding="utf-8")))
+    except (ConfigError, yaml.YAMLError, AttributeError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = ()) -> list[str]:
+    """The dotted keys whose values differ between two configs, leaving out ``may_differ``
+    (a key, or a section such as ``train``)."""
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if prefix in may_differ:
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            found.append(prefix)
+
+    walk(config_lib.to_dict(saved), config_lib.to_dict(new), "")
+    return found
+
+
+def check_same_settings(path: str | Path, saved: Any, new: Any, may_differ: Collection[str], option: str) -> None:
+    """Refuse to resume the run in ``path`` (made with ``saved``) with other settings than ``new``."""
+    keys = differing_keys(saved, new, may_differ)
+    if keys:
+        raise OutDirError(f"{path} holds a run with other settings ({', '.join(keys)}); "
+                          f"use a new {option}, or the same settings to resume")
