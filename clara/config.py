@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -41,13 +42,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError:
-                continue
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:  # an optional setting: the one type's own reason says more
+            raise errors[0]
         raise ConfigError(f"{where}: {value!r} does not match {hint}")
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
@@ -77,6 +81,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # No setting means anything by nan or inf, and both slip past range checks (nan > 0 is
+        # false, and so is nan <= 0) to fail far from the config, e.g. in torch's optimiser.
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -159,21 +167,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override set."""
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, source: str | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override set.
+
+    ``source`` names where ``data`` came from (a file), for the error when an override goes into a
+    key that holds a plain value: the error says who set that value, ``data`` or an earlier
+    override, as the override that fails may not be the one at fault (a CLI flag applied after the
+    user's own overrides, say).
+    """
     result = json.loads(json.dumps(data, default=list)) if data else {}
+    set_by: dict[tuple[str, ...], str] = {}  # key path -> the override that last set it
     for text in overrides:
         path, value = parse_override(text)
         node = result
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], start=1):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+                raise ConfigError(f"override {text!r}: {_not_a_section(path[:depth], child, set_by, source)}")
             node = child
         node[path[-1]] = value
+        key = tuple(path)
+        set_by = {k: v for k, v in set_by.items() if k[: len(key)] != key}
+        set_by[key] = text
     return result
+
+
+def _not_a_section(path: list[str], value: Any, set_by: Mapping[tuple[str, ...], str], source: str | None) -> str:
+    """Why ``path`` cannot hold keys: it holds ``value``, set by an earlier override or the config."""
+    dotted = ".".join(path)
+    setters = [set_by[tuple(path[:n])] for n in range(len(path), 0, -1) if tuple(path[:n]) in set_by]
+    if setters:
+        return f"{dotted} was set to {value!r} by the earlier override {setters[0]!r}, so it is not a section"
+    return f"{dotted} is {value!r} in {source or 'the config'}, not a section"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -183,6 +210,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if data is None:
@@ -195,7 +224,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, source=None if path is None else str(path))
     return from_dict(cls, data, source=_source(path, overrides))
 
 

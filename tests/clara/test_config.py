@@ -81,3 +81,44 @@ def test_replace_and_save_round_trip(tmp_path):
     cfg = config_lib.replace(Outer(), ["inner.steps=3"])
     config_lib.save_yaml(cfg, tmp_path / "resolved.yaml")
     assert config_lib.load(Outer, tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "-.inf", "inf"])
+def test_numbers_must_be_finite(value):
+    # nan passes every range check (nan > 0 and nan <= 0 are both false) and would reach torch.
+    with pytest.raises(ConfigError, match=r"^overrides: inner.lr: expected a finite number, got (nan|-?inf)$"):
+        config_lib.load(Outer, None, [f"inner.lr={value}"])
+
+
+def test_an_optional_setting_gives_its_type_s_reason():
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, None, ["limit=many"])
+    assert str(err.value) == "overrides: limit: expected an integer, got 'many'"
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, binary)
+    assert str(err.value) == f"{binary}: not UTF-8 text"
+
+
+def test_an_override_into_a_plain_value_names_who_set_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("inner: 5\n")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, path, ["inner.steps=1"])
+    assert str(err.value) == f"override 'inner.steps=1': inner is 5 in {path}, not a section"
+    # The failing override is not the culprit (think of a CLI flag applied after the user's own).
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, None, ["inner=abc", "inner.steps=1"])
+    assert str(err.value) == ("override 'inner.steps=1': inner was set to 'abc' by the earlier override "
+                              "'inner=abc', so it is not a section")
+    # The override that set the value last is named, also through a whole section.
+    with pytest.raises(ConfigError, match=r"inner.steps was set to 4 by the earlier override 'inner=\{steps: 4\}'"):
+        config_lib.load(Outer, None, ["inner.steps=3", "inner={steps: 4}", "inner.steps.x=1"])
+    with pytest.raises(ConfigError, match=r"inner.steps was set to 5 by the earlier override 'inner.steps=5'"):
+        config_lib.load(Outer, None, ["inner={steps: 4}", "inner.steps=5", "inner.steps.x=1"])
+    with pytest.raises(ConfigError, match="^override 'name.first=x': name is 'run' in the config, not a section$"):
+        config_lib.replace(Outer(), ["name.first=x"])
