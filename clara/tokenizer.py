@@ -69,6 +69,22 @@ _SPECIAL_IDS = {token: _N_RANKS + i for i, token in enumerate(_SPECIAL_TOKENS)}
 _LANGUAGE_IDS = {code.lower(): _SPECIAL_IDS[f"<|{code}|>"] for code in LANGUAGES}
 
 
+def _language_key(language: object) -> str | None:
+    key = language.lower() if isinstance(language, str) else None
+    return _LANGUAGE_ALIASES.get(key, key)
+
+
+def is_language(language: object) -> bool:
+    """Whether ``language`` is a code the tokenizer has a token for (see ``Tokenizer.language_id``);
+    configs and manifests check theirs with it when read, without building a tokenizer."""
+    return _language_key(language) in _LANGUAGE_IDS
+
+
+def unknown_language(language: object) -> str:
+    """The error message for a code that ``is_language`` refuses."""
+    return f"unknown language code {language!r}; valid codes: {', '.join(LANGUAGES)}"
+
+
 def _ranks_path() -> Path:
     """``whisper/assets/multilingual.tiktoken``, found without importing whisper (which loads torch models)."""
     spec = importlib.util.find_spec("whisper")
@@ -162,11 +178,9 @@ class Tokenizer:
 
     def language_id(self, language: str) -> int:
         """The id of ``<|{language}|>``; codes as in ``LANGUAGES``, in any case ("he" is accepted for "iw")."""
-        key = language.lower() if isinstance(language, str) else None
-        key = _LANGUAGE_ALIASES.get(key, key)
-        if key not in _LANGUAGE_IDS:
-            raise ValueError(f"unknown language code {language!r}; valid codes: {', '.join(LANGUAGES)}")
-        return _LANGUAGE_IDS[key]
+        if not is_language(language):
+            raise ValueError(unknown_language(language))
+        return _LANGUAGE_IDS[_language_key(language)]
 
     def encode(self, text: str, language: str | None = None) -> list[int]:
         """Ids of ``<|{language}|><|speech|> {text}``, at most ``max_length`` of them."""

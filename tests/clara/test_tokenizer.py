@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clara.tokenizer import LANGUAGES, Tokenizer
+from clara.tokenizer import LANGUAGES, Tokenizer, is_language, unknown_language
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -184,6 +184,19 @@ def test_unknown_language_is_a_clear_error(tokenizer):
         Tokenizer(language="yue")
     with pytest.raises(ValueError, match="unknown language code 'xx'"):
         tokenizer.encode_batch(["a", "b"], language=["en", "xx"])
+
+
+def test_is_language_accepts_exactly_the_codes_the_tokenizer_encodes(tokenizer):
+    # Configs and manifests check codes with it when read, so it must agree with language_id.
+    for code in ["en", "EN", "zh-cn", "he", "iw", "fy-NL", "xx", "yue", "english", "", None, 5]:
+        try:
+            tokenizer.language_id(code)
+            encodes = True
+        except ValueError:
+            encodes = False
+        assert is_language(code) == encodes, code
+    assert all(is_language(code) for code in LANGUAGES)
+    assert not is_language("xx") and unknown_language("xx").startswith("unknown language code 'xx'; valid codes: en, zh")
 
 
 def test_invalid_arguments_are_clear_errors(tokenizer):
