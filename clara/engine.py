@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -86,6 +88,62 @@ class TrainConfig:
     # What the compiled backward recomputes instead of keeping (clara.compilation): "pointwise" keeps
     # about a quarter less activation memory (norm outputs and GEGLU products are recomputed).
     compile_recompute: Recompute = "default"
+
+    def __post_init__(self) -> None:
+        """Each setting on its own; how settings fit the run (warmup against its length) is checked
+        by the Trainer, as drivers adapt some of them to the data first."""
+        positive = ("batch_size", "accumulation", "log_every")
+        problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers")
+        problems += [f"{name} must be >= 0, got {getattr(self, name)}" for name in non_negative if getattr(self, name) < 0]
+        if self.steps == 0 and self.epochs == 0:
+            problems.append("set steps or epochs above 0")
+        # torch's optimiser refuses a negative or nan lr only when a driver builds it, late, and takes
+        # an infinite lr, a negative decay or min_lr silently.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a number >= 0, got {value}")
+        if not _DEVICE_FORM.fullmatch(self.device):
+            problems.append(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if problems:
+            raise config_lib.ConfigError("train: " + "; ".join(problems))
+
+
+_DEVICE_FORM = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can train on, as ``train.device`` spells them."""
+    devices = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str | torch.device) -> None:
+    """Raise ConfigError, naming ``train.device`` and what this machine has, unless ``device`` is
+    here; torch would fail later, in the middle of a driver, with a traceback."""
+    if str(device) == "auto":
+        return
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        present = torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()
+    else:
+        present = resolved.type == "cpu" or (resolved.type == "mps" and torch.backends.mps.is_available())
+    if not present:
+        raise config_lib.ConfigError(
+            f"train.device: {str(device)!r} is not available on this machine; available: "
+            f"{', '.join(available_devices())} (or auto)"
+        )
+
+
+def init_env(config: TrainConfig) -> distributed.DistEnv:
+    """The process group and device for ``config`` (``distributed.init``), after ``check_device``."""
+    check_device(config.device)
+    return distributed.init(config.device)
 
 
 class Task(Protocol):
@@ -210,18 +268,30 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 
 def _check(config: TrainConfig) -> None:
-    positive = ("batch_size", "accumulation", "log_every")
-    problems = [f"{name} must be at least 1, got {getattr(config, name)}" for name in positive if getattr(config, name) < 1]
-    non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers")
-    problems += [f"{name} must be >= 0, got {getattr(config, name)}" for name in non_negative if getattr(config, name) < 0]
-    if config.steps == 0 and config.epochs == 0:
-        problems.append("set steps or epochs above 0")
+    """How the warmup fits the cycle or the run (each setting alone: ``TrainConfig.__post_init__``)."""
+    problems = []
     if config.cycle_steps and config.warmup_steps >= config.cycle_steps:
         problems.append(f"warmup_steps ({config.warmup_steps}) must be below cycle_steps ({config.cycle_steps})")
     if not config.cycle_steps and config.steps and config.warmup_steps >= config.steps:
         problems.append(f"warmup_steps ({config.warmup_steps}) must be below steps ({config.steps})")
     if problems:
         raise config_lib.ConfigError("train: " + "; ".join(problems))
+
+
+def _load_failure(err: Exception) -> str:
+    """What went wrong in ``torch.load``, in one sentence.  The weights-only unpickler's message (for
+    a file that is not a pickle, or holds more than tensors) goes on to advise ``weights_only=False``
+    or allowlisting classes, unsafe for a file nobody vouches for; only its reason is kept."""
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        text = text.partition("WeightsUnpickler error:")[2]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    sentence = lines[0].split(". ")[0].rstrip(".")
+    return f"unpickling failed: {sentence}" if isinstance(err, pickle.UnpicklingError) else sentence
 
 
 class Trainer:
@@ -238,8 +308,9 @@ class Trainer:
                  groups: list[dict] | None = None, lengths: Sequence[int] | None = None) -> None:  # fmt: skip
         _check(config)
         self.config = config
-        self.env = env or distributed.init(config.device)
+        self.env = env or init_env(config)
         self.device = self.env.device
+        check_device(self.device)  # an env from the caller, made without init_env
         self.task = task
         self.train_data = train_data
         self.out_dir = Path(config.out_dir)
@@ -329,10 +400,10 @@ class Trainer:
             return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError) as err:
-            message = f"{path}: not a readable training checkpoint ({err}); delete it or set train.resume=false"
-            raise CheckpointError(message) from None
-        if state.get("format") != "meld-clara-train/1":
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable training checkpoint ({_load_failure(err)}); "
+                                  "delete it or set train.resume=false to start over") from None
+        if not isinstance(state, dict) or state.get("format") != "meld-clara-train/1":
             raise CheckpointError(f"{path}: not a meld-clara training checkpoint; delete it or set train.resume=false")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

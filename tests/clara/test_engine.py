@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.config import ConfigError
-from clara.engine import CHECKPOINT_FILE, METRICS_FILE, ResumableBatchSampler, TrainConfig, Trainer, move_to
+from clara.engine import (
+    CHECKPOINT_FILE, METRICS_FILE, ResumableBatchSampler, TrainConfig, Trainer, check_device, move_to,
+)
 
 WEIGHTS = torch.tensor([1.5, -2.0, 0.5, 3.0])
 
@@ -166,10 +170,83 @@ def test_parameter_groups_train_at_their_lr_scale(tmp_path):
 
 
 def test_bad_settings_are_one_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="batch_size must be at least 1.*warmup_steps"):
-        fit(tmp_path, batch_size=0, warmup_steps=20)
+    with pytest.raises(ConfigError, match="batch_size must be at least 1.*accumulation must be at least 1"):
+        fit(tmp_path, batch_size=0, accumulation=0)
+    with pytest.raises(ConfigError, match="warmup_steps .20. must be below cycle_steps .12."):
+        fit(tmp_path, warmup_steps=20)
     with pytest.raises(ConfigError, match="no full step"):
         fit(tmp_path, batch_size=64)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("batch_size", 0, "batch_size must be at least 1, got 0"),
+    ("accumulation", 0, "accumulation must be at least 1, got 0"),
+    ("lr", -1.0, "lr must be a positive number, got -1.0"),
+    ("lr", 0.0, "lr must be a positive number, got 0.0"),
+    ("lr", float("nan"), "lr must be a positive number, got nan"),
+    ("lr", float("inf"), "lr must be a positive number, got inf"),
+    ("min_lr", -1.0, "min_lr must be a number >= 0, got -1.0"),
+    ("weight_decay", -1.0, "weight_decay must be a number >= 0, got -1.0"),
+    ("grad_clip", float("nan"), "grad_clip must be a number >= 0, got nan"),
+    ("device", "foo", "device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
+    ("device", "cuda:x", "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+])  # fmt: skip
+def test_train_config_refuses_what_torch_would_fail_on_later(field, value, expected):
+    # At construction, so a driver that loads its config stops before using any of it.
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**{field: value})
+    assert str(err.value) == f"train: {expected}"
+
+
+def test_a_device_this_machine_lacks_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    expected = "train.device: {!r} is not available on this machine; available: {} (or auto)"
+    for device in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(ConfigError) as err:
+            fit(tmp_path, device=device)
+        assert str(err.value) == expected.format(device, "cpu")
+    # A driver's own process group and device (distributed.init does not check) is checked too.
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("mps"))
+    with pytest.raises(ConfigError, match="'mps' is not available"):
+        Trainer(TrainConfig(device="mps", out_dir=str(tmp_path)), toy_model(), ToyTask(), ToyData(), env=env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError) as err:
+        check_device("cuda:1")
+    assert str(err.value) == expected.format("cuda:1", "cpu, cuda:0")
+    check_device("cuda:0")
+    check_device("auto")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"garbage\n", r"unpickling failed: Unsupported operand 103"),
+    (b"", r"\(the file is empty or cut short\)"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_named_without_unsafe_advice(tmp_path, content, reason):
+    fit(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        fit(tmp_path, steps=4)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a readable training checkpoint (") and "\n" not in message
+    assert re.search(reason, message) and message.endswith("delete it or set train.resume=false to start over")
+    assert "weights_only" not in message
+
+
+def test_a_checkpoint_holding_code_or_no_dict_is_refused(tmp_path):
+    fit(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_FILE
+    torch.save(ToyTask(), path)  # an object the weights-only unpickler refuses to build
+    with pytest.raises(CheckpointError) as err:
+        fit(tmp_path, steps=4)
+    assert "not a readable training checkpoint (unpickling failed: Unsupported global: GLOBAL " in str(err.value)
+    assert "weights_only" not in str(err.value) and "safe_globals" not in str(err.value)
+    torch.save([1, 2], path)
+    with pytest.raises(CheckpointError, match="not a meld-clara training checkpoint"):
+        fit(tmp_path, steps=4)
 
 
 def test_sampler_shards_are_disjoint_and_resumable():
