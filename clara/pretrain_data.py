@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import tarfile
 import tempfile
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clara.audio_io import load_audio
+from clara.audio_io import AudioDecodeError, load_audio
 from clara.augment import CaptionRewriter, MixConfig, fit_env, merge_captions, mix, rms
+from clara.config import ConfigError
+from clara.tokenizer import is_language, unknown_language
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
 
@@ -42,10 +45,37 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """``clara.pretrain``'s ``data`` section."""
+
+    train: str = ""  # "demo", a .jsonl/.csv manifest, or tar shards (file, folder, glob; comma-separated)
+    eval: str = ""  # held-out pairs for retrieval metrics, same forms; "" = none
+    env: str = ""  # environmental sounds (a manifest or shards) for augment.mix; "" = no mixing
+    max_seconds: float = 10.0  # clips are cut to their first max_seconds
+    language: str = "en"  # for items without a language
+    cache_audio: bool = False  # keep decoded clips in memory (small sets; each loader worker keeps its own)
+    eval_batch_size: int = 64
+    demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
+
+    def __post_init__(self) -> None:
+        # Each of these would otherwise fail deep in torch, after the model is built and the data read.
+        problems = []
+        if not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            problems.append(f"max_seconds must be a positive number of seconds, got {self.max_seconds}")
+        if self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        if not is_language(self.language):
+            problems.append(f"language: {unknown_language(self.language)}")
+        if problems:
+            raise ConfigError("data: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Record:
     audio: str  # a file path, or "<shard>#<member>" for tar members
     caption: str
     language: str | None = None
+    origin: str = ""  # "<manifest>:<line>" that listed it, for errors found when it is decoded
 
 
 def _record(fields: dict[str, Any], base: Path, where: str) -> Record:
@@ -57,14 +87,32 @@ def _record(fields: dict[str, Any], base: Path, where: str) -> Record:
     language = fields.get("language") or None
     if language is not None and not isinstance(language, str):
         raise DataError(f"{where}: 'language' must be a string such as 'en'")
-    return Record(audio=str((base / audio).resolve()), caption=caption.strip(), language=language)
+    if language is not None and not is_language(language):
+        raise DataError(f"{where}: {unknown_language(language)}")
+    return Record(audio=str((base / audio).resolve()), caption=caption.strip(), language=language, origin=where)
 
 
 def read_manifest(path: str | Path) -> list[Record]:
-    """Records of a ``.jsonl`` or ``.csv`` manifest."""
+    """Records of a ``.jsonl`` or ``.csv`` manifest; every file it lists must exist."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
+    try:
+        records = _read_rows(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    if not records:
+        raise DataError(f"{path}: the manifest lists no samples")
+    # Checked before training, which would otherwise stop at the first missing file's batch, a
+    # few steps in, with nothing saved.  After the rows, so a malformed row is reported first.
+    missing = [record for record in records if not os.path.isfile(record.audio)]
+    if missing:
+        more = f" ({len(missing)} of the {len(records)} listed files are missing)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0].origin}: {missing[0].audio}: file not found{more}")
+    return records
+
+
+def _read_rows(path: Path) -> list[Record]:
     records = []
     if path.suffix == ".jsonl":
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -87,8 +135,6 @@ def read_manifest(path: str | Path) -> list[Record]:
                 records.append(_record(row, path.parent, f"{path}:{number}"))
     else:
         raise DataError(f"{path}: expected a .jsonl or .csv manifest")
-    if not records:
-        raise DataError(f"{path}: the manifest lists no samples")
     return records
 
 
@@ -124,6 +170,8 @@ def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, i
                     caption, language = _caption_of(meta if isinstance(meta, dict) else {})
                     if caption is None:
                         raise DataError(f"{shard}: {members['json'].name}: expected a non-empty 'text'")
+                    if language is not None and not is_language(language):
+                        raise DataError(f"{shard}: {members['json'].name}: {unknown_language(language)}")
                     record = Record(audio=f"{shard}#{audio.name}", caption=caption, language=language)
                     samples.append((record, (shard, audio.offset_data, audio.size)))
         except tarfile.TarError as err:
@@ -174,7 +222,11 @@ class PairDataset(Dataset):
 
     def _decode(self, index: int) -> torch.Tensor:
         if self._members is None:
-            return load_audio(self.records[index].audio, max_seconds=self.max_seconds)
+            record = self.records[index]
+            try:
+                return load_audio(record.audio, max_seconds=self.max_seconds)
+            except AudioDecodeError as err:
+                raise AudioDecodeError(f"{record.origin}: {err}") from None
         shard, offset, size = self._members[index]
         with open(shard, "rb") as handle:
             handle.seek(offset)
