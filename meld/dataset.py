@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clara.config import ConfigError
 from clara.engine import sorted_in_pools
-from clara.tokenizer import Tokenizer
+from clara.tokenizer import Tokenizer, is_language, unknown_language
 from meld.context import dialogue_context, format_with_context
 from meld.demo import ensure_demo
 from meld.errors import MeldDataError
@@ -64,6 +64,8 @@ class DataConfig:
             raise ConfigError(f"max_tokens must be at least 3 (2 special tokens and a word), got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not is_language(self.language):
+            raise ConfigError(f"language: {unknown_language(self.language)}")
         for name in ("frames_multiple", "tokens_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (1: no rounding up), got {getattr(self, name)}")

@@ -133,6 +133,13 @@ def test_data_config_rejects_a_multiple_below_one(field):
         DataConfig(**{field: 0})
 
 
+def test_data_config_rejects_an_unknown_language_when_loaded():
+    # Found when the config is read, not when the first text is tokenised.
+    with pytest.raises(ConfigError, match=r"^overrides: language: unknown language code 'xx'; valid codes: en, zh"):
+        load(DataConfig, None, ["language=xx"])
+    assert DataConfig(language="he").language == "he"
+
+
 def test_modalities(prepared, tokenizer):
     demo, cache = prepared
     audio = build_datasets(demo, DataConfig(modality="audio"), splits=["test"], cache_root=cache)["test"]
