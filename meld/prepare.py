@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import math
 import os
 import re
 import sys
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.set)
         if args.max_seconds is not None:
+            # argparse takes "nan", "inf" and negatives as floats; only 0 means no cap.
+            if not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
+                raise ConfigError(f"--max-seconds must be a number of seconds >= 0 (0: no cap), got {args.max_seconds}")
             overrides.append(f"audio.max_seconds={args.max_seconds if args.max_seconds > 0 else 'null'}")
         config = load(DataConfig, args.config, overrides)
         if args.workers is not None and args.workers < 1:

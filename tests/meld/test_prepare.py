@@ -255,9 +255,17 @@ def write_csv_only(root: Path) -> None:
     ("CSVs only", ["--data", "{tmp}/csv-only"], "text-only"),
     ("bad override", ["--data", "{tmp}/empty", "--set", "audio.n_mel=64"], "unknown key(s) n_mel"),
     ("bad workers", ["--data", "{tmp}/empty", "--workers", "0"], "--workers must be at least 1"),
+    # Only 0 means no cap; these read as no cap or overflowed before.
+    ("negative cap", ["--data", "{tmp}/empty", "--max-seconds", "-5"], "--max-seconds must be a number of seconds >= 0"),
+    ("nan cap", ["--data", "{tmp}/empty", "--max-seconds", "nan"], "(0: no cap), got nan"),
+    ("infinite cap", ["--data", "{tmp}/empty", "--max-seconds", "inf"], "(0: no cap), got inf"),
+    ("infinite cap in the config", ["--data", "{tmp}/empty", "--set", "audio.max_seconds=.inf"],
+     "audio.max_seconds: expected a finite number, got inf"),
+    ("binary config", ["--data", "{tmp}/empty", "--config", "{tmp}/binary.yaml"], "binary.yaml: not UTF-8 text"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, case, args, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
     (tmp_path / "csv-only").mkdir()
     write_csv_only(tmp_path / "csv-only")
     assert main([arg.replace("{tmp}", str(tmp_path)) for arg in args]) == 2
