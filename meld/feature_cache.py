@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -81,9 +82,9 @@ class AudioSettings:
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"audio.{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
+        if self.max_seconds is not None and not 0 < self.max_seconds < math.inf:  # nan fails too
             raise ConfigError(f"audio.max_seconds must be positive (or null for no cap), got {self.max_seconds}")
-        if self.min_seconds < 0:
+        if not 0 <= self.min_seconds < math.inf:
             raise ConfigError(f"audio.min_seconds must be >= 0, got {self.min_seconds}")
 
     @property

@@ -37,7 +37,7 @@ from meld.demo import ensure_demo
 from meld.errors import MeldDataError
 from meld.feature_cache import (
     AudioSettings, CachedClip, ClipRecord, Journal, SplitStore, audio_cache_dir, default_cache_root, journal_files,
-    read_journal, store_path, write_settings, write_store,
+    open_stores, read_journal, store_path, write_settings, write_store,
 )
 from meld.layout import find_layout
 from meld.prepare_report import ExtraFile, build_report, format_summary, write_report
@@ -113,7 +113,7 @@ def _load_known(
     cache_dir: Path, settings: AudioSettings
 ) -> tuple[dict[str, SplitStore], dict[str, CachedClip], list[Path]]:
     """The split stores, every clip they or the journals hold (journals, being newer, win), the journals."""
-    stores = {s: SplitStore(store_path(cache_dir, s)) for s in SPLITS if store_path(cache_dir, s).is_file()}
+    stores = open_stores(cache_dir, SPLITS)  # a damaged store is left out, so its split is decoded again
     known = {record.key: CachedClip(record, store=store) for store in stores.values() for record in store.records}
     journals = journal_files(cache_dir / "journal")
     for path in journals:

@@ -53,7 +53,8 @@ def test_cache_dirs(tmp_path, monkeypatch):
     assert first != second  # two copies of MELD never share a cache
 
 
-@pytest.mark.parametrize("bad", [{"max_seconds": 0.0}, {"min_seconds": -1.0}, {"n_mels": 0}])
+@pytest.mark.parametrize("bad", [{"max_seconds": 0.0}, {"max_seconds": float("nan")}, {"max_seconds": float("inf")},
+                                 {"min_seconds": -1.0}, {"min_seconds": float("nan")}, {"n_mels": 0}])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         AudioSettings(**bad)

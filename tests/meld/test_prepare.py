@@ -17,6 +17,7 @@ import pytest
 from meld import clip_features
 from meld import prepare as prepare_module
 from meld.demo import make_demo
+from meld.errors import MeldDataError
 from meld.feature_cache import AudioSettings, SplitStore, audio_cache_dir, journal_files, read_journal, store_path
 from meld.prepare import main, prepare, scan_clips
 from meld.records import SPLITS
@@ -89,6 +90,22 @@ def test_rerun_decodes_nothing_and_rewrites_nothing(demo, reference, capsys):
     assert {split: store_path(cache_dir, split).stat().st_mtime_ns for split in SPLITS} == stamps
     out = capsys.readouterr().out
     assert "nothing to decode" in out and "undecodable" in out and "._dia" in out
+
+
+def test_a_damaged_store_is_rebuilt_from_its_clips(demo, reference, tmp_path, capsys):
+    cache_dir, _ = reference
+    data = tmp_path / "MELD.Raw"
+    shutil.copytree(demo, data)  # copy2 keeps the files' mtimes, so the cache still matches
+    copy = tmp_path / "cache" / cache_dir.name
+    shutil.copytree(cache_dir, copy)
+    dev_rows = len(SplitStore(store_path(cache_dir, "dev")).records)
+    store_path(copy, "dev").write_bytes(b"garbage")
+    with pytest.raises(MeldDataError, match="not a readable feature store.*run meld.prepare again"):
+        SplitStore(store_path(copy, "dev"))  # a reader's error, whose advice is the repair below
+    report = prepare(data, tmp_path / "cache", workers=1)
+    assert 0 < report["run"]["decoded"] <= dev_rows and report["run"]["decoded"] < DEMO_SIZE - dev_rows
+    assert "dev.safetensors: not a readable feature store" in capsys.readouterr().out
+    assert store_bytes(copy) == store_bytes(cache_dir)  # every split as an uninterrupted run wrote it
 
 
 def test_a_changed_clip_is_decoded_again(demo, reference, tmp_path):
