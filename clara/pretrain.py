@@ -36,9 +36,21 @@ from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, load_model_config
 from clara.pretrain_data import DataError, EnvMixDataset, PairDataset, PretrainCollate
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
+from clara.run_dir import CONFIG_FILE, OutDirError, check_folder_path, check_same_settings, claim, saved_config
 from clara.tokenizer import Tokenizer
 
 DEMO_CONFIG = CONFIG_ROOT / "pretrain" / "demo.yaml"
+KIND = "clara.pretrain"
+# Settings a run may be resumed with when they differ from its config.yaml: how it runs, how often it
+# logs, evaluates or saves (evaluation restores the RNG, so it never changes training), and where the
+# folder is; not what it computes. train.steps and train.epochs are here too: a run given more steps
+# continues from its checkpoint (how the tests interrupt a run and resume it).
+MAY_DIFFER_ON_RESUME = frozenset({
+    "train.steps", "train.epochs", "train.progress", "train.log_every", "train.num_workers", "train.device",
+    "train.resume", "train.checkpoint_every", "train.out_dir", "train.eval_every", "train.eval_every_epoch",
+    "train.eval_at_start", "train.compile", "train.compile_mode", "train.compile_recompute",
+    "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio",
+})
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,25 @@ def resolve_demo(config: PretrainConfig, env: distributed.DistEnv) -> PretrainCo
     return replace(config, data=data)
 
 
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds a pretraining run (a config.yaml that reads as pretraining settings)."""
+    return saved_config(path, PretrainConfig) is not None
+
+
+def check_out_dir(config: PretrainConfig) -> None:
+    """Refuse, before anything is written, a ``train.out_dir`` that is a file, holds another command's
+    run, or holds a pretraining run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
+    out_dir = Path(config.train.out_dir)
+    check_folder_path(out_dir)
+    if not (out_dir / CONFIG_FILE).exists():
+        return
+    saved = saved_config(out_dir, PretrainConfig)
+    if saved is None:
+        raise OutDirError(f"{out_dir} exists and is not a {KIND} run ({CONFIG_FILE} holds other settings); "
+                          "give an empty or new folder")
+    check_same_settings(out_dir, saved, config, MAY_DIFFER_ON_RESUME, "train.out_dir")
+
+
 def build_model(config: PretrainConfig) -> Clara:
     if config.init:
         return load_checkpoint(config.init).train()
@@ -145,9 +176,15 @@ def build_model(config: PretrainConfig) -> Clara:
 
 
 def run(config: PretrainConfig) -> dict[str, Any]:
-    """Pretrain as ``config`` says; returns the summary (also printed on the main process)."""
+    """Pretrain as ``config`` says; returns the summary (also printed on the main process).
+
+    A ``train.out_dir`` holding a pretraining run resumes it; one with other settings, or another
+    command's run, is refused (OutDirError) before anything is written. Other files in it are the
+    caller's to keep apart (the command line refuses a non-empty folder that holds no run).
+    """
     env = distributed.init(config.train.device)
     config = resolve_demo(config, env)
+    check_out_dir(config)  # after resolve_demo: a run's config.yaml holds the demo's resolved paths
     seed_everything(config.train.seed)  # the same initial weights in every process
     model = build_model(config)
     data = config.data
@@ -168,7 +205,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     out_dir = Path(config.train.out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save_yaml(config, out_dir / "config.yaml")
+        config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     result = trainer.fit()
     summary: dict[str, Any] = {"steps": result.step, "seconds": round(result.seconds, 1), "out_dir": str(out_dir)}
     if env.is_main:
@@ -203,11 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"a pretraining YAML (default: {DEMO_CONFIG.relative_to(CONFIG_ROOT.parent)})")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 augment.reverb.p=0.5")
     args = parser.parse_args(argv)
+    config = None
     try:
-        run(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        claim(config.train.out_dir, KIND, holds_run)  # a folder with the user's files in it is not ours to write into
+        run(config)
     except (config_lib.ConfigError, DataError, CheckpointError, AudioDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The engine saved the last finished step to out_dir/checkpoint.pt, if training had started.
+        where = f" (train.out_dir={config.train.out_dir})" if config is not None else ""
+        print(f"interrupted: run the same command{where} to resume", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
     return 0

@@ -15,8 +15,9 @@ import torch
 
 from clara.checkpoint import load_checkpoint
 from clara.demo_pairs import build_demo
-from clara.pretrain import load_config, main, run
+from clara.pretrain import ContrastiveTask, load_config, main, run
 from clara.pretrain_data import DataError, PairDataset, read_manifest
+from clara.run_dir import OutDirError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT_RUN = (
@@ -226,3 +227,60 @@ def test_gpu_pretraining_steps_with_every_augmentation(tmp_path):
     result = trainer.fit()
     assert trainer.precision == "bf16" and trainer.device.type == "cuda"
     assert all(torch.isfinite(torch.tensor(record["train/loss"])) for record in result.history)
+
+
+# -- the output folder ------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli_args(demo, out_dir, *overrides):
+    return [f"data.train={demo.train}", f"data.eval={demo.eval}", f"data.env={demo.env}", f"train.out_dir={out_dir}",
+            "train.device=cpu", *SHORT_RUN, *overrides]
+
+
+def test_an_out_dir_that_cannot_take_the_run_is_refused_untouched(demo, short_run, tmp_path, capsys):
+    _, out_dir = short_run
+    before = _snapshot(out_dir)
+    user = tmp_path / "userdir"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [(out_dir, ["model=small"], f"{out_dir} holds a run with other settings (model); use a new train.out_dir"),
+             (out_dir, ["train.lr=0.5", "augment.pitch.p=0.5"], "other settings (augment.pitch.p, train.lr)"),
+             (user, [], f"{user} exists and is not a clara.pretrain run; give an empty or new folder"),
+             (afile, [], f"{afile}: exists and is not a folder"),
+             (afile / "sub", [], f"{afile}: exists and is not a folder")]
+    for folder, overrides, message in cases:
+        assert main(_cli_args(demo, folder, *overrides)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert _snapshot(out_dir) == before and (user / "model" / "notes.txt").read_text() == "mine"
+    # A fine-tune run's folder through the API too (its config.yaml is not a pretraining config).
+    other = tmp_path / "finetune-run"
+    other.mkdir()
+    (other / "config.yaml").write_text("data_root: meld\ntarget: emotion\n")
+    with pytest.raises(OutDirError, match="is not a clara.pretrain run"):
+        run(demo_config(demo, other, *SHORT_RUN))
+    assert _snapshot(other) == {"config.yaml": b"data_root: meld\ntarget: emotion\n"}
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_last_step(demo, tmp_path, capsys, monkeypatch):
+    calls = []
+    original = ContrastiveTask.training_step
+
+    def interrupted_at_the_third_step(self, model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ContrastiveTask, "training_step", interrupted_at_the_third_step)
+    out_dir = tmp_path / "run"
+    assert main(_cli_args(demo, out_dir, "train.eval_at_start=false", "train.progress=false")) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: run the same command (train.out_dir={out_dir}) to resume\n"
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == 2
