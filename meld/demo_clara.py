@@ -8,8 +8,9 @@ train clips with captions (``meld.pretrain_manifest``, dev as held-out retrieval
 training function with ``configs/pretrain/meld_demo.yaml``: a few minutes on 2 CPU cores. The result is
 kept in ``$MELD_CLARA_CACHE`` (or ~/.cache/meld-clara) under ``clara/meld-demo-<key>``, the key hashing
 the recipe, its overrides, the captions, the audio settings and the demo itself; later calls return it
-at once. It is built in a hidden folder and renamed into place, under a lock, so an interrupted or
-concurrent build never leaves a half-made checkpoint behind.
+at once. It is built in a hidden folder (``clara/.meld-demo-<key>.partial``) and renamed into place,
+under a lock, so an interrupted or concurrent build never leaves a half-made checkpoint behind; an
+interrupted build resumes from that folder's last saved step on the next call.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -88,14 +87,14 @@ def ensure_demo_clara(
             return final / MODEL_DIR
         log(f"pretraining the tiny demo CLARA on {root} (first run only; cached in {final})")
         prepare(root)  # reuses whatever is cached already; its report names the clips to skip
-        staging = Path(tempfile.mkdtemp(prefix=f".meld-demo-{key}.", dir=home))
-        try:
-            train = export_manifest(root, staging / "train.jsonl", templates=captions, splits=("train",))
-            held_out = export_manifest(root, staging / "dev.jsonl", templates=captions, splits=("dev",))
-            data = replace(config.data, train=str(train.path), eval=str(held_out.path))
-            run(replace(config, data=data, train=replace(config.train, out_dir=str(staging))))
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # One staging folder per key, kept when the build stops: its checkpoint.pt lets the next call
+        # resume the pretraining where an interrupted one left off (the lock keeps builds apart).
+        staging = home / f".meld-demo-{key}.partial"
+        staging.mkdir(exist_ok=True)
+        train = export_manifest(root, staging / "train.jsonl", templates=captions, splits=("train",))
+        held_out = export_manifest(root, staging / "dev.jsonl", templates=captions, splits=("dev",))
+        data = replace(config.data, train=str(train.path), eval=str(held_out.path))
+        run(replace(config, data=data, train=replace(config.train, out_dir=str(staging))))
+        os.replace(staging, final)
         log(f"the demo CLARA is ready: {final / MODEL_DIR}")
     return final / MODEL_DIR

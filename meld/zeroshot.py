@@ -19,6 +19,7 @@ Outputs in ``--out`` (default ``runs/zeroshot-<timestamp>``): metrics.json, repo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ from clara.model import Clara
 from clara.precision import PRECISIONS, autocast_for, resolve_precision
 from clara.pretrain_data import DataError
 from clara.retrieval import chance_levels, retrieval_metrics
+from clara.run_dir import claim
 from clara.tokenizer import Tokenizer
 from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
 from meld.captions import CaptionConfig, caption_for, load_captions
+from meld.classifier_io import is_classifier_dir
 from meld.dataset import DataConfig, MeldDataset, build_datasets, make_dataloader
 from meld.demo import ensure_demo
 from meld.demo_clara import ensure_demo_clara
@@ -53,6 +56,7 @@ DEFAULT_PROMPTS = "configs/prompts/emotion.yaml"
 DEFAULT_CAPTIONS = "configs/captions/meld.yaml"
 
 SILENCE_SECONDS = (0.5, 1.0, 2.0, 4.0)  # content-free inputs; MELD's clips are mostly 1-5 s
+KIND = "meld.zeroshot"
 
 
 @dataclass
@@ -140,6 +144,9 @@ def retrieval(model: Clara, tokenizer: Tokenizer, audio: SplitAudio, precision: 
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     """(MELD root, checkpoint); no --data and no --checkpoint: the demo and the demo-pretrained CLARA."""
+    if args.checkpoint is not None and is_classifier_dir(Path(args.checkpoint)):
+        raise CheckpointError(f"{args.checkpoint}: a fine-tuned MELD classifier, not a CLARA checkpoint; classify "
+                              "with `python -m meld.predict --run`, or give the CLARA checkpoint it was fine-tuned from")
     if args.data is not None:
         if args.checkpoint is None:
             raise ConfigError("--checkpoint is required with --data (the demo-pretrained CLARA knows only the demo)")
@@ -152,9 +159,21 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def resolve_device(name: str) -> torch.device:
     try:
-        return distributed.resolve_device(name)
+        device = distributed.resolve_device(name)
     except RuntimeError as err:
         raise ConfigError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"--device {name!r}: this machine has {found}; use --device cpu or auto")
+    return device
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds a zero-shot run (its metrics.json has the zero-shot scores), which a rerun replaces."""
+    try:
+        return "zeroshot" in json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def load_split(dataset: MeldDataset, embeds: torch.Tensor, prompts: PromptSet, captions: CaptionConfig) -> SplitAudio:
@@ -201,6 +220,7 @@ def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, da
 def run(args: argparse.Namespace) -> dict:
     """Score, write every output to ``args.out`` and return the metrics document."""
     started = time.perf_counter()
+    claim(args.out, KIND, holds_run)  # before any work: the folder must be new, empty or an earlier zero-shot run
     prompts = load_prompts(args.prompts)
     captions = load_captions(args.captions)
     device = resolve_device(args.device)
@@ -261,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     except (MeldDataError, ConfigError, CheckpointError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again (a demo CLARA pretraining resumes from its last saved step)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -198,3 +199,99 @@ def test_embeddings_are_cached_across_runs(tmp_path, monkeypatch):
     assert list((tmp_path / "user-cache").rglob("*.safetensors"))
     assert torch.equal(first["test"], second["test"]) and len(first_prompts) == 7
     assert torch.equal(first_prompts[0], second_prompts[0])
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_must_be_new_empty_or_a_zeroshot_run(setup, run_dir, tmp_path, capsys, monkeypatch):
+    root, checkpoint, _ = setup
+    finetune_run = tmp_path / "finetune-run"  # what a fine-tune run keeps at its top level
+    finetune_run.mkdir()
+    (finetune_run / "config.yaml").write_text("data_root: meld\n")
+    (finetune_run / "metrics.json").write_text('{"dev": {}, "test": {}}')
+    (finetune_run / "report.md").write_text("# the fine-tune's report\n")
+    user = tmp_path / "userdir"
+    (user / "model").mkdir(parents=True)
+    (user / "model" / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the output folder is checked before any work")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("meld.zeroshot.load_checkpoint", never)
+        for out, message in ((finetune_run, f"{finetune_run} exists and is not a meld.zeroshot run"),
+                             (user, f"{user} exists and is not a meld.zeroshot run; give an empty or new folder"),
+                             (afile, f"{afile}: exists and is not a folder"),
+                             (afile / "sub", f"{afile}: exists and is not a folder")):
+            before = _snapshot(out) if out.is_dir() else None
+            assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+            assert before is None or _snapshot(out) == before
+    # An earlier zero-shot run is rescored in place.
+    rerun = tmp_path / "rerun"
+    shutil.copytree(run_dir, rerun)
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(rerun), "--split", "dev"]) == 0
+    assert "test" not in json.loads((rerun / "metrics.json").read_text())
+
+
+def test_a_finetune_run_or_a_missing_gpu_is_one_line(setup, tmp_path, capsys):
+    root, checkpoint, _ = setup
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "classifier.json").write_text("{}")
+    assert main(["--data", str(root), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "a fine-tuned MELD classifier, not a CLARA checkpoint" in err and "meld.predict --run" in err
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--device", "cuda:99", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device 'cuda:99': this machine has ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    root, checkpoint, _ = setup
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("meld.zeroshot.load_checkpoint", interrupted)
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1
+
+
+def test_an_interrupted_demo_recipe_resumes_from_its_last_step(tmp_path, monkeypatch, capsys):
+    from clara.pretrain import ContrastiveTask
+
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache"))
+    root = make_demo(tmp_path / "demo", size=40)
+    overrides = ["train.steps=4", "train.warmup_steps=1", "train.batch_size=8", "train.progress=false",
+                 "train.eval_at_start=false"]
+    calls = []
+    original = ContrastiveTask.training_step
+
+    def interrupted_at_the_third_step(self, model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ContrastiveTask, "training_step", interrupted_at_the_third_step)
+        with pytest.raises(KeyboardInterrupt):
+            ensure_demo_clara(data_root=root, overrides=overrides)
+    staging = list((tmp_path / "cache" / "clara").glob(".meld-demo-*"))
+    assert len(staging) == 1 and torch.load(staging[0] / "checkpoint.pt", weights_only=True)["step"] == 2
+    capsys.readouterr()
+    path = ensure_demo_clara(data_root=root, overrides=overrides)
+    assert f"resumed from {staging[0] / 'checkpoint.pt'} at step 2" in capsys.readouterr().out
+    assert not staging[0].exists()
+    # The same weights as a build that was never interrupted.
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache-straight"))
+    straight = ensure_demo_clara(data_root=root, overrides=overrides)
+    first, second = load_checkpoint(path).state_dict(), load_checkpoint(straight).state_dict()
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
