@@ -1,0 +1,67 @@
+"""clara.run_dir: the checks every command makes on its output folder before writing into it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pytest
+
+from clara import config as config_lib
+from clara.run_dir import OutDirError, check_folder_path, claim, differing_keys, saved_config
+
+
+@dataclass(frozen=True)
+class Train:
+    lr: float = 0.1
+    steps: int = 10
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: str = "a"
+    train: Train = field(default_factory=Train)
+
+
+def test_differing_keys_are_dotted_sorted_and_leave_out_what_may_differ():
+    saved = Settings()
+    new = config_lib.replace(saved, ["data=b", "train.lr=0.5", "train.progress=false"])
+    assert differing_keys(saved, new) == ["data", "train.lr", "train.progress"]
+    assert differing_keys(saved, new, {"train.progress"}) == ["data", "train.lr"]
+    assert differing_keys(saved, new, {"train", "data"}) == []  # a whole section may be exempt
+
+
+def test_saved_config_reads_only_its_own_kind(tmp_path):
+    assert saved_config(tmp_path, Settings) is None  # no config.yaml
+    config_lib.save_yaml(config_lib.replace(Settings(), ["train.lr=0.5"]), tmp_path / "config.yaml")
+    assert saved_config(tmp_path, Settings).train.lr == 0.5
+    for text in ("model: tiny\n", "[not, a, mapping]\n", "data: [unclosed\n", "train: 3\n"):
+        (tmp_path / "config.yaml").write_text(text)
+        assert saved_config(tmp_path, Settings) is None, text
+
+
+def test_files_in_the_way_are_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    check_folder_path(tmp_path / "new" / "deeper")  # nothing in the way
+    for path, message in ((afile, f"{afile}: exists and is not a folder"),
+                          (afile / "sub" / "run", f"{afile}: exists and is not a folder (in {afile / 'sub' / 'run'})"),
+                          (tmp_path / "dangling", f"{tmp_path / 'dangling'}: exists and is not a folder")):
+        with pytest.raises(OutDirError, match=re.escape(message)):
+            check_folder_path(path)
+
+
+def test_claim_takes_new_empty_or_own_folders_only(tmp_path):
+    def never(path):
+        raise AssertionError("an empty folder needs no look inside")
+
+    assert claim(tmp_path / "new", "demo.kind", never) is False
+    (tmp_path / "empty").mkdir()
+    assert claim(tmp_path / "empty", "demo.kind", never) is False
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert claim(tmp_path / "full", "demo.kind", lambda path: True) is True
+    with pytest.raises(OutDirError, match="full exists and is not a demo.kind run; give an empty or new folder"):
+        claim(tmp_path / "full", "demo.kind", lambda path: False)
