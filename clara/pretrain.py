@@ -30,11 +30,11 @@ from clara.audio_io import AudioDecodeError
 from clara.augment import AugmentConfig, MelAugment, WaveAugment, check_config
 from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clara.demo_pairs import build_demo
-from clara.engine import TrainConfig, Trainer, seed_everything
+from clara.engine import TrainConfig, Trainer, init_env, seed_everything
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, load_model_config
-from clara.pretrain_data import DataError, EnvMixDataset, PairDataset, PretrainCollate
+from clara.pretrain_data import DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
 from clara.run_dir import CONFIG_FILE, OutDirError, check_folder_path, check_same_settings, claim, saved_config
 from clara.tokenizer import Tokenizer
@@ -51,18 +51,6 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "train.eval_at_start", "train.compile", "train.compile_mode", "train.compile_recompute",
     "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio",
 })
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = ""  # "demo", a .jsonl/.csv manifest, or tar shards (file, folder, glob; comma-separated)
-    eval: str = ""  # held-out pairs for retrieval metrics, same forms; "" = none
-    env: str = ""  # environmental sounds (a manifest or shards) for augment.mix; "" = no mixing
-    max_seconds: float = 10.0  # clips are cut to their first max_seconds
-    language: str = "en"  # for items without a language
-    cache_audio: bool = False  # keep decoded clips in memory (small sets; each loader worker keeps its own)
-    eval_batch_size: int = 64
-    demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
 
 
 @dataclass(frozen=True)
@@ -182,7 +170,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     command's run, is refused (OutDirError) before anything is written. Other files in it are the
     caller's to keep apart (the command line refuses a non-empty folder that holds no run).
     """
-    env = distributed.init(config.train.device)
+    env = init_env(config.train)
     config = resolve_demo(config, env)
     check_out_dir(config)  # after resolve_demo: a run's config.yaml holds the demo's resolved paths
     seed_everything(config.train.seed)  # the same initial weights in every process

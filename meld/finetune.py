@@ -38,7 +38,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
-from clara.engine import Trainer, seed_everything
+from clara.engine import Trainer, init_env, seed_everything
 from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
@@ -146,7 +146,7 @@ class _Data:
         self.hf_tokenizer = load_hf_tokenizer(config.model.hf_text) if config.model.hf_text else None
         self.views: dict = dict(self.datasets)
         if self.hf_tokenizer is not None:
-            self.views = {split: HFTextView(ds, self.hf_tokenizer, context_turns=data.context_turns,
+            self.views = {split: HFTextView(ds, self.hf_tokenizer,
                                             max_tokens=config.model.hf_max_tokens) for split, ds in self.datasets.items()}
         pad = self.hf_tokenizer.pad_token_id if self.hf_tokenizer is not None else 0
         self.collate = Collate(pad or 0, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple)
@@ -204,7 +204,7 @@ def _train_view(config: FinetuneConfig, train: torch.utils.data.Dataset, seed: i
 def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir: Path, seed: int,
               epoch_callback: Callable[[int, dict], None] | None) -> dict:  # fmt: skip
     """Train one seed into ``out_dir``; write its outputs; return its metrics document."""
-    env = distributed.init(config.train.device)
+    env = init_env(config.train)
     class_names = TARGETS[config.target]
     seed_everything(seed)  # a from-scratch CLARA and the head start from this seed
     classifier, head_shape = build_classifier(config, clara, class_names, data.hf_tokenizer)

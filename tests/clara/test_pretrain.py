@@ -92,9 +92,20 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert main([f"data.train={tmp_path / 'absent.jsonl'}", f"train.out_dir={tmp_path}"]) == 2
     assert main(["--config", str(REPO_ROOT / "configs" / "pretrain" / "reference.yaml")]) == 2
     assert main(["augment.mix.lam=[0.9, 0.1]", f"train.out_dir={tmp_path}"]) == 2
+    assert main(["data.max_seconds=0", f"train.out_dir={tmp_path}"]) == 2
+    assert main(["data.language=xx", f"train.out_dir={tmp_path}"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors)
     assert "absent.jsonl" in errors[0] and "data.train" in errors[1] and "mix.lam" in errors[2]
+    assert "data: max_seconds must be a positive number" in errors[3] and "language" in errors[4]
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
+    assert main(["train.device=mps", f"train.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.device: 'mps' is not available on this machine; available: cpu")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "config.yaml").exists()
 
 
 def test_reference_recipe_config_loads():

@@ -218,6 +218,12 @@ def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
     _assert_one_error(code, err, fragment)
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
+    code, err = _cli(capsys, "--out", str(tmp_path / "o"), "train.device=mps")
+    _assert_one_error(code, err, "train.device: 'mps' is not available on this machine")
+
+
 def test_audio_on_csv_only_data_is_one_clear_error(csv_root, tmp_path, capsys):
     code, err = _cli(capsys, "--data", str(csv_root), "--modality", "audio", "--out", str(tmp_path / "o"), *FAST)
     _assert_one_error(code, err, "modality text")
