@@ -115,12 +115,13 @@ class MeldDataset(Dataset):
             self.utterances = [utt for utt in utterances if utt.key in store]
             unknown = "no cached clip: missing, or the CSV changed since prepare ran"
             self.dropped = [(u.key, why.get(u.key, unknown)) for u in utterances if u.key not in store]
+        # key -> up to context_turns previous (speaker, text), from every row of the split, also those
+        # dropped for lack of audio: what was said before does not depend on which clips decoded.
+        self.context = dialogue_context(utterances, context_turns)
         self.tokens: list[torch.Tensor] | None = None
         if tokenizer is not None:
-            # Context comes from every row of the split, also those dropped for lack of audio.
-            context = dialogue_context(utterances, context_turns)
             self.tokens = [
-                torch.tensor(encode_with_context(tokenizer, utt, context[utt.key], max_tokens), dtype=torch.long)
+                torch.tensor(encode_with_context(tokenizer, utt, self.context[utt.key], max_tokens), dtype=torch.long)
                 for utt in self.utterances
             ]
         if store is not None:

@@ -18,20 +18,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from meld.context import dialogue_context, format_with_context
+from meld.context import format_with_context
 from meld.dataset import MeldDataset, collate
 
 
 class HFTextView(Dataset):
-    def __init__(self, base: MeldDataset, tokenizer, *, context_turns: int, max_tokens: int) -> None:
+    def __init__(self, base: MeldDataset, tokenizer, *, max_tokens: int) -> None:
         self.base = base
         self.utterances = base.utterances
         self.lengths = base.lengths
-        # Context from the dataset's own rows (for audio datasets, rows without a clip are not among them).
-        context = dialogue_context(base.utterances, context_turns)
         self.ids = []
         for utt in base.utterances:
-            turns = context[utt.key]
+            turns = base.context[utt.key]  # the same turns as CLARA's text tower reads
             text = format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
             self.ids.append(torch.tensor(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]))
 

@@ -1,0 +1,43 @@
+"""meld.finetune_data: the views the fine-tune trains on."""
+
+from __future__ import annotations
+
+from meld.context import format_with_context
+from meld.dataset import DataConfig, build_datasets
+from meld.finetune_data import HFTextView
+from meld.layout import find_layout
+from meld.records import load_splits
+from tests.meld.finetune_helpers import small_demo
+
+
+class CharTokenizer:
+    """A stand-in for a transformers tokenizer: one id per character, so ids decode back to the text."""
+
+    sep_token = "</s>"
+
+    def __call__(self, text: str, truncation: bool, max_length: int) -> dict:
+        return {"input_ids": [ord(c) for c in text][:max_length]}
+
+
+def test_transformers_text_reads_the_same_turns_as_clara_text_even_after_a_dropped_clip():
+    root, cache = small_demo()
+    datasets = build_datasets(root, DataConfig(modality="both", context_turns=2), cache_root=cache)
+    rows = load_splits(find_layout(root, tuple(datasets), need_clips=False))
+    after_dropped = 0
+    for split, ds in datasets.items():
+        view = HFTextView(ds, CharTokenizer(), max_tokens=10_000)
+        for utt, ids in zip(ds.utterances, view.ids):
+            turns = ds.context[utt.key]
+            expected = format_with_context(utt, turns, sep=" </s> ") if turns else utt.text
+            assert "".join(map(chr, ids.tolist())) == expected, utt.key
+        # The demo plants clips that do not decode; a turn after one still reads it as context (what was
+        # said does not depend on which clips decoded).
+        dropped = {key for key, _ in ds.dropped}
+        dialogue = {}
+        for row in sorted(rows[split], key=lambda r: (r.dialogue_id, r.utterance_id)):
+            previous = dialogue.get(row.dialogue_id)
+            if previous is not None and previous.key in dropped and row.key not in dropped:
+                assert ds.context[row.key][-1] == (previous.speaker, previous.text), row.key
+                after_dropped += 1
+            dialogue[row.dialogue_id] = row
+    assert after_dropped >= 1
