@@ -36,7 +36,7 @@ from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, load_model_config
 from clara.pretrain_data import DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
-from clara.run_dir import CONFIG_FILE, OutDirError, check_folder_path, check_same_settings, claim, saved_config
+from clara.run_dir import CONFIG_FILE, check_resumable, claim, saved_config
 from clara.tokenizer import Tokenizer
 
 DEMO_CONFIG = CONFIG_ROOT / "pretrain" / "demo.yaml"
@@ -146,15 +146,7 @@ def holds_run(path: Path) -> bool:
 def check_out_dir(config: PretrainConfig) -> None:
     """Refuse, before anything is written, a ``train.out_dir`` that is a file, holds another command's
     run, or holds a pretraining run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
-    out_dir = Path(config.train.out_dir)
-    check_folder_path(out_dir)
-    if not (out_dir / CONFIG_FILE).exists():
-        return
-    saved = saved_config(out_dir, PretrainConfig)
-    if saved is None:
-        raise OutDirError(f"{out_dir} exists and is not a {KIND} run ({CONFIG_FILE} holds other settings); "
-                          "give an empty or new folder")
-    check_same_settings(out_dir, saved, config, MAY_DIFFER_ON_RESUME, "train.out_dir")
+    check_resumable(config.train.out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "train.out_dir")
 
 
 def build_model(config: PretrainConfig) -> Clara:

@@ -85,3 +85,18 @@ def check_same_settings(path: str | Path, saved: Any, new: Any, may_differ: Coll
     if keys:
         raise OutDirError(f"{path} holds a run with other settings ({', '.join(keys)}); "
                           f"use a new {option}, or the same settings to resume")
+
+
+def check_resumable(path: str | Path, config: Any, kind: str, may_differ: Collection[str], option: str) -> None:
+    """Refuse, before anything is written, a ``path`` that is a file, holds another command's run (a
+    config.yaml that does not read as ``type(config)``), or holds a ``kind`` run with other settings
+    than ``config`` (``may_differ`` aside). A new or config-less folder passes: ``claim`` judges those."""
+    path = Path(path)
+    check_folder_path(path)
+    if not (path / CONFIG_FILE).exists():
+        return
+    saved = saved_config(path, type(config))
+    if saved is None:
+        raise OutDirError(f"{path} exists and is not a {kind} run ({CONFIG_FILE} holds other settings); "
+                          "give an empty or new folder")
+    check_same_settings(path, saved, config, may_differ, option)

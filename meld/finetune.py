@@ -43,7 +43,7 @@ from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
 from clara.precision import resolve_precision
-from clara.run_dir import CONFIG_FILE, OutDirError, check_folder_path, check_same_settings, claim, saved_config
+from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, saved_config
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -104,14 +104,7 @@ def holds_run(path: Path) -> bool:
 def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
     """Refuse, before anything is written, an ``out_dir`` that is a file, holds another command's run,
     or holds a fine-tune run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
-    check_folder_path(out_dir)
-    if not (out_dir / CONFIG_FILE).exists():
-        return
-    saved = saved_config(out_dir, FinetuneConfig)
-    if saved is None:
-        raise OutDirError(f"{out_dir} exists and is not a {KIND} run ({CONFIG_FILE} holds other settings); "
-                          "give an empty or new folder")
-    check_same_settings(out_dir, saved, config, MAY_DIFFER_ON_RESUME, "--out")
+    check_resumable(out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "--out")
 
 
 def _write_status(out_dir: Path, status: str, **details) -> None:

@@ -16,6 +16,7 @@ import torch
 from clara.checkpoint import load_checkpoint
 from clara.demo_pairs import build_demo
 from clara.pretrain import ContrastiveTask, load_config, main, run
+from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 from clara.pretrain_data import DataError, PairDataset, read_manifest
 from clara.run_dir import OutDirError
 
@@ -280,16 +281,7 @@ def test_an_out_dir_that_cannot_take_the_run_is_refused_untouched(demo, short_ru
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_last_step(demo, tmp_path, capsys, monkeypatch):
-    calls = []
-    original = ContrastiveTask.training_step
-
-    def interrupted_at_the_third_step(self, model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ContrastiveTask, "training_step", interrupted_at_the_third_step)
+    interrupt_pretraining_at_step(monkeypatch, 3)
     out_dir = tmp_path / "run"
     assert main(_cli_args(demo, out_dir, "train.eval_at_start=false", "train.progress=false")) == 130
     err = capsys.readouterr().err

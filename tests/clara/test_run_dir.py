@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from clara import config as config_lib
-from clara.run_dir import OutDirError, check_folder_path, claim, differing_keys, saved_config
+from clara.run_dir import OutDirError, check_folder_path, check_resumable, claim, differing_keys, saved_config
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,19 @@ def test_claim_takes_new_empty_or_own_folders_only(tmp_path):
     assert claim(tmp_path / "full", "demo.kind", lambda path: True) is True
     with pytest.raises(OutDirError, match="full exists and is not a demo.kind run; give an empty or new folder"):
         claim(tmp_path / "full", "demo.kind", lambda path: False)
+
+
+def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_differs(tmp_path):
+    check_resumable(tmp_path / "new", Settings(), "demo", (), "--out")  # nothing there yet
+    run = tmp_path / "run"
+    run.mkdir()
+    config_lib.save_yaml(Settings(), run / "config.yaml")
+    check_resumable(run, config_lib.replace(Settings(), ["train.progress=false"]), "demo", {"train.progress"}, "--out")
+    with pytest.raises(OutDirError, match=re.escape(f"{run} holds a run with other settings (data, train.lr); "
+                                                    "use a new --out, or the same settings to resume")):
+        check_resumable(run, config_lib.replace(Settings(), ["data=b", "train.lr=1.0"]), "demo", (), "--out")
+    (run / "config.yaml").write_text("model: tiny\n")  # another command's run
+    with pytest.raises(OutDirError, match="is not a demo run"):
+        check_resumable(run, Settings(), "demo", (), "--out")
+    with pytest.raises(OutDirError, match="exists and is not a folder"):
+        check_resumable(run / "config.yaml", Settings(), "demo", (), "--out")

@@ -20,6 +20,7 @@ from meld.metrics import classification_metrics
 from meld.prepare import prepare
 from meld.prompts import PROMPT_ROOT
 from meld.zeroshot import main
+from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 
 
 @pytest.fixture(scope="module")
@@ -265,23 +266,12 @@ def test_ctrl_c_is_one_line(setup, tmp_path, capsys, monkeypatch):
 
 
 def test_an_interrupted_demo_recipe_resumes_from_its_last_step(tmp_path, monkeypatch, capsys):
-    from clara.pretrain import ContrastiveTask
-
     monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "cache"))
     root = make_demo(tmp_path / "demo", size=40)
     overrides = ["train.steps=4", "train.warmup_steps=1", "train.batch_size=8", "train.progress=false",
                  "train.eval_at_start=false"]
-    calls = []
-    original = ContrastiveTask.training_step
-
-    def interrupted_at_the_third_step(self, model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, model, batch)
-
     with monkeypatch.context() as patch:
-        patch.setattr(ContrastiveTask, "training_step", interrupted_at_the_third_step)
+        interrupt_pretraining_at_step(patch, 3)
         with pytest.raises(KeyboardInterrupt):
             ensure_demo_clara(data_root=root, overrides=overrides)
     staging = list((tmp_path / "cache" / "clara").glob(".meld-demo-*"))
