@@ -72,7 +72,8 @@ def outputs_override(backend: Backend, level: str) -> list[str]:
 
 
 def check_space(config: SweepConfig, backend: Backend) -> None:
-    """Build the fine-tune config at every bound and choice, so a misspelt key fails before any trial."""
+    """Build the fine-tune config at every bound and choice (and with the final runs' seed key), so a
+    misspelt key fails before any trial."""
     trial_config(config, backend, {}, outputs_override(backend, config.study.trial_outputs))
     for param in config.space:
         values = param.choices if param.type == "categorical" else (param.low, param.high)
@@ -82,6 +83,12 @@ def check_space(config: SweepConfig, backend: Backend) -> None:
                 trial_config(config, backend, {param.key: value})
             except ConfigError as err:
                 raise ConfigError(f"space[{param.key}] = {value!r}: {err}") from None
+    if config.final.seeds:
+        # The final runs set this key; a misspelling would otherwise surface after every trial had run.
+        try:
+            trial_config(config, backend, {config.final.seed_key: 0})
+        except ConfigError as err:
+            raise ConfigError(f"final.seed_key {config.final.seed_key!r}: {err}") from None
 
 
 def suggest(trial: optuna.Trial, space: Sequence[Param]) -> dict[str, Any]:

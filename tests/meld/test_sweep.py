@@ -186,6 +186,10 @@ def test_a_misspelt_key_fails_before_any_trial(tmp_path):
     with pytest.raises(SweepError, match=r"space\[train.lrr\].*unknown key"):
         run_sweep(config, backend=STANDIN, log=_quiet)
     assert not (tmp_path / "s" / "trials").exists()
+    config = sweep_config(tmp_path / "f", final={"seeds": 2, "seed_key": "train.sed"})
+    with pytest.raises(SweepError, match=r"final.seed_key 'train.sed'.*unknown key"):
+        run_sweep(config, backend=STANDIN, log=_quiet)
+    assert not (tmp_path / "f" / "trials").exists()
 
 
 # ---- one worker: outputs, resume, final seeds
