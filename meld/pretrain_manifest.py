@@ -2,7 +2,7 @@
 
     python -m meld.prepare --data ROOT                       # first: finds the broken clips
     python -m meld.pretrain_manifest --data ROOT --out manifest.jsonl [--templates YAML] [--split train]
-    python -m clara.pretrain data.train=manifest.jsonl       # adapts CLARA to MELD
+    python -m clara.pretrain data.train=manifest.jsonl train.out_dir=runs/clara-manifest  # adapts CLARA to MELD
 
 One JSONL line per usable clip: ``{"audio": <absolute clip path>, "caption": ..., "language": "en",
 "key": "train/dia0_utt0", "emotion": ..., "sentiment": ...}`` (clara.pretrain reads audio, caption and
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
           f"that prepare could not use")
     for key, why in summary.skipped.items():
         print(f"  skipped {key}: {why}")
-    print(f"next: python -m clara.pretrain data.train={summary.path}")
+    # A folder of its own: the no-argument demo's runs/clara-pretrain-demo holds a run with other data,
+    # which clara.pretrain refuses to mix into.
+    print(f"next: python -m clara.pretrain data.train={summary.path} train.out_dir=runs/clara-{summary.path.stem}")
     return 0
 
 

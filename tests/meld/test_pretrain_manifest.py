@@ -85,7 +85,7 @@ def test_cli(prepared, tmp_path, capsys):
     root, cache, _ = prepared
     out = tmp_path / "m.jsonl"
     assert main(["--data", str(root), "--out", str(out), "--cache", str(cache)]) == 0
-    assert out.is_file() and "clara.pretrain data.train=" in capsys.readouterr().out
+    assert out.is_file() and f"clara.pretrain data.train={out} train.out_dir=runs/clara-m\n" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
