@@ -26,10 +26,14 @@ autocast), then optional flags:
   masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
 * ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
 
-MFU is TFLOP/s over the ceiling measured on this device: a bf16 8192³ matmul on GPU (the bf16 peak,
-for every row); on CPU a 1024³ matmul in the row's own precision (bf16 for bf16 rows, else fp32).
-Variable-length rows count the FLOPs of the 3 s workload (the latent stack, most of the work, does
-not depend on the clip length), so their TFLOP/s is a lower bound.
+Two utilisation columns.  "MFU" is TFLOP/s over the GPU's datasheet dense bf16 peak (989.4 TFLOP/s
+on H100 SXM and H200; ``--peak-tflops`` for other GPUs; "n/a" on CPU), for every row.  "ceiling" is
+TFLOP/s over the ceiling measured in the same run: a bf16 8192³ matmul on GPU (767-798 TFLOP/s on
+the H100/H200 measured so far, so it reads about 1.25x the MFU), on CPU a 1024³ matmul in the row's
+own precision.  Issue 9's targets (and shared/reference/performance.md's 3,840 samples/s) are
+fractions of the measured ceiling.  Variable-length rows count the FLOPs of the 3 s workload (the
+latent stack, most of the work, does not depend on the clip length), so their TFLOP/s is a lower
+bound; their timed steps cover every pre-made batch equally often.
 
 ``--prewarm N`` first compiles every compiled variant once in N parallel processes (``--compile-only``:
 one untimed step per input shape), so the timed run, one variant at a time as always, finds inductor's
@@ -86,6 +90,11 @@ FRAMES, TEXT_LEN = 282, 32
 PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CUDA graphs) small
 INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 
+# Datasheet dense (not sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of
+# torch.cuda.get_device_name; the first match wins, so the PCIe name precedes the SXM one.
+DENSE_BF16_PEAKS = (("H100 PCIe", 756.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H200", 989.4))
+_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs"),
            "maxautotune": ("model", "max-autotune")}  # fmt: skip
@@ -119,10 +128,14 @@ class Variant:
         recompute = [f for f in flags if f in _RECOMPUTES]
         if (len(parts) < 2 or parts[0] not in BACKENDS or parts[1] not in ("fp32", "tf32", "bf16")
                 or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags
-                or len(recompute) > 1 or (recompute and not compiled)):
+                or len(recompute) > 1 or (recompute and not compiled)
+                or ("bf16res" in flags and parts[1] != "bf16") or {"ckpt", "sac"} <= flags):
+            # bf16res only changes anything under bf16 autocast, and ckpt re-runs whole blocks, which
+            # leaves sac nothing to choose: such a name would claim a setting that did not apply.
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-FLAG...], flags from "
                              f"{', '.join(sorted(_FLAGS))}, bN (one compile flag, one of varlen/bucket, "
-                             f"pointwise or aggressive only with a compile flag)")
+                             f"pointwise or aggressive only with a compile flag, bf16res only with bf16, "
+                             f"not ckpt with sac)")
         scope, mode = _SCOPES[compiled[0]] if compiled else ("off", "default")
         lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
         batch = int(next(iter(sizes))[1:]) if sizes else None
@@ -235,6 +248,11 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype = torch.bfloat16) ->
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def dense_bf16_peak(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak (TFLOP/s) of a GPU named ``device_name``; None when not known."""
+    return next((peak for key, peak in DENSE_BF16_PEAKS if key in device_name), None)
+
+
 def ceilings(device: torch.device) -> dict[str, float]:
     """The MFU denominator per variant precision: the bf16 peak on GPU, each precision's own on CPU."""
     bf16 = matmul_ceiling(device, torch.bfloat16)
@@ -276,6 +294,7 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
     batches = make_batches(batch, variant.lengths, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    steps = timed_steps(variant, args.steps, len(batches))
     try:
         start = time.perf_counter()
         for inputs in priming_batches(variant, batches) + batches[: args.warmup]:
@@ -283,10 +302,10 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
         sync(device)
         warmup = time.perf_counter() - start
         start = time.perf_counter()
-        for i in range(args.steps):
+        for i in range(steps):
             step(*batches[i % len(batches)])
         sync(device)
-        elapsed = (time.perf_counter() - start) / args.steps
+        elapsed = (time.perf_counter() - start) / steps
         profile = profile_table(step, batches, device, args.profile_rows) if variant.name in args.profile else None
     except torch.OutOfMemoryError:
         return {**row, "note": f"out of memory at batch {batch}"}
@@ -297,15 +316,33 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
             "peak_gib": peak, "warmup_s": warmup, "profile": profile}  # fmt: skip
 
 
-def priming_batches(variant: Variant, batches: list) -> list:
-    """Every distinct input shape once: what compilation and CUDA-graph recording need to see."""
+def distinct_shapes(variant: Variant, batches: list) -> list:
+    """One batch of each input shape: what compilation needs to see."""
     return batches if variant.lengths != "fixed" else batches[:1]
 
 
+def priming_batches(variant: Variant, batches: list) -> list:
+    """The untimed steps before the warm-up ones: each shape once, or twice under CUDA graphs.
+
+    PyTorch's CUDA-graph trees run a new shape's first call without a graph and record on the
+    second; only the third replays.  With one shape the warm-up steps cover that, but a variable-
+    length variant would otherwise record shapes it first meets late inside the timed steps.
+    """
+    shapes = distinct_shapes(variant, batches)
+    graphs = variant.scope == "model" and variant.mode in _GRAPH_MODES
+    return shapes * 2 if graphs and variant.lengths != "fixed" else shapes
+
+
+def timed_steps(variant: Variant, steps: int, batch_count: int) -> int:
+    """``steps``, rounded up to whole cycles of the pre-made batches when their lengths vary, so every
+    batch weighs the same (bucketed batches are sorted by length: a partial cycle favours short ones)."""
+    return steps if variant.lengths == "fixed" else -(-steps // batch_count) * batch_count
+
+
 def compile_only(variant: Variant, args, device: torch.device) -> None:
-    """Build ``variant`` and run its priming steps, untimed: compiles it into inductor's on-disk caches."""
+    """Build ``variant`` and run one step per input shape, untimed: compiles it into inductor's on-disk caches."""
     _, step = build(variant, args.config, device)
-    for inputs in priming_batches(variant, make_batches(variant.batch or args.batch, variant.lengths, device)):
+    for inputs in distinct_shapes(variant, make_batches(variant.batch or args.batch, variant.lengths, device)):
         step(*inputs)
     sync(device)
 
@@ -354,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     parser.add_argument("--prewarm", type=int, default=0, metavar="N",
                         help="compile the compiled variants in N parallel processes before timing any")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for the MFU column (known: H100 SXM/PCIe, H200)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs")
     args = parser.parse_args(argv)
@@ -373,11 +412,14 @@ def main(argv: list[str] | None = None) -> None:
         prewarm(variants, args)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     ceiling = ceilings(device)
+    peak = args.peak_tflops or (dense_bf16_peak(name) if gpu else None)
     shown = f"{ceiling['bf16']:.1f}" if gpu else f"bf16 {ceiling['bf16']:.2f}, fp32 {ceiling['fp32']:.2f}"
     print(f"device: {name} | torch {torch.__version__} | model {args.config} | batch {args.batch} unless named | "
-          f"mel [B, 80, {FRAMES}], tokens [B, {TEXT_LEN}], masks on | matmul ceiling {shown} TFLOP/s", flush=True)
-    header = (f"{'variant':<34} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'GFLOP/sample':>12} "
-              f"{'peak GiB':>8} {'warm-up s':>9}")  # fmt: skip
+          f"mel [B, 80, {FRAMES}], tokens [B, {TEXT_LEN}], masks on | MFU against the dense bf16 peak "
+          f"{f'{peak:.1f} TFLOP/s' if peak else 'n/a (not known for this device: --peak-tflops)'} | "
+          f"ceiling: a measured matmul, {shown} TFLOP/s", flush=True)
+    header = (f"{'variant':<34} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'ceiling':>7} "
+              f"{'GFLOP/sample':>12} {'peak GiB':>8} {'warm-up s':>9}")  # fmt: skip
     rows = []
     for variant in variants:
         try:
@@ -386,11 +428,12 @@ def main(argv: list[str] | None = None) -> None:
             row = {"name": variant.name, "batch": variant.batch or args.batch,
                    "note": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
         rows.append(row)
-        print(format_row(row, ceiling), flush=True)  # as it comes, in case a long run is cut short
+        print(format_row(row, ceiling, peak), flush=True)  # as it comes, in case a long run is cut short
         if args.json:
             with open(args.json, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({**{k: v for k, v in row.items() if k != "profile"}, "device": name,
-                                         "ceiling_tflops": ceiling[Variant.parse(row["name"]).precision]}) + "\n")  # fmt: skip
+                                         "ceiling_tflops": ceiling[Variant.parse(row["name"]).precision],
+                                         "peak_tflops": peak}) + "\n")  # fmt: skip
         if row.get("profile"):
             print(f"\nprofile of {row['name']}:\n{row['profile']}", flush=True)
         if gpu:
@@ -398,15 +441,17 @@ def main(argv: list[str] | None = None) -> None:
         torch._dynamo.reset()
     print(f"\n{header}\n{'-' * len(header)}")
     for row in rows:
-        print(format_row(row, ceiling))
-    print(f"device: {name}", flush=True)
+        print(format_row(row, ceiling, peak))
+    print(f"device: {name}" + (f" | MFU against {peak:.1f} TFLOP/s dense bf16" if peak else ""), flush=True)
 
 
-def format_row(row: dict, ceiling: dict[str, float]) -> str:
+def format_row(row: dict, ceiling: dict[str, float], peak: float | None) -> str:
     if "note" in row:
         return f"{row['name']:<34} {row['batch']:>5} {row['note']}"
-    return (f"{row['name']:<34} {row['batch']:>5} {row['samples_s']:>10.1f} {row['tflops']:>8.1f} "
-            f"{row['tflops'] / ceiling[Variant.parse(row['name']).precision]:>6.1%} {row['gflop_sample']:>12.4g} {row['peak_gib']:>8.2f} {row['warmup_s']:>9.1f}")
+    mfu = f"{row['tflops'] / peak:>6.1%}" if peak else f"{'n/a':>6}"
+    return (f"{row['name']:<34} {row['batch']:>5} {row['samples_s']:>10.1f} {row['tflops']:>8.1f} {mfu} "
+            f"{row['tflops'] / ceiling[Variant.parse(row['name']).precision]:>7.1%} {row['gflop_sample']:>12.4g} "
+            f"{row['peak_gib']:>8.2f} {row['warmup_s']:>9.1f}")
 
 
 if __name__ == "__main__":

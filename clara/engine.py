@@ -537,11 +537,16 @@ class Trainer:
                     tick = time.perf_counter()
                     for key, value in self._train_step(batches).items():
                         window[key] = window.get(key, 0.0) + value
+                    logs = (self.step + 1) % self.config.log_every == 0 or self.step + 1 == self.total_steps
+                    if logs and self.device.type == "cuda":
+                        # Steps only queue GPU work; without this the window's last queued steps
+                        # would be timed in no window, and step_s would read low (once per window).
+                        torch.cuda.synchronize(self.device)
                     busy += time.perf_counter() - tick
                     step_start_rng = rng_state()
                     self.step, self.step_in_epoch, window_steps = self.step + 1, self.step_in_epoch + 1, window_steps + 1
                     progress.update(1)
-                    if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    if logs:
                         means = {k: float(v) / window_steps for k, v in window.items()}
                         means["samples_per_s"] = window_steps * self.samples_per_step / max(busy, 1e-9)
                         # Loader time against step time: a GPU-bound run waits ~0 s for its batches.

@@ -17,7 +17,8 @@ def test_variant_names_parse_into_settings():
     assert bench_step.Variant.parse("sdpa-bf16-compile-pointwise").recompute == "pointwise"
     assert bench_step.Variant.parse("sdpa_cudnn-bf16-cudagraphs").attention == "sdpa_cudnn"
     for bad in ("sdpa-fp8", "cudnn-bf16", "sdpa-bf16-fa2", "sdpa-bf16-compile-blocks", "sdpa-bf16-varlen-bucket", "sdpa-bf16-fast",
-                "sdpa-bf16-pointwise", "sdpa-bf16-compile-pointwise-aggressive"):
+                "sdpa-bf16-pointwise", "sdpa-bf16-compile-pointwise-aggressive", "sdpa-fp32-bf16res",
+                "sdpa-tf32-compile-bf16res", "sdpa-bf16-ckpt-sac"):
         with pytest.raises(SystemExit):
             bench_step.Variant.parse(bad)
 
@@ -49,8 +50,33 @@ def test_step_benchmark_prints_its_table(capsys):
     assert set(rows) == {"sdpa-fp32", "sdpa-bf16-bucket-b4", "sdpa-fp32-infer"}
     assert rows["sdpa-bf16-bucket-b4"][1] == "4"
     assert all(float(row[2]) > 0 for row in rows.values())  # samples/s
-    assert float(rows["sdpa-fp32"][5]) > float(rows["sdpa-fp32-infer"][5]) > 0  # training FLOPs > forward FLOPs
-    assert "device: CPU" in out
+    assert float(rows["sdpa-fp32"][6]) > float(rows["sdpa-fp32-infer"][6]) > 0  # training FLOPs > forward FLOPs
+    assert all(row[4] == "n/a" and row[5].endswith("%") for row in rows.values())  # no datasheet peak for a CPU
+    assert "device: CPU" in out and "MFU against the dense bf16 peak n/a" in out
+
+
+def test_mfu_is_against_the_datasheet_peak_and_ceiling_against_the_measured_matmul():
+    assert bench_step.dense_bf16_peak("NVIDIA H100 80GB HBM3") == bench_step.dense_bf16_peak("NVIDIA H200") == 989.4
+    assert bench_step.dense_bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert bench_step.dense_bf16_peak("NVIDIA A100-SXM4-80GB") is None
+    row = {"name": "sdpa-bf16-cudagraphs-bf16res", "batch": 64, "samples_s": 1817.2, "tflops": 378.7,
+           "gflop_sample": 208.4, "peak_gib": 10.0, "warmup_s": 60.0}
+    cells = bench_step.format_row(row, {"bf16": 767.0, "fp32": 767.0, "tf32": 767.0}, 989.4).split()
+    assert cells[4:6] == ["38.3%", "49.4%"]  # 378.7 / 989.4 and 378.7 / 767
+    assert bench_step.format_row(row, {"bf16": 767.0}, None).split()[4] == "n/a"
+
+
+def test_variable_lengths_are_primed_for_graphs_and_timed_over_whole_cycles():
+    parse = bench_step.Variant.parse
+    batches = list(range(8))  # stand-ins: only their count and order matter here
+    # CUDA-graph trees record a shape on its second call: every shape is called twice before timing.
+    assert bench_step.priming_batches(parse("sdpa-bf16-cudagraphs-bucket"), batches) == batches * 2
+    assert bench_step.priming_batches(parse("sdpa-bf16-maxautotune-varlen"), batches) == batches * 2
+    assert bench_step.priming_batches(parse("sdpa-bf16-blocks-varlen"), batches) == batches
+    assert bench_step.priming_batches(parse("sdpa-bf16-cudagraphs"), batches) == [0]  # the warm-up steps do the rest
+    assert bench_step.timed_steps(parse("sdpa-bf16-bucket"), 20, 8) == 24
+    assert bench_step.timed_steps(parse("sdpa-bf16-varlen"), 16, 8) == 16
+    assert bench_step.timed_steps(parse("sdpa-bf16"), 20, 8) == 20
 
 
 def test_finetune_epoch_benchmark_reports_loader_wait_and_shapes(capsys):
