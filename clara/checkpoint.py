@@ -66,7 +66,9 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         reason = reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
         raise CheckpointError(
             f"{path}: this checkpoint holds pickled Python objects beyond tensors and dicts "
-            f"({reason}); load it with allow_pickle=True (--allow-pickle) only if you trust its source"
+            f"({reason}); only if you trust its source, load it with load_checkpoint(..., allow_pickle=True) "
+            f"(meld.finetune: model.allow_pickle=true; clara.pretrain: init_allow_pickle=true; "
+            f"meld.zeroshot: --allow-pickle)"
         ) from None
     except Exception as err:  # torch raises many types (RuntimeError, KeyError, EOFError) for non-checkpoints
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None

@@ -49,7 +49,7 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "train.steps", "train.epochs", "train.progress", "train.log_every", "train.num_workers", "train.device",
     "train.resume", "train.checkpoint_every", "train.out_dir", "train.eval_every", "train.eval_every_epoch",
     "train.eval_at_start", "train.compile", "train.compile_mode", "train.compile_recompute",
-    "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio",
+    "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio", "init_allow_pickle",
 })
 
 
@@ -57,11 +57,24 @@ MAY_DIFFER_ON_RESUME = frozenset({
 class PretrainConfig:
     model: str = "tiny"  # a preset name (tiny, small, medium, large) or a model YAML
     init: str = ""  # start from these weights (our checkpoint folder or the reference .ckpt); replaces `model`
+    # key=value settings applied to `model` and to `init` alike, for switches that change how the model
+    # runs, not its tensors (attention=sdpa_cudnn, selective_recompute=true, activation_checkpointing=true,
+    # audio.latent_stream=autocast, audio.latent_qkv=split, mask_padding=false); `init` refuses one that
+    # changes tensor shapes with its usual error.
+    model_overrides: tuple[str, ...] = ()
+    init_allow_pickle: bool = False  # `init` is a reference .ckpt holding pickled objects, from a source you trust
     tokenizer_merges: Literal["reference", "corrected"] = "reference"
     gather: bool = True  # negatives from every process under torchrun
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for text in self.model_overrides:  # malformed ones fail here; what they set is checked on the model
+            try:
+                config_lib.parse_override(text)
+            except config_lib.ConfigError as err:
+                raise config_lib.ConfigError(f"model_overrides: {err}") from None
 
 
 class ContrastiveTask:
@@ -150,9 +163,15 @@ def check_out_dir(config: PretrainConfig) -> None:
 
 
 def build_model(config: PretrainConfig) -> Clara:
-    if config.init:
-        return load_checkpoint(config.init).train()
-    return Clara(load_model_config(config.model))
+    overrides = config.model_overrides
+    try:
+        if config.init:
+            return load_checkpoint(config.init, allow_pickle=config.init_allow_pickle, overrides=overrides).train()
+        return Clara(load_model_config(config.model, overrides))
+    except (CheckpointError, config_lib.ConfigError) as err:
+        if not overrides:
+            raise
+        raise type(err)(f"{err} (with model_overrides {list(overrides)})") from None
 
 
 def run(config: PretrainConfig) -> dict[str, Any]:

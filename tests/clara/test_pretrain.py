@@ -287,3 +287,49 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_step(demo, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err == f"interrupted: run the same command (train.out_dir={out_dir}) to resume\n"
     assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+# -- model_overrides and init_allow_pickle ------------------------------------------------------
+
+
+def test_model_overrides_reach_the_model_from_scratch_and_from_init(demo, short_run, tmp_path):
+    switches = ("model_overrides=[attention=eager, activation_checkpointing=true, mask_padding=false]",)
+    scratch = tmp_path / "scratch"
+    run(demo_config(demo, scratch, "train.steps=2", "train.warmup_steps=1", "train.eval_every=0", "train.eval_at_start=false", *switches))
+    _, init_from = short_run
+    resumed = tmp_path / "from-init"
+    run(demo_config(demo, resumed, f"init={init_from / 'model'}", "train.steps=2", "train.warmup_steps=1", "train.eval_every=0",
+                    "train.eval_at_start=false", *switches))
+    for out_dir in (scratch, resumed):  # the trained model's own config, saved with it
+        config = load_checkpoint(out_dir / "model").config
+        assert (config.attention, config.activation_checkpointing, config.mask_padding) == ("eager", True, False)
+    assert load_checkpoint(init_from / "model").config.attention == "sdpa"  # the overrides are not the default
+
+
+def test_model_overrides_that_change_shapes_or_do_not_parse_are_one_clear_error(demo, short_run, tmp_path, capsys):
+    _, init_from = short_run
+    assert main(_cli_args(demo, tmp_path / "a", f"init={init_from / 'model'}", "model_overrides=[audio.layers=1]")) == 2
+    assert main(_cli_args(demo, tmp_path / "b", "model_overrides=[attention]")) == 2
+    assert main(_cli_args(demo, tmp_path / "c", "model_overrides=[attention=fast]")) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "does not fit the model" in errors[0] and "unexpected" in errors[0]
+    assert "with model_overrides ['audio.layers=1']" in errors[0]
+    assert "model_overrides: override 'attention': expected key=value" in errors[1]
+    assert "attention: 'fast' is not one of" in errors[2] and "model_overrides" in errors[2]
+
+
+def test_init_allow_pickle_loads_a_trusted_reference_checkpoint(tmp_path):
+    from clara.pretrain import build_model
+    from tests.clara.test_checkpoint import Evil
+    from tests.clara.test_model import write_reference_checkpoint
+
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    payload["callbacks"] = Evil()
+    torch.save(payload, path)
+    config = load_config(None, [f"init={path}", "data.train=x.jsonl"])
+    with pytest.raises(Exception, match="clara.pretrain: init_allow_pickle=true"):
+        build_model(config)
+    model = build_model(load_config(None, [f"init={path}", "data.train=x.jsonl", "init_allow_pickle=true"]))
+    assert model.config.text.layers == 2 and model.training
