@@ -3,9 +3,10 @@
     key = cache_key(classifier.encoders(), fingerprint)       # hex digest
     embeddings = load_or_encode(path_for(cache_root, key), encode)   # {split: {input: [N, D]}}
 
-The key hashes the encoder weights themselves (so it covers the checkpoint, a from-scratch model's
-seed and any override), the inputs and feature kind, and the data fingerprint (data root, data
-settings and every utterance key in each split, in order). A file is one safetensors of tensors
+The key hashes the encoder weights themselves (so it covers the checkpoint and a from-scratch model's
+seed), the inputs and feature kind, and the fingerprint the caller gives: the data (data root, data
+settings and every utterance key in each split, in order) and the CLARA config, whose settings such as
+``mask_padding`` change the embeddings without changing a weight. A file is one safetensors of tensors
 ``<split>/<input>``, written atomically; a corrupt file is recomputed.
 """
 

@@ -161,7 +161,23 @@ def _load_clara(config: FinetuneConfig) -> Clara | None:
     if is_classifier_dir(Path(path)):
         raise CheckpointError(f"{path}: a fine-tuned MELD classifier, not a CLARA checkpoint; "
                               "classify with `python -m meld.predict --run`, or give a CLARA checkpoint")
-    return load_checkpoint(path, allow_pickle=config.model.allow_pickle)
+    overrides = config.model.clara_overrides
+    try:
+        return load_checkpoint(path, allow_pickle=config.model.allow_pickle, overrides=overrides)
+    except CheckpointError as err:
+        if not overrides:
+            raise
+        raise CheckpointError(f"{err} (loaded with model.clara_overrides {list(overrides)})") from None
+
+
+def scratch_clara_config(config: FinetuneConfig) -> ClaraConfig:
+    """The architecture of a from-scratch CLARA: ``model.clara`` with ``model.clara_overrides``."""
+    try:
+        return load_model_config(config.model.clara, config.model.clara_overrides)
+    except config_lib.ConfigError as err:
+        if not config.model.clara_overrides:
+            raise
+        raise config_lib.ConfigError(f"model.clara_overrides: {err}") from None
 
 
 def unimodal_losses(config: FinetuneConfig, inputs: tuple[str, ...]) -> bool:
@@ -175,7 +191,7 @@ def build_classifier(config: FinetuneConfig, clara: Clara | None, class_names: t
     model = config.model
     inputs = input_names(config.data.modality, bool(model.hf_text), model.hf_text_mode)
     needs_clara = "audio" in inputs or "text" in inputs
-    clara = (copy.deepcopy(clara) if clara is not None else Clara(load_model_config(model.clara))) if needs_clara else None
+    clara = (copy.deepcopy(clara) if clara is not None else Clara(scratch_clara_config(config))) if needs_clara else None
     hf_text = HFTextEncoder.from_folder(model.hf_text) if model.hf_text else None
     dims = input_dims(clara, hf_text, inputs, model.features)
     options = {"fusion": model.fusion, "fusion_dim": model.fusion_dim, "hidden_dim": model.hidden_dim,
@@ -212,7 +228,10 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     if config.strategy.name == "linear_probe":
         classifier.to(env.device).eval()
         precision = resolve_precision(config.train.precision, env.device)  # the embeddings' autocast, as training's
-        fingerprint = {**data.fingerprint(config), "inputs": classifier.inputs, "precision": precision}
+        # The CLARA config joins the key: settings such as mask_padding change the embeddings, not the weights.
+        clara_settings = config_lib.to_dict(classifier.clara.config) if classifier.clara is not None else None
+        fingerprint = {**data.fingerprint(config), "inputs": classifier.inputs, "precision": precision,
+                       "clara": clara_settings}
         path = path_for(data.cache_root, cache_key(classifier.encoders(), fingerprint))
 
         def encode() -> dict:
@@ -297,7 +316,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
         torch.set_num_threads(config.threads)
     # The inputs are read and checked before out_dir is made, so a mistake in them leaves no run folder.
     clara = _load_clara(config)
-    clara_config = clara.config if clara is not None else load_model_config(config.model.clara)
+    clara_config = clara.config if clara is not None else scratch_clara_config(config)
     data = _Data(config, clara_config)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_yaml(config, out_dir / CONFIG_FILE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clara.config import ConfigError
+from clara.config import ConfigError, parse_override
 from clara.engine import TrainConfig
 from meld.dataset import DataConfig
 
@@ -28,6 +28,11 @@ class ModelConfig:
     clara: str = "tiny"  # architecture when no checkpoint is given: a preset name or a model YAML (from scratch)
     checkpoint: str = ""  # a CLARA checkpoint: our folder or the reference .ckpt; "" = `clara` from scratch
     allow_pickle: bool = False  # only for reference checkpoints you trust (see clara.checkpoint)
+    # key=value CLARA settings applied to `clara` (from scratch) and to a loaded `checkpoint` alike, for the
+    # switches that change how the model runs, not its tensors: attention=sdpa_cudnn, selective_recompute=true,
+    # activation_checkpointing=true, audio.latent_stream=autocast, audio.latent_qkv=split, mask_padding=false.
+    # A checkpoint refuses one that changes tensor shapes (e.g. audio.layers) with its usual error.
+    clara_overrides: tuple[str, ...] = ()
     features: Literal["projected", "pooled"] = "projected"  # CLARA's joint-space embedding, or the tower's pooled features
     hf_text: str = ""  # a LOCAL transformers model folder (e.g. RoBERTa); mean-pooled text features
     hf_text_mode: Literal["replace", "beside"] = "replace"  # in place of CLARA's text tower, or as a third input
@@ -41,6 +46,11 @@ class ModelConfig:
     prompt: str = DEFAULT_PROMPT  # {label} is replaced by each class name
 
     def __post_init__(self) -> None:
+        for text in self.clara_overrides:  # malformed ones fail here; what they set is checked on the model
+            try:
+                parse_override(text)
+            except ConfigError as err:
+                raise ConfigError(f"model.clara_overrides: {err}") from None
         if self.fusion_dim < 1 or self.hidden_dim < 0 or self.hf_max_tokens < 3:
             raise ConfigError("model: fusion_dim must be >= 1, hidden_dim >= 0, hf_max_tokens >= 3")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.modality_dropout < 1.0:

@@ -1,8 +1,8 @@
 """``python -m meld.zeroshot``: CLARA's zero-shot emotion (or sentiment) baseline on MELD, with prompts.
 
     python -m meld.zeroshot                                   # the demo, with the demo-pretrained tiny CLARA
-    python -m meld.zeroshot --data ROOT --checkpoint CKPT [--prompts YAML] [--split dev|test|both]
-                            [--calibration none|prior|content_free] [--out DIR]
+    python -m meld.zeroshot --data ROOT --checkpoint CKPT [--cache CACHE] [--prompts YAML] [--split dev|test|both]
+                            [--calibration none|prior|content_free] [--clara-override KEY=VALUE ...] [--out DIR]
 
 Each class is described by prompts (``configs/prompts/emotion.yaml``: templates × names); an audio clip
 is given the class whose prompt embedding is nearest to its audio embedding. Every template is scored
@@ -11,8 +11,9 @@ alone and all of them together (the ensemble), each raw and with both label-free
 ensemble with ``--calibration``. Beside it: audio-text retrieval R@1/5/10 on each split, the captions
 built from utterance, emotion and speaker (``configs/captions/meld.yaml``).
 
-Audio comes from ``python -m meld.prepare``'s feature cache (the demo is prepared automatically); prompt
-and caption embeddings are computed once per run; inference runs in batches, on the GPU when there is one.
+Audio comes from ``python -m meld.prepare``'s feature cache (``--cache``, as given to prepare; the demo
+is prepared automatically); audio and prompt embeddings are kept in that cache's embedding cache, caption
+embeddings are computed once per run; inference runs in batches, on the GPU when there is one.
 Outputs in ``--out`` (default ``runs/zeroshot-<timestamp>``): metrics.json, report.md, predictions.csv, confusion_<split>.png, tensorboard/.
 """
 
@@ -36,7 +37,7 @@ from clara.model import Clara
 from clara.precision import PRECISIONS, autocast_for, resolve_precision
 from clara.pretrain_data import DataError
 from clara.retrieval import chance_levels, retrieval_metrics
-from clara.run_dir import claim
+from clara.run_dir import check_folder_path, claim
 from clara.tokenizer import Tokenizer
 from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
 from meld.captions import CaptionConfig, caption_for, load_captions
@@ -187,22 +188,24 @@ def load_split(dataset: MeldDataset, embeds: torch.Tensor, prompts: PromptSet, c
 
 
 def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, datasets: dict[str, MeldDataset],
-                      root: Path, data: DataConfig, batch_size: int,
-                      precision: str = "fp32") -> tuple[dict, list[torch.Tensor], bool]:  # fmt: skip
+                      root: Path, data: DataConfig, batch_size: int, precision: str = "fp32",
+                      cache_root: Path | None = None) -> tuple[dict, list[torch.Tensor], bool]:  # fmt: skip
     """Audio embeddings per split and prompt embeddings per class, computed once per (weights, inputs).
 
     Reuses the linear probe's embedding cache: the key hashes the model's weights, the audio settings,
-    every prompt text and every utterance key, so any change recomputes. The encoders run under
-    ``precision``'s autocast (clara.precision; also part of the key). Returns (audio {split: [N, D]},
+    every prompt text and every utterance key, so any change recomputes; the model's config too, as
+    settings such as ``mask_padding`` change the embeddings and not the weights. The encoders run under
+    ``precision``'s autocast (clara.precision; also part of the key). The file goes in ``cache_root``
+    (meld.prepare's ``--cache``; default the data root's folder in the user cache). Returns (audio {split: [N, D]},
     prompts [T, S_c, D] per class, whether it came from the cache).
     """
     fingerprint = {
         "kind": "zeroshot/1", "data": str(root), "audio": config_lib.to_dict(data.audio),
         "prompts": {label: prompts.texts(label) for label in prompts.labels},
         "splits": {split: [utt.key for utt in ds.utterances] for split, ds in datasets.items()},
-        "precision": precision,
+        "precision": precision, "clara": config_lib.to_dict(model.config),
     }
-    path = path_for(default_cache_root(root), cache_key(model, fingerprint))
+    path = path_for(cache_root or default_cache_root(root), cache_key(model, fingerprint))
 
     def encode() -> dict[str, dict[str, torch.Tensor]]:
         device = next(model.parameters()).device
@@ -225,17 +228,24 @@ def run(args: argparse.Namespace) -> dict:
     captions = load_captions(args.captions)
     device = resolve_device(args.device)
     root, checkpoint = resolve_inputs(args)
+    cache_root = Path(args.cache) if args.cache else default_cache_root(root)
     if args.data is None:
-        prepare(root)  # the demo's features (cached after the first run); a user prepares their own data
-    model = load_checkpoint(checkpoint).to(device).eval()
+        prepare(root, cache_root)  # the demo's features (cached after the first run); a user prepares their own data
+    overrides = args.clara_override or []
+    try:
+        model = load_checkpoint(checkpoint, allow_pickle=args.allow_pickle, overrides=overrides).to(device).eval()
+    except CheckpointError as err:
+        if not overrides:
+            raise
+        raise CheckpointError(f"{err} (loaded with --clara-override {' '.join(overrides)})") from None
     tokenizer = Tokenizer(max_length=model.config.text.max_positions)
     eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
     data = DataConfig(modality="audio")
-    datasets = build_datasets(root, data, splits=("train", *eval_splits))
+    datasets = build_datasets(root, data, splits=("train", *eval_splits), cache_root=cache_root)
 
     precision = resolve_precision(args.precision, device)
     audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size,
-                                                  precision)  # fmt: skip
+                                                  precision, cache_root)  # fmt: skip
     if hit:
         print("audio and prompt embeddings: reused from the cache")
     # Train audio is used unlabelled, for the prior; its labels are never read.
@@ -248,7 +258,8 @@ def run(args: argparse.Namespace) -> dict:
     results, probabilities = score(splits, unlabelled, content_free, weights, scale, prompts.labels)
     recall = {split: retrieval(model, tokenizer, audio, precision) for split, audio in splits.items()}
     run_info = {
-        "data": str(root), "checkpoint": str(checkpoint), "prompts": str(args.prompts or DEFAULT_PROMPTS),
+        "data": str(root), "cache": str(cache_root), "checkpoint": str(checkpoint), "clara_overrides": " ".join(overrides),
+        "prompts": str(args.prompts or DEFAULT_PROMPTS),
         "captions": str(args.captions or DEFAULT_CAPTIONS), "target": prompts.target,
         "calibration": args.calibration, "device": str(device), "precision": precision, "audio_scale": float(scale),
         "train_clips_unlabelled": len(datasets["train"]), "seconds": round(time.perf_counter() - started, 1),
@@ -261,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="MELD root, prepared with meld.prepare (default: the built-in demo)")
     parser.add_argument("--checkpoint", help="CLARA weights: a meld-clara folder or the reference .ckpt "
                         "(default on the demo: the demo-pretrained tiny CLARA, built on first use)")
+    parser.add_argument("--cache", help="meld.prepare's --cache for the audio features (default: the data root's "
+                        "folder in $MELD_CLARA_CACHE); the embedding cache goes there too")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a reference .ckpt that holds pickled Python objects (only from a source you trust)")
+    parser.add_argument("--clara-override", action="append", metavar="KEY=VALUE",
+                        help="a CLARA setting applied to the checkpoint that leaves its tensors alone, e.g. "
+                        "mask_padding=false or attention=sdpa_cudnn (repeat for several)")
     parser.add_argument("--prompts", help="prompt set YAML (default: configs/prompts/emotion.yaml)")
     parser.add_argument("--captions", help="caption YAML for retrieval (default: configs/captions/meld.yaml)")
     parser.add_argument("--split", choices=("dev", "test", "both"), default="both", help="split(s) to score")
@@ -276,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        for text in args.clara_override or []:
+            try:
+                config_lib.parse_override(text)
+            except ConfigError as err:
+                raise ConfigError(f"--clara-override: {err}") from None
+        if args.cache:
+            check_folder_path(args.cache)
         args.out = args.out or str(Path("runs") / time.strftime("zeroshot-%Y%m%d-%H%M%S"))
         run(args)
     except (MeldDataError, ConfigError, CheckpointError, DataError, OSError) as err:

@@ -321,3 +321,58 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(csv_root, tmp_path, ca
         code, err = _cli(capsys, *argv)
         _assert_one_error(code, err, f"{afile}: exists and is not a folder")
     assert not (tmp_path / "o").exists()
+
+
+# ---- model.clara_overrides: the speed and memory switches, from scratch and on a checkpoint
+
+SWITCHES = "model.clara_overrides=[attention=eager, selective_recompute=true, mask_padding=false]"
+
+
+def _clara_settings(run_dir: Path) -> tuple:
+    classifier, _, _ = load_classifier(run_dir)
+    config = classifier.clara.config
+    return config.attention, config.selective_recompute, config.mask_padding
+
+
+def test_clara_overrides_reach_a_from_scratch_and_a_checkpoint_model(csv_root, tmp_path, monkeypatch):
+    from clara.checkpoint import save_checkpoint
+    from clara.model import Clara
+    from meld import finetune
+
+    built = []  # the CLARA each seed trains (a copy of the loaded one, or built from scratch)
+    original = finetune.build_classifier
+    monkeypatch.setattr(finetune, "build_classifier",
+                        lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    run_finetune(text_config(csv_root, "train.epochs=1", SWITCHES), out_dir=tmp_path / "scratch")
+    save_checkpoint(Clara(load_model_config("tiny")), tmp_path / "clara")
+    run_finetune(text_config(csv_root, "train.epochs=1", f"model.checkpoint={tmp_path / 'clara'}", SWITCHES),
+                 out_dir=tmp_path / "checkpoint")
+    for (classifier, _), run_dir in zip(built, ("scratch", "checkpoint")):
+        config = classifier.clara.config
+        assert (config.attention, config.selective_recompute, config.mask_padding) == ("eager", True, False)
+        assert _clara_settings(tmp_path / run_dir) == ("eager", True, False)  # and the saved classifier's
+    assert len(built) == 2
+
+
+def test_clara_overrides_join_the_linear_probe_cache_key(csv_root, tmp_path, capsys):
+    # mask_padding changes the embeddings, not the weights the key hashes: reusing them would be wrong.
+    config = text_config(csv_root, "strategy.name=linear_probe", f"cache_root={tmp_path / 'cache'}", "train.epochs=1")
+    run_finetune(config, out_dir=tmp_path / "a")
+    run_finetune(config_lib.replace(config, ["model.clara_overrides=[mask_padding=false]"]), out_dir=tmp_path / "b")
+    assert capsys.readouterr().out.count("embeddings computed") == 2
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
+
+
+def test_bad_clara_overrides_are_one_clear_error(csv_root, tmp_path, capsys):
+    from clara.checkpoint import save_checkpoint
+    from clara.model import Clara
+
+    save_checkpoint(Clara(load_model_config("tiny")), tmp_path / "clara")
+    base = ("--data", str(csv_root), "--modality", "text", "--out", str(tmp_path / "o"), *FAST)
+    code, err = _cli(capsys, "--checkpoint", str(tmp_path / "clara"), *base, "model.clara_overrides=[text.layers=1]")
+    _assert_one_error(code, err, "does not fit the model", "model.clara_overrides ['text.layers=1']")
+    code, err = _cli(capsys, *base, "model.clara_overrides=[attention=fast]")
+    _assert_one_error(code, err, "model.clara_overrides: ", "attention: 'fast' is not one of")
+    code, err = _cli(capsys, *base, "model.clara_overrides=[attention]")
+    _assert_one_error(code, err, "model.clara_overrides: override 'attention': expected key=value")
+    assert not (tmp_path / "o").exists()

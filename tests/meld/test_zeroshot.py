@@ -285,3 +285,39 @@ def test_an_interrupted_demo_recipe_resumes_from_its_last_step(tmp_path, monkeyp
     straight = ensure_demo_clara(data_root=root, overrides=overrides)
     first, second = load_checkpoint(path).state_dict(), load_checkpoint(straight).state_dict()
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+def test_cache_clara_override_and_allow_pickle_options(setup, tmp_path, capsys, monkeypatch):
+    from tests.clara.test_checkpoint import Evil
+    from tests.clara.test_model import write_reference_checkpoint
+
+    root, checkpoint, _ = setup
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "empty-user-cache"))  # nothing prepared there
+    cache = tmp_path / "my-cache"
+    prepare(root, cache, workers=1)
+    args = ["--data", str(root), "--checkpoint", str(checkpoint), "--split", "test"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 2  # the default cache has no features
+    assert "meld.prepare" in capsys.readouterr().err
+    assert main([*args, "--cache", str(cache), "--out", str(tmp_path / "a")]) == 0
+    embeddings = cache / "embeddings"
+    assert len(list(embeddings.glob("*.safetensors"))) == 1
+    assert not list((tmp_path / "empty-user-cache").rglob("*.safetensors"))
+    # A setting that changes the embeddings but not the weights: the model gets it, and a new cache entry.
+    assert main([*args, "--cache", str(cache), "--clara-override", "mask_padding=false",
+                 "--clara-override", "attention=eager", "--out", str(tmp_path / "b")]) == 0
+    assert len(list(embeddings.glob("*.safetensors"))) == 2
+    run = json.loads((tmp_path / "b" / "metrics.json").read_text())["run"]
+    assert run["clara_overrides"] == "mask_padding=false attention=eager" and run["cache"] == str(cache)
+    capsys.readouterr()
+    assert main([*args, "--cache", str(cache), "--clara-override", "audio.layers=1", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not fit the model" in err and "--clara-override audio.layers=1" in err
+    # A reference checkpoint with pickled objects: refused with the flag to pass, loaded with it.
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    payload["callbacks"] = Evil()
+    torch.save(payload, path)
+    pickled = ["--data", str(root), "--checkpoint", str(path), "--cache", str(cache), "--split", "test"]
+    assert main([*pickled, "--out", str(tmp_path / "d")]) == 2
+    assert "meld.zeroshot: --allow-pickle" in capsys.readouterr().err
+    assert main([*pickled, "--allow-pickle", "--out", str(tmp_path / "e")]) == 0
