@@ -44,12 +44,14 @@ class Backend:
     run_finetune: Callable[..., dict]
     user_errors: tuple[type[BaseException], ...] = (ConfigError, MeldDataError)
     outputs_key: str = ""  # the config key of a run's output level (full | light); "" = the runs have none
+    device_key: str = ""  # the config key of a run's device (auto | cpu | cuda:N); "" = the runs have none
 
 
 def finetune_backend() -> Backend:
     from meld import finetune  # imported here: tests drive a stand-in instead
 
-    return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs")
+    return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs",
+                   device_key="train.device")
 
 
 # ---- the search space -> fine-tune configs

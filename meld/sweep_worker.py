@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from clara import config as config_lib
 from clara.config import ConfigError
 from meld.sweep_config import SweepConfig
 from meld.sweep_study import (
-    FINISHED, Backend, SweepError, metric_value, open_study, outputs_override, suggest, trial_config, trial_dir,
+    FINISHED, Backend, SweepError, metric_value, open_study, outputs_override, override, suggest, trial_config,
+    trial_dir,
 )
 
 _POLL_S = 1.0  # how often a worker with nothing to start looks again at the other workers' trials
@@ -102,8 +104,9 @@ class _Worker:
     """Runs trials until the study has ``n_trials`` finished ones; many may share one storage."""
 
     def __init__(self, config: SweepConfig, study_dir: Path, backend: Backend, index: int,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], extra: Sequence[str] = ()) -> None:
         self.config = config
+        self.extra = list(extra)  # overrides for this worker's trials (its GPU, see worker_overrides)
         self.study_dir = study_dir
         self.backend = backend
         self.log = log
@@ -162,7 +165,8 @@ class _Worker:
         params = suggest(trial, self.config.space)
         try:
             finetune_config = trial_config(self.config, self.backend, params,
-                                           outputs_override(self.backend, self.config.study.trial_outputs))
+                                           [*outputs_override(self.backend, self.config.study.trial_outputs),
+                                            *self.extra])
         except ConfigError as err:  # a combination the fine-tune rejects: this point fails, the search goes on
             self.last_error = str(err)
             raise
@@ -205,13 +209,42 @@ def short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _worker_process(config: SweepConfig, study_dir: Path, backend: Backend, index: int, threads: int) -> None:
+def worker_device(index: int, device: str, cuda_devices: int) -> str | None:
+    """The device for local worker ``index`` when its runs say ``device`` and the machine has ``cuda_devices``
+    GPUs, or None to leave the runs' setting alone.
+
+    Each worker is a process of its own, not a torchrun rank, so ``auto`` alone would put every worker
+    on cuda:0 (LOCAL_RANK is 0) and leave the other GPUs idle: with several GPUs, worker i takes
+    cuda:(i mod count). A device the user named is theirs to keep.
+    """
+    if device != "auto" or cuda_devices < 2:
+        return None
+    return f"cuda:{index % cuda_devices}"
+
+
+def worker_overrides(config: SweepConfig, backend: Backend, workers: int) -> list[list[str]]:
+    """Per local worker, the overrides its trials get on top of the sweep's: its GPU (worker_device)."""
+    if not backend.device_key:
+        return [[] for _ in range(workers)]
+    import torch  # here: nothing else in the sweep machinery needs it
+
+    device: Any = config_lib.to_dict(trial_config(config, backend, {}))
+    for part in backend.device_key.split("."):
+        device = device[part]
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    chosen = [worker_device(index, device, cuda_devices) for index in range(workers)]
+    return [[override(backend.device_key, value)] if value else [] for value in chosen]
+
+
+def _worker_process(config: SweepConfig, study_dir: Path, backend: Backend, index: int, threads: int,
+                    extra: Sequence[str] = ()) -> None:
     """The body of one ``--workers`` process: exit 2 with one line on a user error, like the CLI."""
     if "torch" in sys.modules:  # the workers share the cores instead of each taking them all
         sys.modules["torch"].set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        _Worker(config, study_dir, backend, index, lambda line: print(f"[worker {index}] {line}", flush=True)).run()
+        _Worker(config, study_dir, backend, index, lambda line: print(f"[worker {index}] {line}", flush=True),
+                extra).run()
     except (SweepError, *backend.user_errors) as err:
         print(f"error: [worker {index}] {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -226,8 +259,12 @@ def run_workers(config: SweepConfig, study_dir: Path, backend: Backend, log: Cal
         _Worker(config, study_dir, backend, 0, log).run()
         return
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    extras = worker_overrides(config, backend, workers)
+    for index, extra in enumerate(extras):
+        if extra:
+            log(f"worker {index}: {' '.join(extra)}")
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and open DB handles
-    processes = [context.Process(target=_worker_process, args=(config, study_dir, backend, i, threads),
+    processes = [context.Process(target=_worker_process, args=(config, study_dir, backend, i, threads, extras[i]),
                                  name=f"sweep-worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from clara import config as config_lib
@@ -28,6 +29,7 @@ from meld.metrics import classification_metrics
 from meld.sweep import load_sweep_config, main, run_sweep
 from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest
 from meld.sweep_config import Param, SweepConfig
+from meld.sweep_worker import worker_device
 from tests.meld.tensorboard_helpers import dashboards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,7 @@ class StandInTrain:
     lr: float = 0.01
     epochs: int = 6
     seed: int = 0
+    device: str = "auto"  # recorded in config.yaml only (STANDIN_GPU's device_key)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def standin_run(config: StandInConfig, *, out_dir: Path, epoch_callback=None) ->
 
 
 STANDIN = Backend(standin_load_config, standin_run, outputs_key="outputs")
+STANDIN_GPU = Backend(standin_load_config, standin_run, outputs_key="outputs", device_key="train.device")
 
 SPACE = [
     {"key": "train.lr", "type": "float", "low": 1.0e-4, "high": 1.0, "log": True},
@@ -334,6 +338,34 @@ def test_two_workers_share_the_study_without_duplicates_or_losses(tmp_path, stor
     dirs = sorted(t.user_attrs["run_dir"] for t in trials)
     assert dirs == [f"trials/trial-{n:04d}" for n in range(10)]
     assert all((study_dir / d / "metrics.json").is_file() for d in dirs)
+
+
+def test_worker_device_spreads_auto_over_the_gpus_and_keeps_a_named_device():
+    assert [worker_device(i, "auto", 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device(1, "auto", 1) is None and worker_device(1, "auto", 0) is None  # auto is already right
+    assert worker_device(1, "cuda:3", 4) is None and worker_device(0, "cpu", 4) is None
+
+
+def test_local_workers_on_a_machine_with_two_gpus_each_take_one(tmp_path, monkeypatch):
+    import torch
+
+    # The choice is made in the parent and handed to each worker; the stand-in only records its device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    study_dir = tmp_path / "s"
+    config = sweep_config(study_dir, study={"n_trials": 10, "workers": 2}, base_overrides=["sleep=0.05"])
+    run_sweep(config, backend=STANDIN_GPU, log=_quiet)
+    devices: dict[str, set[str]] = {}
+    for trial in trials_of(config):
+        saved = yaml.safe_load((study_dir / trial.user_attrs["run_dir"] / "config.yaml").read_text())
+        devices.setdefault(trial.user_attrs["worker"], set()).add(saved["train"]["device"])
+    assert sorted(devices.values(), key=sorted) == [{"cuda:0"}, {"cuda:1"}], devices
+    # A device the user set is left alone.
+    config = sweep_config(tmp_path / "t", study={"n_trials": 2, "workers": 2}, base_overrides=["train.device=cpu"])
+    run_sweep(config, backend=STANDIN_GPU, log=_quiet)
+    for trial in trials_of(config):
+        saved = yaml.safe_load((tmp_path / "t" / trial.user_attrs["run_dir"] / "config.yaml").read_text())
+        assert saved["train"]["device"] == "cpu"
 
 
 def _sweep_subprocess(config: SweepConfig, env: dict) -> subprocess.Popen:
