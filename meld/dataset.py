@@ -46,9 +46,9 @@ class DataConfig:
     context_turns: int = 0  # previous turns, with speaker names, before the text; 0: the utterance alone
     max_tokens: int = 512  # a longer text loses its oldest context turns first, then its end
     language: str = "en"
-    batch_size: int = 16
+    batch_size: int = 16  # build_loaders' batches; meld.finetune reads it for evaluation only (training: train.batch_size)
     bucket_by_length: bool = True  # batches of similar length, so less padding
-    num_workers: int = 0
+    num_workers: int = 0  # build_loaders' worker processes; meld.finetune's training loader is the engine's (train.num_workers)
     # Pad a batch's mel frames / token ids up to a multiple of this (1: to the batch's longest). A
     # bounded set of batch shapes lets GPU kernel plans (cuDNN) and torch.compile graphs be reused
     # instead of rebuilt for every new length; e.g. 64 and 8. CLARA masks padding (mask_padding, the
