@@ -79,8 +79,9 @@ class ClaraConfig:
     # its activations (less memory for big batches, about a third more compute).
     activation_checkpointing: bool = False
     # Training only: the latent blocks keep just their matmul and attention outputs for backward and
-    # recompute norms and activations (clara.recompute): about a quarter less activation memory at
-    # little cost under torch.compile.  Ignored when activation_checkpointing is on.
+    # recompute norms and activations (clara.recompute): about a quarter less activation memory, for
+    # speed: CLARA medium at batch 256 on an H200, compiled, peaked at 28.1 GiB instead of 35.6 and ran
+    # 16% slower (1,599 samples/s instead of 1,911).  Ignored when activation_checkpointing is on.
     selective_recompute: bool = False
     init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
 
