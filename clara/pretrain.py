@@ -2,7 +2,7 @@
 
 Without ``--config`` the settings come from ``configs/pretrain/demo.yaml``: a synthetic
 audio-caption set is built in the cache (``$MELD_CLARA_CACHE`` or ``~/.cache/meld-clara``) and the
-tiny model pretrains on it for a few minutes on a CPU, printing progress and a summary of held-out
+tiny model pretrains on it in about a minute on 2 CPU cores, printing progress and a summary of held-out
 retrieval before and after.  ``configs/pretrain/reference.yaml`` documents the reference recipe.
 Several processes: ``torchrun --nproc_per_node N -m clara.pretrain ...`` (negatives are gathered
 from every process).

@@ -1,7 +1,7 @@
 """Fine-tuning CLARA on MELD: ``python -m meld.finetune [--data ROOT] [--checkpoint CKPT] [options] [key=value ...]``.
 
 With no arguments it runs end to end on the built-in demo (built and prepared first when needed):
-a tiny CLARA from scratch, audio and text, fine-tuned in a few minutes on a CPU, then the test table.
+a tiny CLARA from scratch, audio and text, fine-tuned in under a minute on 2 CPU cores, then the test table.
 ``--config`` takes a YAML or a preset name from ``configs/finetune/`` (``linear_probe``, ``full``,
 ``text_only``); ``key=value`` overrides apply on top, and the flags below on top of those.
 
