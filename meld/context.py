@@ -1,7 +1,8 @@
 """Dialogue context for text models: the previous utterances of the same dialogue, with speakers.
 
-Prepending the last few turns with speaker names is worth about +2 weighted-F1 on MELD (see
-shared/reference/meld.md), so the text input of an utterance is built as::
+Prepending the last few turns with speaker names is worth about +2 weighted-F1 on MELD in published
+results (EmoBERTa, Kim & Vossen 2021, RoBERTa-large: 63.46 without context, 65.61 with speaker names and
+past and future turns), so the text input of an utterance is built as::
 
     format_with_context(utt, context[utt.key])
     -> "Monica: text1 </s> Joey: text2 </s> Ross: current"
