@@ -1,4 +1,4 @@
-"""Benchmark "the medium step" (shared/reference/performance.md) and print one table.
+"""Benchmark "the medium step" (the workload the project measured knoriy/CLARA on) and print one table.
 
 Workload: CLARA medium in train mode (50% audio-token keep active), mel [B, 80, 282] (3.0 s at
 48 kHz) with padding masks on, tokens [B, 32], the symmetric contrastive loss, a fused AdamW step.
@@ -30,7 +30,7 @@ Two utilisation columns.  "MFU" is TFLOP/s over the GPU's datasheet dense bf16 p
 on H100 SXM and H200; ``--peak-tflops`` for other GPUs; "n/a" on CPU), for every row.  "ceiling" is
 TFLOP/s over the ceiling measured in the same run: a bf16 8192³ matmul on GPU (767-798 TFLOP/s on
 the H100/H200 measured so far, so it reads about 1.25x the MFU), on CPU a 1024³ matmul in the row's
-own precision.  Issue 9's targets (and shared/reference/performance.md's 3,840 samples/s) are
+own precision.  Issue 9's targets (and the reference's ceiling of 3,840 samples/s on an H100) are
 fractions of the measured ceiling.  Variable-length rows count the FLOPs of the 3 s workload (the
 latent stack, most of the work, does not depend on the clip length), so their TFLOP/s is a lower
 bound; their timed steps cover every pre-made batch equally often.
