@@ -65,11 +65,13 @@ def ensure_demo_clara(
     data_root: str | Path | None = None,
     overrides: Sequence[str] = (),
     captions: str | Path | None = None,
+    cache_root: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """The checkpoint folder of the recipe on ``data_root`` (a demo's MELD.Raw; default: the built-in demo).
 
-    ``overrides`` are clara.pretrain ``key=value`` settings on top of the recipe (e.g. ``train.steps=5``).
+    ``overrides`` are clara.pretrain ``key=value`` settings on top of the recipe (e.g. ``train.steps=5``);
+    ``cache_root`` is meld.prepare's feature cache for ``data_root`` (default: its default one).
     """
     log = log or (lambda message: None)
     root = Path(data_root) if data_root is not None else ensure_demo(log=log)
@@ -86,13 +88,15 @@ def ensure_demo_clara(
         if (final / MODEL_DIR).is_dir():
             return final / MODEL_DIR
         log(f"pretraining the tiny demo CLARA on {root} (first run only; cached in {final})")
-        prepare(root)  # reuses whatever is cached already; its report names the clips to skip
+        prepare(root, cache_root)  # reuses whatever is cached already; its report names the clips to skip
         # One staging folder per key, kept when the build stops: its checkpoint.pt lets the next call
         # resume the pretraining where an interrupted one left off (the lock keeps builds apart).
         staging = home / f".meld-demo-{key}.partial"
         staging.mkdir(exist_ok=True)
-        train = export_manifest(root, staging / "train.jsonl", templates=captions, splits=("train",))
-        held_out = export_manifest(root, staging / "dev.jsonl", templates=captions, splits=("dev",))
+        train = export_manifest(root, staging / "train.jsonl", templates=captions, splits=("train",),
+                                cache_root=cache_root)
+        held_out = export_manifest(root, staging / "dev.jsonl", templates=captions, splits=("dev",),
+                                   cache_root=cache_root)
         data = replace(config.data, train=str(train.path), eval=str(held_out.path))
         run(replace(config, data=data, train=replace(config.train, out_dir=str(staging))))
         os.replace(staging, final)

@@ -38,7 +38,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
-from clara.engine import Trainer, init_env, seed_everything
+from clara.engine import Trainer, check_device, init_env, seed_everything
 from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
@@ -76,7 +76,8 @@ KIND = "meld.finetune"
 # they decide which trainings the folder's results and mean ± std are over, and seeds 1 vs N lay the
 # folder out differently.
 MAY_DIFFER_ON_RESUME = frozenset({
-    "threads", "tensorboard_extras", "outputs", "prepare", "cache_root", "data.batch_size", "model.allow_pickle",
+    "threads", "tensorboard_extras", "outputs", "prepare", "cache_root", "data.batch_size", "data.num_workers",
+    "model.allow_pickle",
     "strategy.embed_batch_size", "train.steps", "train.epochs", "train.progress", "train.log_every",
     "train.num_workers", "train.device", "train.resume", "train.checkpoint_every", "train.out_dir",
     "train.compile", "train.compile_mode", "train.compile_recompute", "train.find_unused_parameters",
@@ -310,6 +311,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config)
+    check_device(config.train.device)  # here, not first in _run_seed: a machine without it writes no run folder
     if config.cache_root:
         check_folder_path(config.cache_root)
     if config.threads:

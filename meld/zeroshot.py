@@ -155,7 +155,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     root = ensure_demo(log=print)
     if args.checkpoint is not None:
         return root, Path(args.checkpoint)
-    return root, ensure_demo_clara(data_root=root, log=print)
+    return root, ensure_demo_clara(data_root=root, cache_root=args.cache or None, log=print)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -222,6 +222,7 @@ def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
 def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
     code, err = _cli(capsys, "--out", str(tmp_path / "o"), "train.device=mps")
     _assert_one_error(code, err, "train.device: 'mps' is not available on this machine")
+    assert not (tmp_path / "o").exists()  # checked before the run folder is made
 
 
 def test_audio_on_csv_only_data_is_one_clear_error(csv_root, tmp_path, capsys):
@@ -280,8 +281,9 @@ def test_a_run_folder_resumes_with_other_logging_and_continues_to_more_epochs(te
     out, doc, _ = text_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    # Progress, logging and threads change nothing the run computes: the finished run is re-scored as it was.
-    code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.progress=true", "train.log_every=1", "threads=2"))
+    # Progress, logging, threads and workers change nothing the run computes: the finished run is re-scored as it was.
+    code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.progress=true", "train.log_every=1", "threads=2",
+                                      "data.num_workers=2"))
     assert code == 0
     metrics = json.loads((copy / "metrics.json").read_text())
     assert {split: metrics[split] for split in ("dev", "test")} == json.loads(json.dumps({s: doc[s] for s in ("dev", "test")}))

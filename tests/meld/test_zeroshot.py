@@ -321,3 +321,18 @@ def test_cache_clara_override_and_allow_pickle_options(setup, tmp_path, capsys, 
     assert main([*pickled, "--out", str(tmp_path / "d")]) == 2
     assert "meld.zeroshot: --allow-pickle" in capsys.readouterr().err
     assert main([*pickled, "--allow-pickle", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_the_demo_clara_is_built_from_the_cache_given(tmp_path, monkeypatch):
+    # Without --data the demo CLARA is pretrained first; its clips must be decoded into --cache, not the
+    # default cache as well.
+    from argparse import Namespace
+
+    from meld import zeroshot
+
+    seen = {}
+    monkeypatch.setattr(zeroshot, "ensure_demo", lambda log=None: tmp_path / "demo")
+    monkeypatch.setattr(zeroshot, "ensure_demo_clara", lambda **kwargs: seen.update(kwargs) or tmp_path / "clara")
+    args = Namespace(data=None, checkpoint=None, cache=str(tmp_path / "my-cache"))
+    assert zeroshot.resolve_inputs(args) == (tmp_path / "demo", tmp_path / "clara")
+    assert seen["cache_root"] == str(tmp_path / "my-cache") and seen["data_root"] == tmp_path / "demo"
