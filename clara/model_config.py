@@ -86,6 +86,20 @@ class ClaraConfig:
     init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
 
 
+# ClaraConfig keys that change how the model runs (kernels, what backward keeps, the latents'
+# residual dtype, how Q/K/V are multiplied), not its tensors or what it computes beyond rounding: a
+# run may be resumed with them changed, as with the engine's compile settings (clara.run_dir).
+EXECUTION_KEYS = frozenset({"attention", "activation_checkpointing", "selective_recompute",
+                            "audio.latent_stream", "audio.latent_qkv"})
+
+
+def result_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """The ``key=value`` model overrides that bear on results (those not in EXECUTION_KEYS), parsed
+    and sorted, so two override lists can be compared for a resume."""
+    parsed = (config_lib.parse_override(text) for text in overrides)
+    return sorted((".".join(path), value) for path, value in parsed if ".".join(path) not in EXECUTION_KEYS)
+
+
 def preset_path(name: str) -> Path:
     return PRESET_DIR / f"{name}.yaml"
 

@@ -33,7 +33,7 @@ from clara.demo_pairs import build_demo
 from clara.engine import TrainConfig, Trainer, init_env, seed_everything
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
-from clara.model_config import CONFIG_ROOT, load_model_config
+from clara.model_config import CONFIG_ROOT, load_model_config, result_overrides
 from clara.pretrain_data import DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
 from clara.run_dir import CONFIG_FILE, check_resumable, claim, saved_config
@@ -159,7 +159,8 @@ def holds_run(path: Path) -> bool:
 def check_out_dir(config: PretrainConfig) -> None:
     """Refuse, before anything is written, a ``train.out_dir`` that is a file, holds another command's
     run, or holds a pretraining run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
-    check_resumable(config.train.out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "train.out_dir")
+    check_resumable(config.train.out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "train.out_dir",
+                    {"model_overrides": result_overrides})  # speed and memory switches may change
 
 
 def build_model(config: PretrainConfig) -> Clara:

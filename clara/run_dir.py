@@ -61,14 +61,19 @@ def saved_config(path: str | Path, cls: type[T]) -> T | None:
         return None
 
 
-def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = ()) -> list[str]:
+def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = (),
+                   compare_as: Mapping[str, Callable[[Any], Any]] | None = None) -> list[str]:
     """The dotted keys whose values differ between two configs, leaving out ``may_differ``
-    (a key, or a section such as ``train``)."""
+    (a key, or a section such as ``train``); a key in ``compare_as`` is compared through its function
+    (e.g. a list of overrides without those that may change)."""
     found: list[str] = []
+    compare_as = compare_as or {}
 
     def walk(a: Any, b: Any, prefix: str) -> None:
         if prefix in may_differ:
             return
+        if prefix in compare_as:
+            a, b = compare_as[prefix](a), compare_as[prefix](b)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
@@ -79,18 +84,21 @@ def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = ()) -> li
     return found
 
 
-def check_same_settings(path: str | Path, saved: Any, new: Any, may_differ: Collection[str], option: str) -> None:
+def check_same_settings(path: str | Path, saved: Any, new: Any, may_differ: Collection[str], option: str,
+                        compare_as: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
     """Refuse to resume the run in ``path`` (made with ``saved``) with other settings than ``new``."""
-    keys = differing_keys(saved, new, may_differ)
+    keys = differing_keys(saved, new, may_differ, compare_as)
     if keys:
         raise OutDirError(f"{path} holds a run with other settings ({', '.join(keys)}); "
                           f"use a new {option}, or the same settings to resume")
 
 
-def check_resumable(path: str | Path, config: Any, kind: str, may_differ: Collection[str], option: str) -> None:
+def check_resumable(path: str | Path, config: Any, kind: str, may_differ: Collection[str], option: str,
+                    compare_as: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
     """Refuse, before anything is written, a ``path`` that is a file, holds another command's run (a
     config.yaml that does not read as ``type(config)``), or holds a ``kind`` run with other settings
-    than ``config`` (``may_differ`` aside). A new or config-less folder passes: ``claim`` judges those."""
+    than ``config`` (``may_differ`` aside, ``compare_as`` as in differing_keys). A new or config-less
+    folder passes: ``claim`` judges those."""
     path = Path(path)
     check_folder_path(path)
     if not (path / CONFIG_FILE).exists():
@@ -99,4 +107,4 @@ def check_resumable(path: str | Path, config: Any, kind: str, may_differ: Collec
     if saved is None:
         raise OutDirError(f"{path} exists and is not a {kind} run ({CONFIG_FILE} holds other settings); "
                           "give an empty or new folder")
-    check_same_settings(path, saved, config, may_differ, option)
+    check_same_settings(path, saved, config, may_differ, option, compare_as)

@@ -41,7 +41,7 @@ from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.engine import Trainer, check_device, init_env, seed_everything
 from clara.io_utils import atomic_write_text
 from clara.model import Clara
-from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config
+from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
 from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, saved_config
 from clara.tokenizer import Tokenizer
@@ -105,7 +105,8 @@ def holds_run(path: Path) -> bool:
 def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
     """Refuse, before anything is written, an ``out_dir`` that is a file, holds another command's run,
     or holds a fine-tune run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
-    check_resumable(out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "--out")
+    check_resumable(out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "--out",
+                    {"model.clara_overrides": result_overrides})  # speed and memory switches may change
 
 
 def _write_status(out_dir: Path, status: str, **details) -> None:

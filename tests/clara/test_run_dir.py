@@ -81,3 +81,21 @@ def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_diffe
         check_resumable(run, Settings(), "demo", (), "--out")
     with pytest.raises(OutDirError, match="exists and is not a folder"):
         check_resumable(run / "config.yaml", Settings(), "demo", (), "--out")
+
+
+def test_model_overrides_may_change_their_execution_switches_only():
+    from clara.model_config import result_overrides
+
+    @dataclass(frozen=True)
+    class WithOverrides:
+        data: str = "a"
+        overrides: tuple[str, ...] = ()
+
+    saved = WithOverrides(overrides=("mask_padding=false", "attention=eager"))
+    faster = WithOverrides(overrides=("selective_recompute=true", "mask_padding=false", "attention=sdpa_cudnn",
+                                      "audio.latent_qkv=split"))
+    compare = {"overrides": result_overrides}
+    assert differing_keys(saved, faster, (), compare) == []  # speed and memory switches, in any order
+    assert differing_keys(saved, WithOverrides(overrides=("attention=eager",)), (), compare) == ["overrides"]
+    assert differing_keys(saved, WithOverrides(overrides=("mask_padding=true",)), (), compare) == ["overrides"]
+    assert differing_keys(saved, faster) == ["overrides"]  # compared as written without the projection

@@ -281,9 +281,10 @@ def test_a_run_folder_resumes_with_other_logging_and_continues_to_more_epochs(te
     out, doc, _ = text_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    # Progress, logging, threads and workers change nothing the run computes: the finished run is re-scored as it was.
+    # Progress, logging, threads, workers and a memory switch change nothing the run computes: the finished
+    # run is re-scored as it was.
     code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.progress=true", "train.log_every=1", "threads=2",
-                                      "data.num_workers=2"))
+                                      "data.num_workers=2", "model.clara_overrides=[selective_recompute=true]"))
     assert code == 0
     metrics = json.loads((copy / "metrics.json").read_text())
     assert {split: metrics[split] for split in ("dev", "test")} == json.loads(json.dumps({s: doc[s] for s in ("dev", "test")}))
