@@ -167,6 +167,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def check_overrides(overrides: Sequence[str], field: str) -> None:
+    """Raise ConfigError, prefixed with ``field`` (where the list came from), for the first malformed
+    ``key=value`` text; what the overrides set is checked where they are applied."""
+    for text in overrides:
+        try:
+            parse_override(text)
+        except ConfigError as err:
+            raise ConfigError(f"{field}: {err}") from None
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, source: str | None = None) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` override set.
 

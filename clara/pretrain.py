@@ -70,11 +70,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        for text in self.model_overrides:  # malformed ones fail here; what they set is checked on the model
-            try:
-                config_lib.parse_override(text)
-            except config_lib.ConfigError as err:
-                raise config_lib.ConfigError(f"model_overrides: {err}") from None
+        config_lib.check_overrides(self.model_overrides, "model_overrides")  # what they set: on the model
 
 
 class ContrastiveTask:

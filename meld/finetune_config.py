@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clara.config import ConfigError, parse_override
+from clara.config import ConfigError, check_overrides
 from clara.engine import TrainConfig
 from meld.dataset import DataConfig
 
@@ -46,11 +46,7 @@ class ModelConfig:
     prompt: str = DEFAULT_PROMPT  # {label} is replaced by each class name
 
     def __post_init__(self) -> None:
-        for text in self.clara_overrides:  # malformed ones fail here; what they set is checked on the model
-            try:
-                parse_override(text)
-            except ConfigError as err:
-                raise ConfigError(f"model.clara_overrides: {err}") from None
+        check_overrides(self.clara_overrides, "model.clara_overrides")  # what they set: on the model
         if self.fusion_dim < 1 or self.hidden_dim < 0 or self.hf_max_tokens < 3:
             raise ConfigError("model: fusion_dim must be >= 1, hidden_dim >= 0, hf_max_tokens >= 3")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.modality_dropout < 1.0:

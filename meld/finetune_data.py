@@ -20,6 +20,13 @@ from torch.utils.data import Dataset
 
 from meld.context import format_with_context
 from meld.dataset import MeldDataset, collate
+from meld.records import Utterance
+
+
+def hf_text_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]]) -> str:
+    """The text a transformers encoder reads for ``utt`` after its context ``turns`` (speaker, text),
+    joined by the tokenizer's own separator; the utterance alone when there are none."""
+    return format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
 
 
 class HFTextView(Dataset):
@@ -30,7 +37,7 @@ class HFTextView(Dataset):
         self.ids = []
         for utt in base.utterances:
             turns = base.context[utt.key]  # the same turns as CLARA's text tower reads
-            text = format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
+            text = hf_text_with_context(tokenizer, utt, turns)
             self.ids.append(torch.tensor(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]))
 
     def __len__(self) -> int:

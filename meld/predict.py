@@ -27,9 +27,8 @@ from clara.checkpoint import CheckpointError
 from clara.config import ConfigError, from_dict
 from clara.tokenizer import Tokenizer
 from meld.classifier_io import load_classifier, spec_file
-from meld.context import format_with_context
 from meld.dataset import DataConfig, encode_with_context
-from meld.finetune_data import Collate
+from meld.finetune_data import Collate, hf_text_with_context
 from meld.records import Utterance
 
 AUDIO_SUFFIXES = {".mp4", ".m4a", ".wav", ".flac", ".mp3", ".ogg", ".aac", ".webm", ".mkv", ".mov", ".opus"}
@@ -99,8 +98,8 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         ids = encode_with_context(Tokenizer(data.language), utt, turns, data.max_tokens)
         out["tokens"] = torch.tensor(ids, dtype=torch.long)
     if "hf_text" in inputs:
-        hf_text = format_with_context(utt, turns, sep=f" {hf_tokenizer.sep_token or '|'} ") if turns else transcript
-        ids = hf_tokenizer(hf_text, truncation=True, max_length=spec["hf_max_tokens"])["input_ids"]
+        ids = hf_tokenizer(hf_text_with_context(hf_tokenizer, utt, turns), truncation=True,
+                           max_length=spec["hf_max_tokens"])["input_ids"]
         out["hf_ids"] = torch.tensor(ids)
     return out
 

@@ -294,11 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-        for text in args.clara_override or []:
-            try:
-                config_lib.parse_override(text)
-            except ConfigError as err:
-                raise ConfigError(f"--clara-override: {err}") from None
+        config_lib.check_overrides(args.clara_override or [], "--clara-override")
         if args.cache:
             check_folder_path(args.cache)
         args.out = args.out or str(Path("runs") / time.strftime("zeroshot-%Y%m%d-%H%M%S"))
