@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -268,17 +269,56 @@ def sync(device: torch.device) -> None:
 _FLOPS: dict[tuple[str, bool], float] = {}
 
 
-def profile_table(step, batches, device: torch.device, rows: int) -> str:
-    """The top CUDA kernels (or CPU ops) of a few more steps, by total time."""
+# Kernel families of a GPU profile, by the first pattern that matches the kernel's name.
+KERNEL_CATEGORIES = (
+    ("attention", re.compile(r"sdpa|fmha|flash|attention|attn", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|splitk", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
+    ("fused (inductor)", re.compile(r"^triton_")),
+    ("convolution", re.compile(r"conv|winograd|implicit", re.I)),
+)
+
+
+def kernel_category(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def category_table(kernel_us: dict[str, float], steps: int, wall_ms: float | None = None) -> str:
+    """Per-step GPU milliseconds by kernel family, from total microseconds per kernel name over
+    ``steps`` steps; with ``wall_ms`` (the timed step), the share of the step no kernel ran in."""
+    totals: dict[str, float] = {}
+    for name, micros in kernel_us.items():
+        totals[kernel_category(name)] = totals.get(kernel_category(name), 0.0) + micros / steps / 1e3
+    busy = sum(totals.values())
+    lines = [f"{label:<18} {ms:8.2f} ms/step" for label, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+    lines.append(f"{'all kernels':<18} {busy:8.2f} ms/step")
+    if wall_ms is not None:
+        lines.append(f"{'timed step':<18} {wall_ms:8.2f} ms/step (GPU idle {max(0.0, wall_ms - busy):.2f} ms)")
+    return "\n".join(lines)
+
+
+def profile_table(step, batches, device: torch.device, rows: int, wall_ms: float | None = None) -> str:
+    """The top CUDA kernels (or CPU ops) of a few more steps, by total time; on a GPU, also the
+    per-step time of each kernel family (``category_table``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps = 4
     with profile(activities=activities) as prof:
-        for inputs in batches[:4]:
+        for inputs in batches[:steps]:
             step(*inputs)
         sync(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    if device.type != "cuda":
+        return table
+    kernel_us: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_us[event.name] = kernel_us.get(event.name, 0.0) + event.time_range.elapsed_us()
+    if not kernel_us:
+        return f"{table}\n(the profiler recorded no kernels, as under CUDA-graph replay it may not)"
+    return f"{table}\n{category_table(kernel_us, steps, wall_ms)}"
 
 
 def run_variant(variant: Variant, args, device: torch.device) -> dict:
@@ -306,7 +346,8 @@ def run_variant(variant: Variant, args, device: torch.device) -> dict:
             step(*batches[i % len(batches)])
         sync(device)
         elapsed = (time.perf_counter() - start) / steps
-        profile = profile_table(step, batches, device, args.profile_rows) if variant.name in args.profile else None
+        profile = (profile_table(step, batches, device, args.profile_rows, elapsed * 1e3)
+                   if variant.name in args.profile else None)
     except torch.OutOfMemoryError:
         return {**row, "note": f"out of memory at batch {batch}"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -394,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak for the MFU column (known: H100 SXM/PCIe, H200)")
     parser.add_argument("--compile-only", action="store_true",
-                        help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs")
+                        help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs; "
+                             "with --prewarm, just the parallel compiles")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -404,12 +446,12 @@ def main(argv: list[str] | None = None) -> None:
     if not gpu:
         args.warmup = min(args.warmup, 1)
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
-    if args.compile_only:
-        for variant in variants:
-            compile_only(variant, args, device)
-        return
     if args.prewarm > 0:
         prewarm(variants, args)
+    if args.compile_only:  # with --prewarm, the parallel compiles were the whole job
+        for variant in variants if args.prewarm <= 0 else ():
+            compile_only(variant, args, device)
+        return
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     ceiling = ceilings(device)
     peak = args.peak_tflops or (dense_bf16_peak(name) if gpu else None)

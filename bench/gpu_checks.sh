@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# The GPU checks of one session in one command: CUDA tests, the fine-tune loader check, the step
-# table.  Logs go to $OUT (or ./gpu-checks) as they are written, so a run cut short keeps them.
+# The GPU checks of one session in one command: CUDA tests, the step table, the fine-tune loader check.
+# Logs go to $OUT (or ./gpu-checks) as they are written, so a run cut short keeps them.
 #   bash bench/gpu_checks.sh [BENCH_STEP_VARIANTS]
-# Without an argument the step table runs NEXT_VARIANTS: the questions bench/NOTES.md leaves open,
-# most important first, sized for a 15-minute device budget (each whole-model compile warms up for
-# about a minute cold; --prewarm overlaps those minutes).  Pass "all" for bench_step.py's full ladder.
+#   PARTS=epoch bash bench/gpu_checks.sh      # one part only (PARTS="tests step epoch" by default)
+# Without an argument the step table runs NEXT_VARIANTS: issue 9's targets and the questions
+# bench/NOTES.md leaves open, sized for a 15-minute device budget.  Every compiled variant compiles
+# first, side by side and beside the CUDA tests (mostly CPU work, untimed), so that the timed run,
+# one variant at a time, finds inductor's caches warm.  Pass "all" for bench_step.py's full ladder.
 set -uo pipefail
-NEXT_VARIANTS="sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,sdpa-bf16-cudagraphs-bf16res,\
-sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa-bf16-cudagraphs-bf16res-infer-b256,\
-sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-pointwise,\
-sdpa_cudnn-bf16-compile-bf16res-aggressive-b256"
+NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,\
+sdpa-bf16-cudagraphs-bf16res-qkvsplit,sdpa_cudnn-bf16-compile-bf16res-qkvsplit,\
+sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,sdpa_cudnn-bf16-compile-bf16res-aggressive-b256,\
+sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b256,\
+sdpa-bf16-cudagraphs-bf16res-qkvsplit-infer-b256"
+# Kernel families per step (bench_step's profile): without CUDA graphs, and with them if the
+# profiler sees inside their replays.
+PROFILE="sdpa_cudnn-bf16-compile-bf16res-qkvsplit,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
-python3 -m pytest -q -m gpu tests/clara/test_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/pytest-gpu.txt"
-# 5,000 clips (half an epoch of MELD): the per-step figures are what matter, and the budget is short.
-# Its default settings compare cuDNN attention (a plan per new shape) with the kit's default kernels.
-python3 bench/bench_finetune_epoch.py --device cuda --clips 5000 2>&1 | grep --line-buffered -v "^training" | tee "$out/bench_finetune_epoch.txt"
 variants="${1:-$NEXT_VARIANTS}"
 [ "$variants" = all ] && variants=""
-# --prewarm 4: the compiled variants compile side by side first (mostly CPU work), then each is timed
-# alone with warm compile caches; one that runs out of memory beside the others compiles cold instead.
-python3 bench/bench_step.py --device cuda --json "$out/bench_step.jsonl" --prewarm 4 \
+parts=" ${PARTS:-tests step epoch} "
+if [[ $parts == *" tests "* ]]; then
+python3 -m pytest -q -m gpu tests/clara/test_gpu.py -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
+tests=$!
+fi
+if [[ $parts == *" step "* ]]; then
+# Fewer inductor compile workers per process: ten processes share the machine's cores.
+TORCHINDUCTOR_COMPILE_THREADS=4 python3 bench/bench_step.py --device cuda --prewarm 10 --compile-only \
+    ${variants:+--variants "$variants"} 2>&1 | tee "$out/prewarm.txt"
+fi
+wait
+[[ $parts == *" tests "* ]] && tail -3 "$out/pytest-gpu.txt"
+if [[ $parts == *" step "* ]]; then
+python3 bench/bench_step.py --device cuda --json "$out/bench_step.jsonl" --profile "$PROFILE" --profile-rows 30 \
     ${variants:+--variants "$variants"} 2>&1 | tee "$out/bench_step.txt"
+fi
+if [[ $parts == *" epoch "* ]]; then
+# 5,000 clips (half an epoch of MELD): the per-step figures are what matter, and the budget is short.
+# cuDNN attention (a plan per new shape) against the default kernels, then the kit's default
+# batching (bucketed by length) unpadded and padded to 64 frames.
+python3 bench/bench_finetune_epoch.py --device cuda --clips 5000 --settings 4/off/1/cudnn,4/off,4/off/1/bucket,4/off/64/bucket \
+    2>&1 | grep --line-buffered -v "^training" | tee "$out/bench_finetune_epoch.txt"
+fi

@@ -200,3 +200,24 @@ def test_prewarm_fills_the_compile_cache_the_timed_run_reads(monkeypatch, tmp_pa
     assert "prewarm: 1 compiled variants in 1 processes" in out and "failed" not in out
     assert any(cache.rglob("*"))
     assert float(next(l for l in out.splitlines() if l.startswith("sdpa-fp32-compile")).split()[2]) > 0
+
+
+def test_profile_kernels_are_summed_by_family_per_step():
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma": 800.0,
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>": 200.0,
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": 1000.0,
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize": 600.0,
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": 100.0,
+        "triton_poi_fused_gelu_mul_3": 300.0,
+        "void at::native::elementwise_kernel<128, 2>": 40.0,
+    }
+    lines = bench_step.category_table(names, steps=2, wall_ms=2.0).splitlines()
+    per_step = {line[:18].strip(): float(line[18:].split()[0]) for line in lines}
+    assert per_step["attention"] == pytest.approx(0.5)  # 1,000 us over 2 steps
+    assert per_step["matmul"] == pytest.approx(0.8)
+    assert per_step["optimizer"] == pytest.approx(0.05)
+    assert per_step["fused (inductor)"] == pytest.approx(0.15)
+    assert per_step["other"] == pytest.approx(0.02)
+    assert per_step["all kernels"] == pytest.approx(1.52)
+    assert "GPU idle 0.48 ms" in lines[-1]
