@@ -14,7 +14,11 @@ autocast), then optional flags:
 * ``compile``: ``torch.compile`` of the whole model; ``blocks``: of each repeated block
   (``clara.compilation``); ``cudagraphs``: the whole model with mode reduce-overhead (CUDA graphs);
   ``autotune``: the whole model with max-autotune-no-cudagraphs; ``maxautotune``: with max-autotune
-  (autotuning and CUDA graphs);
+  (autotuning and CUDA graphs); ``stepgraph``: the whole model compiled (default mode) and the whole
+  training step (forward, loss, backward, a capturable fused AdamW) captured as one CUDA graph by
+  hand, replayed with each batch copied into its static inputs (CUDA only, fixed lengths, training);
+* ``cdt``: inductor's coordinate-descent tuning of its generated kernels' launch settings (with a
+  compile flag);
 * ``bf16res``: run the latents' residual stream in the autocast dtype (``audio.latent_stream``);
 * ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
   blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
@@ -98,9 +102,9 @@ _GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that r
 
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs"),
-           "maxautotune": ("model", "max-autotune")}  # fmt: skip
+           "maxautotune": ("model", "max-autotune"), "stepgraph": ("model", "default")}  # fmt: skip
 _RECOMPUTES = ("pointwise", "aggressive")
-_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer"}
+_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer", "cdt"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class Variant:
     batch: int | None = None
     recompute: str = "default"  # clara.compilation recompute level
     qkvsplit: bool = False
+    cdt: bool = False  # inductor's coordinate-descent tuning
+    stepgraph: bool = False  # the whole training step as one hand-captured CUDA graph
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -130,19 +136,23 @@ class Variant:
         if (len(parts) < 2 or parts[0] not in BACKENDS or parts[1] not in ("fp32", "tf32", "bf16")
                 or unknown or len(compiled) > 1 or len(sizes) > 1 or {"varlen", "bucket"} <= flags
                 or len(recompute) > 1 or (recompute and not compiled)
-                or ("bf16res" in flags and parts[1] != "bf16") or {"ckpt", "sac"} <= flags):
+                or ("bf16res" in flags and parts[1] != "bf16") or {"ckpt", "sac"} <= flags
+                or ("cdt" in flags and not compiled)
+                or ("stepgraph" in flags and flags & {"varlen", "bucket", "infer"})):
             # bf16res only changes anything under bf16 autocast, and ckpt re-runs whole blocks, which
             # leaves sac nothing to choose: such a name would claim a setting that did not apply.
+            # A hand-captured step graph replays fixed shapes, and an inference forward is already one
+            # graph under cudagraphs.
             raise SystemExit(f"variant {name!r}: expected ATTENTION-PRECISION[-FLAG...], flags from "
                              f"{', '.join(sorted(_FLAGS))}, bN (one compile flag, one of varlen/bucket, "
-                             f"pointwise or aggressive only with a compile flag, bf16res only with bf16, "
-                             f"not ckpt with sac)")
+                             f"pointwise, aggressive or cdt only with a compile flag, bf16res only with bf16, "
+                             f"not ckpt with sac, stepgraph only for fixed-length training)")
         scope, mode = _SCOPES[compiled[0]] if compiled else ("off", "default")
         lengths = "varlen" if "varlen" in flags else "bucket" if "bucket" in flags else "fixed"
         batch = int(next(iter(sizes))[1:]) if sizes else None
         return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags,
                    "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default",
-                   "qkvsplit" in flags)  # fmt: skip
+                   "qkvsplit" in flags, "cdt" in flags, "stepgraph" in flags)  # fmt: skip
 
 
 def padded_frames(lengths: torch.Tensor) -> int:
@@ -193,17 +203,25 @@ def build(variant: Variant, config_name: str, device: torch.device, backend: str
     model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
+    torch._inductor.config.coordinate_descent_tuning = variant.cdt
     if variant.scope != "off":
         compile_model(model, variant.scope, variant.mode, dynamic=True if variant.lengths != "fixed" else None,
                       recompute=variant.recompute, backend=backend)  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    if variant.stepgraph and device.type != "cuda":
+        raise SystemExit(f"variant {variant.name!r}: stepgraph captures a CUDA graph and needs a CUDA device")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda",
+                                  capturable=variant.stepgraph)  # fmt: skip
 
-    def train_step(mel, tokens, mel_lengths, token_lengths):
+    def update(mel, tokens, mel_lengths, token_lengths):
         with numeric_context(variant, device):
             out = model(mel, tokens, mel_lengths, token_lengths)
             loss = loss_fn(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale)
         loss.backward()
         optimizer.step()
+        return loss
+
+    def train_step(mel, tokens, mel_lengths, token_lengths):
+        loss = update(mel, tokens, mel_lengths, token_lengths)
         optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -212,7 +230,39 @@ def build(variant: Variant, config_name: str, device: torch.device, backend: str
             out = model(mel, tokens, mel_lengths, token_lengths)
             return out.audio_embeds, out.text_embeds
 
+    if variant.stepgraph:
+        return model, step_graph(train_step, update, optimizer)
     return model, (infer_step if variant.infer else train_step)
+
+
+def step_graph(train_step, update, optimizer):
+    """``train_step`` as one hand-captured CUDA graph: the first call warms up on a side stream
+    (compiling the model, making the optimizer's state), then captures ``update`` (forward, loss,
+    backward, optimizer step) over static copies of its inputs; every call copies its batch into
+    them and replays.  Gradients are None when capture starts, so the captured backward writes
+    them afresh on every replay instead of adding to the last step's."""
+    graph, static, loss = None, [], None
+
+    def step(*inputs):
+        nonlocal graph, static, loss
+        if graph is None:
+            static = [t.clone() for t in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    train_step(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                loss = update(*static)
+        for target, source in zip(static, inputs):
+            target.copy_(source)
+        graph.replay()
+        return loss
+
+    return step
 
 
 def count_flops_per_sample(infer: bool, config_name: str, device: torch.device) -> float:
@@ -314,7 +364,8 @@ def profile_table(step, batches, device: torch.device, rows: int, wall_ms: float
         return table
     kernel_us: dict[str, float] = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # Annotations (optimizer steps, compiled graphs' calls) also show as GPU ranges: not kernels.
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
             kernel_us[event.name] = kernel_us.get(event.name, 0.0) + event.time_range.elapsed_us()
     if not kernel_us:
         return f"{table}\n(the profiler recorded no kernels, as under CUDA-graph replay it may not)"

@@ -221,3 +221,32 @@ def test_profile_kernels_are_summed_by_family_per_step():
     assert per_step["other"] == pytest.approx(0.02)
     assert per_step["all kernels"] == pytest.approx(1.52)
     assert "GPU idle 0.48 ms" in lines[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_graph_trains_as_the_plain_compiled_step_on_cuda(tmp_path):
+    """bench_step's stepgraph (one hand-captured CUDA graph per training step) gives the plain
+    compiled step's losses and weights.  Its first call warms up three times on its first batch
+    before replaying it, so the plain run trains on that batch four times too.  No token dropout or
+    dropout: random draws would differ between the two runs."""
+    import yaml
+
+    from clara.model_config import preset_path
+
+    config = yaml.safe_load(preset_path("tiny").read_text())
+    config["audio"]["token_keep"], config["text"]["dropout"] = 1.0, 0.0
+    path = tmp_path / "tiny-deterministic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cuda = torch.device("cuda")
+    batches = bench_step.make_batches(4, "fixed", cuda, count=3, seed=1)
+    results = {}
+    for name, inputs in (("sdpa-fp32-compile", [batches[0]] * 3 + batches * 2), ("sdpa-fp32-stepgraph", batches * 2)):
+        torch._dynamo.reset()
+        model, step = bench_step.build(bench_step.Variant.parse(name), str(path), cuda)
+        losses = [float(step(*b)) for b in inputs]
+        results[name] = (losses[-6:], [p.detach().clone() for p in model.parameters()])
+    (plain_losses, plain_weights), (graph_losses, graph_weights) = results.values()
+    assert graph_losses == pytest.approx(plain_losses, rel=1e-4)
+    for plain, graphed in zip(plain_weights, graph_weights):
+        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-5)
