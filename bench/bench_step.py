@@ -17,8 +17,8 @@ autocast), then optional flags:
   (autotuning and CUDA graphs); ``stepgraph``: the whole model compiled (default mode) and the whole
   training step (forward, loss, backward, a capturable fused AdamW) captured as one CUDA graph by
   hand, replayed with each batch copied into its static inputs (CUDA only, fixed lengths, training);
-* ``cdt``: inductor's coordinate-descent tuning of its generated kernels' launch settings (with a
-  compile flag);
+* ``cdt``: inductor's coordinate-descent tuning of its generated kernels' launch settings
+  (``clara.compilation``'s ``tune``; with a compile flag);
 * ``bf16res``: run the latents' residual stream in the autocast dtype (``audio.latent_stream``);
 * ``ckpt``: activation checkpointing; ``sac``: selective recomputation (the latent
   blocks keep only matmul and attention outputs for backward, ``selective_recompute``);
@@ -89,7 +89,8 @@ DEFAULT_GPU_VARIANTS = (
     "sdpa_cudnn-bf16-blocks-bf16res-bucket,sdpa-bf16-blocks-bf16res-varlen,sdpa-bf16-blocks-bf16res-bucket,"
     "sdpa-bf16-cudagraphs-bf16res-bucket,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer,"
-    "sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256"
+    "sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,"
+    "sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt"
 )
 FRAMES, TEXT_LEN = 282, 32
 PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CUDA graphs) small
@@ -203,10 +204,9 @@ def build(variant: Variant, config_name: str, device: torch.device, backend: str
     model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()
-    torch._inductor.config.coordinate_descent_tuning = variant.cdt
     if variant.scope != "off":
         compile_model(model, variant.scope, variant.mode, dynamic=True if variant.lengths != "fixed" else None,
-                      recompute=variant.recompute, backend=backend)  # fmt: skip
+                      recompute=variant.recompute, tune=variant.cdt, backend=backend)  # fmt: skip
     if variant.stepgraph and device.type != "cuda":
         raise SystemExit(f"variant {variant.name!r}: stepgraph captures a CUDA graph and needs a CUDA device")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda",

@@ -8,14 +8,12 @@
 # first, side by side and beside the CUDA tests (mostly CPU work, untimed), so that the timed run,
 # one variant at a time, finds inductor's caches warm.  Pass "all" for bench_step.py's full ladder.
 set -uo pipefail
-NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit,\
-sdpa-bf16-cudagraphs-bf16res-qkvsplit,sdpa_cudnn-bf16-compile-bf16res-qkvsplit,\
-sdpa_cudnn-bf16-compile-bf16res-pointwise-b256,sdpa_cudnn-bf16-compile-bf16res-aggressive-b256,\
-sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b256,\
-sdpa-bf16-cudagraphs-bf16res-qkvsplit-infer-b256"
-# Kernel families per step (bench_step's profile): without CUDA graphs, and with them if the
-# profiler sees inside their replays.
-PROFILE="sdpa_cudnn-bf16-compile-bf16res-qkvsplit,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit"
+NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt,\
+sdpa_cudnn-bf16-cudagraphs-bf16res-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-pointwise-cdt,\
+sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256-cdt,\
+sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b512-cdt"
+# Kernel families per step (bench_step's profile; the profiler sees inside CUDA-graph replays).
+PROFILE="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -24,12 +22,12 @@ variants="${1:-$NEXT_VARIANTS}"
 [ "$variants" = all ] && variants=""
 parts=" ${PARTS:-tests step epoch} "
 if [[ $parts == *" tests "* ]]; then
-python3 -m pytest -q -m gpu tests/clara/test_gpu.py -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
+python3 -m pytest -q -m gpu tests/clara/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
 fi
 if [[ $parts == *" step "* ]]; then
-# Fewer inductor compile workers per process: ten processes share the machine's cores.
-TORCHINDUCTOR_COMPILE_THREADS=4 python3 bench/bench_step.py --device cuda --prewarm 10 --compile-only \
+# Fewer inductor compile workers per process: the processes share the machine's cores.
+TORCHINDUCTOR_COMPILE_THREADS=4 python3 bench/bench_step.py --device cuda --prewarm 8 --compile-only \
     ${variants:+--variants "$variants"} 2>&1 | tee "$out/prewarm.txt"
 fi
 wait

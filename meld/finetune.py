@@ -80,7 +80,8 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "model.allow_pickle",
     "strategy.embed_batch_size", "train.steps", "train.epochs", "train.progress", "train.log_every",
     "train.num_workers", "train.device", "train.resume", "train.checkpoint_every", "train.out_dir",
-    "train.compile", "train.compile_mode", "train.compile_recompute", "train.find_unused_parameters",
+    "train.compile", "train.compile_mode", "train.compile_recompute", "train.compile_tuning",
+    "train.find_unused_parameters",
     # run_finetune sets these itself (an evaluation per epoch), whatever the config says
     "train.eval_every", "train.eval_every_epoch", "train.eval_at_start",
 })

@@ -244,9 +244,13 @@ def test_step_graph_trains_as_the_plain_compiled_step_on_cuda(tmp_path):
     for name, inputs in (("sdpa-fp32-compile", [batches[0]] * 3 + batches * 2), ("sdpa-fp32-stepgraph", batches * 2)):
         torch._dynamo.reset()
         model, step = bench_step.build(bench_step.Variant.parse(name), str(path), cuda)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
         losses = [float(step(*b)) for b in inputs]
-        results[name] = (losses[-6:], [p.detach().clone() for p in model.parameters()])
-    (plain_losses, plain_weights), (graph_losses, graph_weights) = results.values()
+        results[name] = (losses[-6:], torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+    (plain_losses, plain_update), (graph_losses, graph_update) = results.values()
     assert graph_losses == pytest.approx(plain_losses, rel=1e-4)
-    for plain, graphed in zip(plain_weights, graph_weights):
-        torch.testing.assert_close(graphed, plain, rtol=1e-4, atol=1e-5)
+    # Weights compared through what nine AdamW steps changed: Adam divides each gradient by its
+    # running scale, so an element with a near-zero gradient can move by a visibly different amount
+    # on rounding alone (one of 96 did, by 6e-4 of itself, on an H200), while a wrong step (a
+    # gradient added to the last one, an update skipped) changes the whole update.
+    assert (graph_update - plain_update).norm() <= 1e-2 * plain_update.norm()

@@ -9,7 +9,7 @@ import torch
 import torch._functorch.config as functorch_config
 from torch.utils.data import Dataset
 
-from clara.compilation import compile_model, compile_units, set_recompute
+from clara.compilation import compile_model, compile_units, set_recompute, set_tuning
 from clara.engine import TrainConfig, Trainer
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
@@ -23,9 +23,10 @@ OVERRIDES = ["text.dropout=0.0"]
 
 @pytest.fixture(autouse=True)
 def default_recompute():
-    """compile_model's recompute level is process-wide: give later tests PyTorch's default back."""
+    """compile_model's recompute level and tuning are process-wide: give later tests PyTorch's defaults back."""
     yield
     set_recompute("default")
+    set_tuning(False)
 
 
 def test_compile_units_are_the_repeated_blocks():
@@ -81,6 +82,22 @@ class ContrastiveTask:
     def training_step(self, model, batch):
         out = model(*batch)
         return self.loss(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale), {}
+
+
+def test_compile_tuning_reaches_inductor_through_the_engine(tmp_path):
+    """train.compile_tuning turns inductor's coordinate-descent tuning on for the run's compilation,
+    and a run without it (or not compiled) leaves it off."""
+    import torch._inductor.config as inductor_config
+
+    def tuning_after(**settings) -> bool:
+        config = TrainConfig(steps=1, batch_size=4, device="cpu", progress=False, out_dir=str(tmp_path / "run"), **settings)
+        Trainer(config, Clara(load_model_config("tiny", OVERRIDES)), ContrastiveTask(), Pairs(), collate_fn=collate)
+        return inductor_config.coordinate_descent_tuning
+
+    assert tuning_after(compile="blocks", compile_tuning=True) is True
+    assert tuning_after(compile="blocks") is False
+    set_tuning(True)
+    assert tuning_after(compile="off", compile_tuning=False) is True  # not compiling touches nothing
 
 
 def train(tmp_path, compile_scope: str, recompute: str = "default") -> tuple[list[float], dict[str, torch.Tensor]]:
