@@ -368,7 +368,7 @@ def profile_table(step, batches, device: torch.device, rows: int, wall_ms: float
         if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
             kernel_us[event.name] = kernel_us.get(event.name, 0.0) + event.time_range.elapsed_us()
     if not kernel_us:
-        return f"{table}\n(the profiler recorded no kernels, as under CUDA-graph replay it may not)"
+        return f"{table}\n(the profiler recorded no GPU kernels)"
     return f"{table}\n{category_table(kernel_us, steps, wall_ms)}"
 
 
@@ -499,9 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
     if args.prewarm > 0:
         prewarm(variants, args)
-    if args.compile_only:  # with --prewarm, the parallel compiles were the whole job
-        for variant in variants if args.prewarm <= 0 else ():
-            compile_only(variant, args, device)
+    if args.compile_only:
+        if args.prewarm <= 0:  # with --prewarm, the parallel compiles were the whole job
+            for variant in variants:
+                compile_only(variant, args, device)
         return
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     ceiling = ceilings(device)

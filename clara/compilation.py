@@ -28,8 +28,8 @@ the forward pass (its partitioner's choice, never a matmul, attention or reducti
 
 ``tune=True`` turns on inductor's coordinate-descent tuning: each generated GPU kernel's launch
 settings (block sizes, warps) are searched by timing it when it is compiled.  It costs compile time
-(about half a minute more with warm caches on an H200, more cold) and changes no numbers beyond
-kernel rounding; on the CPU it does nothing.  On the H200 it made the medium step 2.3% faster (1,829
+(13-26 s more warm-up in the H200 runs, with compile caches already warm) and changes no numbers
+beyond kernel rounding; on the CPU it does nothing.  On the H200 it made the medium step 2.3% faster (1,829
 -> 1,871 samples/s, batch 64, CUDA graphs) and its inference 4.2% (5,683 -> 5,921, batch 256).
 
 The partitioner and inductor read these settings when they compile, which happens lazily on the

@@ -192,6 +192,20 @@ def test_prewarm_compiles_just_the_compiled_variants(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_compile_only_with_prewarm_just_compiles_in_parallel(monkeypatch):
+    """--compile-only --prewarm N (what gpu_checks runs beside the CUDA tests) hands every variant to
+    the parallel prewarm and compiles nothing more in its own process; without --prewarm it compiles
+    each variant itself."""
+    prewarmed, compiled = [], []
+    monkeypatch.setattr(bench_step, "prewarm", lambda variants, args: prewarmed.extend(v.name for v in variants))
+    monkeypatch.setattr(bench_step, "compile_only", lambda variant, args, device: compiled.append(variant.name))
+    names = "sdpa-fp32-compile,sdpa-fp32-blocks"
+    bench_step.main(["--device", "cpu", "--variants", names, "--compile-only", "--prewarm", "2"])
+    assert (prewarmed, compiled) == (names.split(","), [])
+    bench_step.main(["--device", "cpu", "--variants", names, "--compile-only"])
+    assert compiled == names.split(",")
+
+
 def test_prewarm_fills_the_compile_cache_the_timed_run_reads(monkeypatch, tmp_path, capsys):
     cache = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # the prewarm processes inherit it
