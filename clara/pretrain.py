@@ -36,7 +36,7 @@ from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, load_model_config, result_overrides
 from clara.pretrain_data import DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
-from clara.run_dir import CONFIG_FILE, check_resumable, claim, saved_config
+from clara.run_dir import CONFIG_FILE, check_resumable, claim, same_path, saved_config
 from clara.tokenizer import Tokenizer
 
 DEMO_CONFIG = CONFIG_ROOT / "pretrain" / "demo.yaml"
@@ -51,6 +51,10 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "train.eval_at_start", "train.compile", "train.compile_mode", "train.compile_recompute",
     "train.compile_tuning", "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio", "init_allow_pickle",
 })
+
+
+# Settings that name files or folders: a resume compares them as paths (clara.run_dir.same_path).
+PATH_KEYS = ("model", "init", "data.train", "data.eval", "data.env", "data.demo_dir")
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,8 @@ def check_out_dir(config: PretrainConfig) -> None:
     """Refuse, before anything is written, a ``train.out_dir`` that is a file, holds another command's
     run, or holds a pretraining run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
     check_resumable(config.train.out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "train.out_dir",
-                    {"model_overrides": result_overrides})  # speed and memory switches may change
+                    {"model_overrides": result_overrides,  # speed and memory switches may change
+                     **{key: same_path for key in PATH_KEYS}})
 
 
 def build_model(config: PretrainConfig) -> Clara:

@@ -8,6 +8,7 @@ a run made with other settings (resuming it would mix two runs' steps, or mislab
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +60,14 @@ def saved_config(path: str | Path, cls: type[T]) -> T | None:
         return config_lib.from_dict(cls, yaml.safe_load(file.read_text(encoding="utf-8")))
     except (ConfigError, yaml.YAMLError, AttributeError, TypeError, UnicodeDecodeError):
         return None
+
+
+def same_path(value: Any) -> Any:
+    """A path setting as resume compares it: ``./data/`` and ``data`` are one folder.  Comma-separated
+    sources (pretraining's ``data.train``) are compared part by part; "" and non-strings as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    return ",".join(os.path.normpath(part.strip()) for part in value.split(","))
 
 
 def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = (),

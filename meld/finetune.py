@@ -43,7 +43,7 @@ from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
-from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, saved_config
+from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, same_path, saved_config
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -87,6 +87,10 @@ MAY_DIFFER_ON_RESUME = frozenset({
 })
 
 
+# Settings that name files or folders: a resume compares them as paths (clara.run_dir.same_path).
+PATH_KEYS = ("data_root", "model.clara", "model.checkpoint", "model.hf_text")
+
+
 def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
     """The demo config (``path`` None), a YAML file or a preset name of configs/finetune/, plus overrides."""
     if path is None:
@@ -107,7 +111,8 @@ def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
     """Refuse, before anything is written, an ``out_dir`` that is a file, holds another command's run,
     or holds a fine-tune run with other settings than ``config`` (see MAY_DIFFER_ON_RESUME)."""
     check_resumable(out_dir, config, KIND, MAY_DIFFER_ON_RESUME, "--out",
-                    {"model.clara_overrides": result_overrides})  # speed and memory switches may change
+                    {"model.clara_overrides": result_overrides,  # speed and memory switches may change
+                     **{key: same_path for key in PATH_KEYS}})
 
 
 def _write_status(out_dir: Path, status: str, **details) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from clara import config as config_lib
-from clara.run_dir import OutDirError, check_folder_path, check_resumable, claim, differing_keys, saved_config
+from clara.run_dir import OutDirError, check_folder_path, check_resumable, claim, differing_keys, same_path, saved_config
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_diffe
         check_resumable(run, Settings(), "demo", (), "--out")
     with pytest.raises(OutDirError, match="exists and is not a folder"):
         check_resumable(run / "config.yaml", Settings(), "demo", (), "--out")
+
+
+def test_resume_compares_path_settings_as_paths(tmp_path):
+    """./runs//a/ and runs/a are one folder, so a resume that spells it differently is the same run;
+    another folder is still another setting."""
+    assert (same_path("./data/"), same_path("a/./b, ./c"), same_path(""), same_path(3)) == ("data", "a/b,c", "", 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    config_lib.save_yaml(Settings(data="runs/a"), run / "config.yaml")
+    check_resumable(run, Settings(data="./runs//a/"), "demo", (), "--out", {"data": same_path})
+    with pytest.raises(OutDirError, match=re.escape("other settings (data)")):
+        check_resumable(run, Settings(data="./runs//a/"), "demo", (), "--out")  # compared as typed
+    with pytest.raises(OutDirError, match=re.escape("other settings (data)")):
+        check_resumable(run, Settings(data="runs/b"), "demo", (), "--out", {"data": same_path})
 
 
 def test_model_overrides_may_change_their_execution_switches_only():
