@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clara.io_utils import atomic_directory
 from meld.calibration import CALIBRATIONS
 from meld.captions import CaptionConfig
 from meld.metrics import SCALARS
@@ -123,7 +124,9 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
                     confusion_png=f"confusion_{headline}.png",
                     extra_sections=_sections(prompts, captions, splits, results, recall, run_info))
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    # A rerun into its own folder replaces the TensorBoard logs as a whole (they describe one
+    # evaluation; added beside the old ones, every scalar would show twice at step 0).
+    with atomic_directory(out / "tensorboard") as staging, SummaryWriter(str(staging)) as writer:
         for name, r in results.items():
             for c in CALIBRATIONS:
                 for split in splits:

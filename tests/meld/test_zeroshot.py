@@ -238,6 +238,7 @@ def test_out_must_be_new_empty_or_a_zeroshot_run(setup, run_dir, tmp_path, capsy
     shutil.copytree(run_dir, rerun)
     assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(rerun), "--split", "dev"]) == 0
     assert "test" not in json.loads((rerun / "metrics.json").read_text())
+    assert len(list((rerun / "tensorboard").glob("events.out.tfevents.*"))) == 1  # replaced, not added to
 
 
 def test_a_finetune_run_or_a_missing_gpu_is_one_line(setup, tmp_path, capsys):
