@@ -321,11 +321,12 @@ _FLOPS: dict[tuple[str, bool], float] = {}
 
 # Kernel families of a GPU profile, by the first pattern that matches the kernel's name.
 KERNEL_CATEGORIES = (
-    ("attention", re.compile(r"sdpa|fmha|flash|attention|attn", re.I)),
+    # cuDNN's attention comes with helper kernels: dO·O row sums and dQ's conversion to 16 bits.
+    ("attention", re.compile(r"sdpa|fmha|flash|attention|attn|dot_do_o|convert_dq", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|splitk", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
     ("fused (inductor)", re.compile(r"^triton_")),
-    ("convolution", re.compile(r"conv|winograd|implicit", re.I)),
+    ("convolution", re.compile(r"conv(?!ert)|winograd|implicit", re.I)),
 )
 
 

@@ -28,9 +28,11 @@ the forward pass (its partitioner's choice, never a matmul, attention or reducti
 
 ``tune=True`` turns on inductor's coordinate-descent tuning: each generated GPU kernel's launch
 settings (block sizes, warps) are searched by timing it when it is compiled.  It costs compile time
-(13-26 s more warm-up in the H200 runs, with compile caches already warm) and changes no numbers
-beyond kernel rounding; on the CPU it does nothing.  On the H200 it made the medium step 2.3% faster (1,829
--> 1,871 samples/s, batch 64, CUDA graphs) and its inference 4.2% (5,683 -> 5,921, batch 256).
+(14-26 s more warm-up for training in the H200 runs, with compile caches already warm); as it only
+picks launch settings, results change at most by rounding (not checked on a GPU); on the CPU it does
+nothing.  On the H200 it made the medium step 2.3% faster (1,829 -> 1,871 samples/s, batch 64, CUDA
+graphs, one run); inference ran at 5,921 samples/s with it (batch 256) against 5,683-5,891 without
+it in other runs.
 
 The partitioner and inductor read these settings when they compile, which happens lazily on the
 first call and again on each new input shape, so ``compile_model`` sets them for the whole process:
