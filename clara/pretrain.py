@@ -202,7 +202,8 @@ def run(config: PretrainConfig) -> dict[str, Any]:
         config.augment, env.device, gather=config.gather, eval_data=eval_data, tokenizer=tokenizer,
         eval_batch_size=data.eval_batch_size,
     )  # fmt: skip
-    trainer = Trainer(config.train, model, task, train_data, collate_fn=PretrainCollate(tokenizer), env=env)
+    collate = PretrainCollate(tokenizer, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple)
+    trainer = Trainer(config.train, model, task, train_data, collate_fn=collate, env=env)
     out_dir = Path(config.train.out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

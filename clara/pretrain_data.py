@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clara.audio_frontend import HOP_LENGTH, num_frames
 from clara.audio_io import AudioDecodeError, load_audio
 from clara.augment import CaptionRewriter, MixConfig, fit_env, merge_captions, mix, rms
 from clara.config import ConfigError
@@ -56,14 +57,20 @@ class DataConfig:
     cache_audio: bool = False  # keep decoded clips in memory (small sets; each loader worker keeps its own)
     eval_batch_size: int = 64
     demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
+    # Pad each batch's audio so its mel frames are a multiple of this, and its token ids likewise (1:
+    # to the batch's longest). A few shapes instead of one per batch, for torch.compile's graphs and
+    # CUDA graphs; the padding is masked.
+    frames_multiple: int = 1
+    tokens_multiple: int = 1
 
     def __post_init__(self) -> None:
         # Each of these would otherwise fail deep in torch, after the model is built and the data read.
         problems = []
         if not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
             problems.append(f"max_seconds must be a positive number of seconds, got {self.max_seconds}")
-        if self.eval_batch_size < 1:
-            problems.append(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        for name in ("eval_batch_size", "frames_multiple", "tokens_multiple"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not is_language(self.language):
             problems.append(f"language: {unknown_language(self.language)}")
         if problems:
@@ -291,20 +298,40 @@ class EnvMixDataset(Dataset):
         return {**item, "wave": mix(speech, noise, lam), "caption": caption, "lam": lam}
 
 
+def padded_samples(longest: int, frames_multiple: int) -> int:
+    """Samples to pad a batch whose longest clip has ``longest`` to: that clip itself with a multiple
+    of 1, else the fewest samples whose mel frame count (``1 + N // hop``) is a multiple of
+    ``frames_multiple`` and covers the longest clip's frames."""
+    if frames_multiple == 1:
+        return longest
+    frames = -(-num_frames(longest) // frames_multiple) * frames_multiple
+    return frames * HOP_LENGTH - 1  # the most samples that still give `frames` frames
+
+
 class PretrainCollate:
     """Items -> ``{"wave" [B, N] zero-padded, "wave_lengths" [B], "tokens" [B, L] (pad 0),
-    "token_lengths" [B], "captions": list[str]}``."""
+    "token_lengths" [B], "captions": list[str]}``.
 
-    def __init__(self, tokenizer):
+    ``N`` is the longest clip, or with ``frames_multiple`` the samples whose frame count is the next
+    multiple (``padded_samples``); ``L`` the longest caption, or the next multiple of
+    ``tokens_multiple`` but at most the tokenizer's ``max_length`` (the text encoder's positions).
+    """
+
+    def __init__(self, tokenizer, *, frames_multiple: int = 1, tokens_multiple: int = 1):
         self.tokenizer = tokenizer
+        self.frames_multiple = frames_multiple
+        self.tokens_multiple = tokens_multiple
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = torch.tensor([item["wave"].shape[-1] for item in items], dtype=torch.long)
-        waves = torch.zeros(len(items), int(lengths.max()))
+        waves = torch.zeros(len(items), padded_samples(int(lengths.max()), self.frames_multiple))
         for row, item in enumerate(items):
             waves[row, : item["wave"].shape[-1]] = item["wave"]
         captions = [item["caption"] for item in items]
         tokens, token_lengths = self.tokenizer.encode_batch(captions, [item["language"] for item in items])
+        width = min(-(-tokens.shape[1] // self.tokens_multiple) * self.tokens_multiple, self.tokenizer.max_length)
+        if width > tokens.shape[1]:
+            tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=self.tokenizer.pad_id)
         return {
             "wave": waves,
             "wave_lengths": lengths,

@@ -333,3 +333,22 @@ def test_init_allow_pickle_loads_a_trusted_reference_checkpoint(tmp_path):
         build_model(config)
     model = build_model(load_config(None, [f"init={path}", "data.train=x.jsonl", "init_allow_pickle=true"]))
     assert model.config.text.layers == 2 and model.training
+
+
+def test_padding_multiples_reach_the_training_batches(demo, tmp_path, monkeypatch):
+    """data.frames_multiple / data.tokens_multiple pad what the training steps see: mel frame counts
+    (1 + samples // 512) and token widths are multiples, so compiled graphs meet a few shapes."""
+    from clara import pretrain
+    from clara.audio_frontend import num_frames
+
+    seen = []
+    step = pretrain.ContrastiveTask.training_step
+
+    def spy(self, model, batch):
+        seen.append((num_frames(batch["wave"].shape[1]), batch["tokens"].shape[1]))
+        return step(self, model, batch)
+
+    monkeypatch.setattr(pretrain.ContrastiveTask, "training_step", spy)
+    run(demo_config(demo, tmp_path / "padded", "data.frames_multiple=64", "data.tokens_multiple=8", "train.steps=2",
+                    "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=0", "train.eval_at_start=false"))
+    assert len(seen) == 2 and all(frames % 64 == 0 and width % 8 == 0 for frames, width in seen), seen

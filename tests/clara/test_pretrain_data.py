@@ -14,7 +14,7 @@ import pytest
 from clara import config as config_lib
 from clara.audio_io import AudioDecodeError
 from clara.config import ConfigError
-from clara.pretrain_data import DataConfig, DataError, PairDataset, read_manifest
+from clara.pretrain_data import DataConfig, DataError, PairDataset, PretrainCollate, padded_samples, read_manifest
 
 
 def write_wav(path: Path, seconds: float = 0.2) -> Path:
@@ -36,6 +36,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     ("max_seconds=0", "max_seconds must be a positive number of seconds, got 0.0"),
     ("max_seconds=-1", "max_seconds must be a positive number of seconds, got -1.0"),
     ("eval_batch_size=0", "eval_batch_size must be at least 1, got 0"),
+    ("frames_multiple=0", "frames_multiple must be at least 1, got 0"),
+    ("tokens_multiple=-8", "tokens_multiple must be at least 1, got -8"),
     ("language=xx", "language: unknown language code 'xx'; valid codes: en, zh, zh-CN"),
 ])  # fmt: skip
 def test_data_config_refuses_what_would_fail_deep_in_torch(override, expected):
@@ -108,3 +110,65 @@ def test_an_undecodable_file_is_named_with_its_manifest_line(tmp_path):
     assert data[0]["wave"].numel() == 9600
     with pytest.raises(AudioDecodeError, match=rf"^{manifest}:2: {tmp_path / 'junk.wav'}: cannot decode audio"):
         data[1]
+
+
+def test_padded_samples_give_the_next_multiple_of_frames():
+    """1 + N // 512 frames: a 1,000-sample clip has 2; to a multiple of 4 it pads to 2,047 samples
+    (4 frames, the most samples that still give 4); a multiple of 1 leaves it alone."""
+    from clara.audio_frontend import num_frames
+
+    assert padded_samples(1000, 1) == 1000
+    assert padded_samples(1000, 4) == 2047 and num_frames(2047) == 4 and num_frames(2048) == 5
+    for longest in (1, 511, 512, 2047, 2048, 48_000 * 3 + 7):
+        for multiple in (2, 8, 64):
+            padded = padded_samples(longest, multiple)
+            frames = num_frames(padded)
+            assert padded >= longest and frames % multiple == 0 and frames - num_frames(longest) < multiple
+
+
+def test_pretrain_collate_pads_to_multiples_and_keeps_true_lengths():
+    import torch
+
+    from clara.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(max_length=12)
+    items = [{"wave": torch.full((n,), 0.5), "caption": caption, "language": "en"}
+             for n, caption in ((900, "a dog barks"), (3000, "rain on a tin roof, then thunder far away"))]  # fmt: skip
+    plain = PretrainCollate(tokenizer)(items)
+    padded = PretrainCollate(tokenizer, frames_multiple=8, tokens_multiple=8)(items)
+    assert plain["wave"].shape == (2, 3000) and padded["wave"].shape == (2, padded_samples(3000, 8)) == (2, 4095)
+    assert torch.equal(padded["wave"][:, :3000], plain["wave"]) and not padded["wave"][:, 3000:].any()
+    assert torch.equal(padded["wave_lengths"], plain["wave_lengths"])
+    assert torch.equal(padded["token_lengths"], plain["token_lengths"])
+    width = plain["tokens"].shape[1]  # the longest caption, cut to 12 tokens
+    assert width == 12 and padded["tokens"].shape[1] == 12  # the next multiple (16) is capped at max_length
+    short = PretrainCollate(tokenizer, tokens_multiple=8)(items[:1])
+    assert short["tokens"].shape[1] == 8 and not short["tokens"][0, int(short["token_lengths"][0]):].any()
+
+
+def test_padding_to_multiples_leaves_clara_embeddings_unchanged():
+    """The padding is masked: both towers embed a padded batch as the unpadded one (tiny CLARA, eval,
+    the pretraining task's own log-mel)."""
+    import torch
+
+    from clara.audio_frontend import LogMel
+    from clara.model import Clara
+    from clara.model_config import load_model_config
+    from clara.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Clara(load_model_config("tiny")).eval()
+    frontend, tokenizer = LogMel(), Tokenizer(max_length=64)
+    items = [{"wave": torch.randn(n) * 0.1, "caption": caption, "language": "en"}
+             for n, caption in ((20_000, "a door creaks"), (33_000, "two people laugh in a small room"))]  # fmt: skip
+    embeds = []
+    for collate in (PretrainCollate(tokenizer), PretrainCollate(tokenizer, frames_multiple=64, tokens_multiple=8)):
+        batch = collate(items)
+        mel, frames = frontend(batch["wave"], batch["wave_lengths"])
+        with torch.no_grad():
+            out = model(mel, batch["tokens"], frames, batch["token_lengths"])
+        embeds.append((mel.shape[-1], out.audio_embeds, out.text_embeds))
+    (plain_frames, plain_audio, plain_text), (padded_frames, padded_audio, padded_text) = embeds
+    assert padded_frames % 64 == 0 and padded_frames > plain_frames
+    torch.testing.assert_close(padded_audio, plain_audio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded_text, plain_text, rtol=1e-5, atol=1e-6)
