@@ -11,7 +11,7 @@ set -uo pipefail
 NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt,\
 sdpa_cudnn-bf16-cudagraphs-bf16res-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-pointwise-cdt,\
 sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256-cdt,\
-sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b512-cdt"
+sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b512-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-bucket-cdt"
 # Kernel families per step (bench_step's profile; the profiler sees inside CUDA-graph replays).
 PROFILE="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt"
 out="${OUT:-gpu-checks}"
