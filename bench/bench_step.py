@@ -25,7 +25,8 @@ autocast), then optional flags:
   ``pointwise`` / ``aggressive``: the compiled backward recomputes elementwise results instead of
   keeping them (``clara.compilation``'s ``recompute``; with a compile flag);
 * ``qkvsplit``: the latent blocks' Q, K, V as three products over the fused weight's thirds
-  (``audio.latent_qkv=split``);
+  (``audio.latent_qkv=split``); ``tritongeglu``: the GEGLU's elementwise part and its backward by
+  ``clara.geglu_kernel``'s Triton kernels (``audio.geglu_kernel=triton``);
 * ``varlen``: MELD-like clip lengths (MELD's distribution, 1-12 s), padded to the batch's longest rounded up to 64 frames,
   masked; ``bucket``: the same lengths, batched by length (a pool of batches sorted, then cut);
 * ``infer``: eval forward of both towers, no grad; ``bN``: batch N instead of ``--batch``.
@@ -105,7 +106,7 @@ _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
            "cudagraphs": ("model", "reduce-overhead"), "autotune": ("model", "max-autotune-no-cudagraphs"),
            "maxautotune": ("model", "max-autotune"), "stepgraph": ("model", "default")}  # fmt: skip
 _RECOMPUTES = ("pointwise", "aggressive")
-_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer", "cdt"}
+_FLAGS = set(_SCOPES) | set(_RECOMPUTES) | {"bf16res", "ckpt", "sac", "qkvsplit", "varlen", "bucket", "infer", "cdt", "tritongeglu"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Variant:
     qkvsplit: bool = False
     cdt: bool = False  # inductor's coordinate-descent tuning
     stepgraph: bool = False  # the whole training step as one hand-captured CUDA graph
+    tritongeglu: bool = False  # audio.geglu_kernel=triton
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -153,7 +155,7 @@ class Variant:
         batch = int(next(iter(sizes))[1:]) if sizes else None
         return cls(name, parts[0], parts[1], scope, mode, lengths, "infer" in flags, "bf16res" in flags,
                    "ckpt" in flags, "sac" in flags, batch, recompute[0] if recompute else "default",
-                   "qkvsplit" in flags, "cdt" in flags, "stepgraph" in flags)  # fmt: skip
+                   "qkvsplit" in flags, "cdt" in flags, "stepgraph" in flags, "tritongeglu" in flags)  # fmt: skip
 
 
 def padded_frames(lengths: torch.Tensor) -> int:
@@ -200,7 +202,8 @@ def build(variant: Variant, config_name: str, device: torch.device, backend: str
     overrides = [f"attention={variant.attention}", f"activation_checkpointing={str(variant.ckpt).lower()}",
                  f"selective_recompute={str(variant.sac).lower()}",
                  f"audio.latent_stream={'autocast' if variant.bf16res else 'fp32'}",
-                 f"audio.latent_qkv={'split' if variant.qkvsplit else 'fused'}"]  # fmt: skip
+                 f"audio.latent_qkv={'split' if variant.qkvsplit else 'fused'}",
+                 f"audio.geglu_kernel={'triton' if variant.tritongeglu else 'pytorch'}"]  # fmt: skip
     model = Clara(load_model_config(config_name, overrides)).to(device)
     model.train(not variant.infer)
     loss_fn = ContrastiveLoss()

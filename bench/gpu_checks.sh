@@ -8,12 +8,13 @@
 # first, side by side and beside the CUDA tests (mostly CPU work, untimed), so that the timed run,
 # one variant at a time, finds inductor's caches warm.  Pass "all" for bench_step.py's full ladder.
 set -uo pipefail
-NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt,\
+NEXT_VARIANTS="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt-tritongeglu,\
+sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt,\
 sdpa_cudnn-bf16-cudagraphs-bf16res-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-pointwise-cdt,\
 sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256-cdt,\
 sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-infer-b512-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-bucket-cdt"
 # Kernel families per step (bench_step's profile; the profiler sees inside CUDA-graph replays).
-PROFILE="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt"
+PROFILE="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt-tritongeglu"
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

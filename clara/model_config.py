@@ -62,8 +62,13 @@ class AudioConfig:
     # gradients (and outputs) like its inputs, so dense heads tensors give dQ, dK, dV and the output
     # in [B, N, H, d] memory, which the projections' matmuls read as they are, where the fused form's
     # strided views make the backward stack and transpose dQ, dK, dV (0.9 ms of a 36.8 ms step on an
-    # H200).  Its effect with the default sdpa kernels is not measured.
+    # H200).  Measured on an H200 with cuDNN's attention it changed little: training +0.5%,
+    # inference -1.3%, both about the size of run-to-run noise.
     latent_qkv: Literal["fused", "split"] = "fused"
+    # The GEGLU feed-forwards' a·GELU(g) and its backward: "pytorch" as PyTorch ops (fused by
+    # torch.compile), "triton" by clara.geglu_kernel's hand-written kernels on CUDA tensors (the
+    # same formulas elsewhere).  Same parameters and numbers up to rounding; speed not yet measured.
+    geglu_kernel: Literal["pytorch", "triton"] = "pytorch"
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class ClaraConfig:
 # residual dtype, how Q/K/V are multiplied), not its tensors or what it computes beyond rounding: a
 # run may be resumed with them changed, as with the engine's compile settings (clara.run_dir).
 EXECUTION_KEYS = frozenset({"attention", "activation_checkpointing", "selective_recompute",
-                            "audio.latent_stream", "audio.latent_qkv"})
+                            "audio.latent_stream", "audio.latent_qkv", "audio.geglu_kernel"})
 
 
 def result_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:

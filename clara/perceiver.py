@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clara.attention import attention, gelu_attention
+from clara.geglu_kernel import geglu
 from clara.model_config import AudioConfig
 from clara.recompute import keep_matmul_outputs
 
@@ -30,20 +31,28 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class GEGLUFeedForward(nn.Module):
-    """PreNorm -> Linear(D, 2·m·D) -> halves [a, g] -> a·GELU(g) -> Linear(m·D, D); no residual here."""
+    """PreNorm -> Linear(D, 2·m·D) -> halves [a, g] -> a·GELU(g) -> Linear(m·D, D); no residual here.
+
+    ``kernel="triton"`` computes a·GELU(g) (biases included) and its backward with clara.geglu_kernel's
+    hand-written kernels on CUDA tensors; the parameters and the numbers (up to rounding) are the same."""
 
     compile_unit = True  # see clara.compilation
 
-    def __init__(self, dim: int, mult: int):
+    def __init__(self, dim: int, mult: int, kernel: str = "pytorch"):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, dim * mult * 2)
         self.fc2 = nn.Linear(dim * mult, dim)
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
         x = self.norm(x)
         half = self.fc2.in_features
+        if self.kernel == "triton":
+            a = F.linear(x, self.fc1.weight[:half])  # [..., m·D], bias added by the kernel
+            gate = F.linear(x, self.fc1.weight[half:])
+            return self.fc2(geglu(a, gate, self.fc1.bias[:half], self.fc1.bias[half:]))
         # fc1 as two products over its weight's halves (the same numbers as splitting its output):
         # a and g are then separate tensors, and the backward's elementwise kernel reads each once
         # and writes their gradients side by side, instead of gathering both halves of one
@@ -113,7 +122,7 @@ class LatentBlock(nn.Module):
         self.selective_recompute = selective_recompute
         self.attn = SelfAttention(config.latent_dim, config.latent_heads, config.latent_dim_head, backend,
                                   split=config.latent_qkv == "split")
-        self.ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
+        self.ff = GEGLUFeedForward(config.latent_dim, config.ff_mult, config.geglu_kernel)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
@@ -157,7 +166,7 @@ class Perceiver(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.latent_dim))
         self.cross_attn = CrossAttention(config, backend)
-        self.cross_ff = GEGLUFeedForward(config.latent_dim, config.ff_mult)
+        self.cross_ff = GEGLUFeedForward(config.latent_dim, config.ff_mult, config.geglu_kernel)
         recompute = selective_recompute and not activation_checkpointing
         self.layers = nn.ModuleList(LatentBlock(config, backend, selective_recompute=recompute) for _ in range(config.layers))
 

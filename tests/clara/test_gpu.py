@@ -113,3 +113,24 @@ def test_split_qkv_and_pointwise_recompute_match_the_plain_block_on_cuda():
         _assert_close_relative(_gradients(compiled, x), want, 2e-2)
     finally:
         set_recompute("default")
+
+
+def test_triton_geglu_kernel_matches_the_plain_block_on_cuda():
+    """audio.geglu_kernel=triton (clara.geglu_kernel's kernels on CUDA), eager and compiled, gives
+    the plain eager block's gradients to within bf16 rounding."""
+    import copy
+
+    from clara.compilation import compile_model
+    from clara.perceiver import LatentBlock
+
+    pytest.importorskip("triton")
+    config = load_model_config("small").audio
+    torch.manual_seed(0)
+    plain = LatentBlock(config, "sdpa").cuda()
+    x = torch.randn(8, config.num_latents, config.latent_dim, device="cuda")
+    want = _gradients(plain, x)
+    kernel = copy.deepcopy(plain)
+    kernel.ff.kernel = "triton"
+    _assert_close_relative(_gradients(kernel, x), want, 2e-2)
+    torch._dynamo.reset()
+    _assert_close_relative(_gradients(compile_model(copy.deepcopy(kernel), "model"), x), want, 2e-2)
