@@ -91,7 +91,8 @@ DEFAULT_GPU_VARIANTS = (
     "sdpa-bf16-cudagraphs-bf16res-bucket,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-infer,sdpa-bf16-cudagraphs-bf16res-infer,"
     "sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b256,sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,"
-    "sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt"
+    "sdpa_cudnn-bf16-stepgraph-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagraphs-bf16res-infer-b512-cdt,"
+    "sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt-tritongeglu"
 )
 FRAMES, TEXT_LEN = 282, 32
 PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CUDA graphs) small
