@@ -58,7 +58,7 @@ def kernels() -> SimpleNamespace:
     @triton.jit
     def forward_kernel(a_ptr, g_ptr, ba_ptr, bg_ptr, out_ptr, rows, cols,
                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
-        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; int64: M·F may pass 2^31
         c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
         mask = (r[:, None] < rows) & (c[None, :] < cols)
         at = r[:, None] * cols + c[None, :]  # [BM, BF] offsets in the row-major [M, F] tensors
@@ -70,7 +70,7 @@ def kernels() -> SimpleNamespace:
     @triton.jit
     def backward_kernel(dh_ptr, a_ptr, g_ptr, ba_ptr, bg_ptr, da_ptr, dg_ptr, partial_ptr, rows, cols,
                         BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
-        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = (r[:, None] < rows) & (c[None, :] < cols)
         at = r[:, None] * cols + c[None, :]
