@@ -11,22 +11,28 @@ of CLARA medium at batch 64 on an H200 (2.7 ms of a 34.7 ms step), where moving 
 da and dg, and writes its column sums as one row of partial sums; a second, small sum adds the
 partials (M / 64 rows of F).  Whether it beats the compiled kernel is not measured on a GPU yet.
 
-Tensors not on a CUDA device take the same formulas as PyTorch ops, so a model configured with this
-kernel runs anywhere (a laptop loading a GPU run's model).  Triton is imported on the first CUDA
-call.  Under ``torch.compile`` the kernels stay whole inside the compiled graph (``triton_op``).
+Tensors not on a CUDA device (or in fp64, or where Triton is not installed) take the same formulas as
+PyTorch ops, so a model configured with this kernel runs anywhere (a laptop loading a GPU run's
+model).  Under ``torch.compile`` the kernels stay whole inside the compiled graph (``triton_op``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.library import wrap_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS: every tensor then takes the PyTorch formulas
+    triton = None
 
 BLOCK_M, BLOCK_F = 64, 128  # rows x columns per program
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 and others take the PyTorch formulas
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -49,15 +55,11 @@ def reference_backward(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_
     return (da.to(a.dtype), dg.to(g.dtype), da.sum(rows).to(bias_a.dtype), dg.sum(rows).to(bias_g.dtype))
 
 
-@functools.cache
-def kernels() -> SimpleNamespace:
-    """The two Triton kernels, made on first use (importing Triton only where it is needed)."""
-    import triton
-    import triton.language as tl
+if triton is not None:
 
     @triton.jit
-    def forward_kernel(a_ptr, g_ptr, ba_ptr, bg_ptr, out_ptr, rows, cols,
-                       BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
+    def _forward_kernel(a_ptr, g_ptr, ba_ptr, bg_ptr, out_ptr, rows, cols,
+                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
         r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; int64: M·F may pass 2^31
         c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
         mask = (r[:, None] < rows) & (c[None, :] < cols)
@@ -68,8 +70,8 @@ def kernels() -> SimpleNamespace:
         tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def backward_kernel(dh_ptr, a_ptr, g_ptr, ba_ptr, bg_ptr, da_ptr, dg_ptr, partial_ptr, rows, cols,
-                        BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
+    def _backward_kernel(dh_ptr, a_ptr, g_ptr, ba_ptr, bg_ptr, da_ptr, dg_ptr, partial_ptr, rows, cols,
+                         BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):  # fmt: skip
         r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = (r[:, None] < rows) & (c[None, :] < cols)
@@ -89,32 +91,32 @@ def kernels() -> SimpleNamespace:
         tl.store(row_block + c, tl.sum(da, axis=0), mask=c < cols)
         tl.store(row_block + cols + c, tl.sum(dg, axis=0), mask=c < cols)
 
-    return SimpleNamespace(forward=forward_kernel, backward=backward_kernel, cdiv=triton.cdiv)
+
+def _uses_kernels(a: Tensor) -> bool:
+    """Whether ``a`` goes to the Triton kernels: a CUDA tensor of a dtype they are written for, with
+    Triton installed (else the same formulas run as PyTorch ops)."""
+    return triton is not None and a.is_cuda and a.dtype in KERNEL_DTYPES
 
 
-def launch_forward(a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor, *, wrap: bool = True) -> Tensor:
-    """The forward kernel on contiguous ``a``, ``g`` [..., F]; ``wrap`` for use inside ``triton_op``
-    (a plain launch for tests, which run it in Triton's CPU interpreter)."""
-    k = kernels()
-    rows, cols = a.numel() // a.shape[-1], a.shape[-1]
+def _grid(a: Tensor) -> tuple[int, int]:
+    return triton.cdiv(a.numel() // a.shape[-1], BLOCK_M), triton.cdiv(a.shape[-1], BLOCK_F)
+
+
+def forward_launch(a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor) -> tuple[tuple, tuple, Tensor]:
+    """(grid, arguments, output) of the forward kernel for contiguous ``a``, ``g`` [..., F]."""
     out = torch.empty_like(a)
-    launch = torch.library.wrap_triton(k.forward) if wrap else k.forward
-    launch[(k.cdiv(rows, BLOCK_M), k.cdiv(cols, BLOCK_F))](a, g, bias_a, bias_g, out, rows, cols,
-                                                           BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)  # fmt: skip
-    return out
+    return _grid(a), (a, g, bias_a, bias_g, out, a.numel() // a.shape[-1], a.shape[-1]), out
 
 
-def launch_backward(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor, *,
-                    wrap: bool = True) -> tuple[Tensor, ...]:  # fmt: skip
-    """The backward kernel and the sum of its partials: (da, dg, db_a, db_g)."""
-    k = kernels()
-    rows, cols = a.numel() // a.shape[-1], a.shape[-1]
+def backward_launch(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor) -> tuple[tuple, tuple, tuple]:
+    """(grid, arguments, (da, dg, partial)) of the backward kernel; partial [row blocks, 2, F] fp32."""
+    grid = _grid(a)
     da, dg = torch.empty_like(a), torch.empty_like(g)
-    blocks = k.cdiv(rows, BLOCK_M)
-    partial = torch.empty(blocks, 2, cols, device=a.device, dtype=torch.float32)
-    launch = torch.library.wrap_triton(k.backward) if wrap else k.backward
-    launch[(blocks, k.cdiv(cols, BLOCK_F))](grad, a, g, bias_a, bias_g, da, dg, partial, rows, cols,
-                                            BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)  # fmt: skip
+    partial = torch.empty(grid[0], 2, a.shape[-1], device=a.device, dtype=torch.float32)
+    return grid, (grad, a, g, bias_a, bias_g, da, dg, partial, a.numel() // a.shape[-1], a.shape[-1]), (da, dg, partial)
+
+
+def sum_partials(da: Tensor, dg: Tensor, partial: Tensor, bias_a: Tensor, bias_g: Tensor) -> tuple[Tensor, ...]:
     sums = partial.sum(0)  # [2, F]
     return da, dg, sums[0].to(bias_a.dtype), sums[1].to(bias_g.dtype)
 
@@ -122,16 +124,23 @@ def launch_backward(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_g: 
 @torch.library.triton_op("clara::geglu", mutates_args=())
 def geglu(a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor) -> Tensor:
     """h = (a + b_a) · GELU(g + b_g) for a, g [..., F] and biases [F] (see the module docstring)."""
-    if not a.is_cuda:
+    if not _uses_kernels(a):
         return reference(a, g, bias_a, bias_g)
-    return launch_forward(a.contiguous(), g.contiguous(), bias_a.contiguous(), bias_g.contiguous())
+    grid, args, out = forward_launch(a.contiguous(), g.contiguous(), bias_a.contiguous(), bias_g.contiguous())
+    # wrap_triton of the module-level kernel by name: how torch.compile finds the kernel's source
+    # for its cache key (a kernel reached otherwise could be served stale after an edit).
+    wrap_triton(_forward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
+    return out
 
 
 @torch.library.triton_op("clara::geglu_backward", mutates_args=())
 def geglu_backward(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if not a.is_cuda:
+    if not _uses_kernels(a):
         return reference_backward(grad, a, g, bias_a, bias_g)
-    return launch_backward(grad.contiguous(), a.contiguous(), g.contiguous(), bias_a.contiguous(), bias_g.contiguous())
+    grid, args, (da, dg, partial) = backward_launch(grad.contiguous(), a.contiguous(), g.contiguous(),
+                                                    bias_a.contiguous(), bias_g.contiguous())  # fmt: skip
+    wrap_triton(_backward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
+    return sum_partials(da, dg, partial, bias_a, bias_g)
 
 
 def _save_inputs(ctx, inputs, output) -> None:

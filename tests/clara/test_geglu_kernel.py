@@ -57,8 +57,13 @@ torch.manual_seed(0)
 for dtype, shape in ((torch.float32, (3, 50, 200)), (torch.bfloat16, (130, 257))):
     a, g, dh = (torch.randn(shape, dtype=dtype) for _ in range(3))
     bias_a, bias_g = torch.randn(shape[-1]), torch.randn(shape[-1])
-    pairs = [(gk.launch_forward(a, g, bias_a, bias_g, wrap=False), gk.reference(a, g, bias_a, bias_g))]
-    pairs += zip(gk.launch_backward(dh, a, g, bias_a, bias_g, wrap=False), gk.reference_backward(dh, a, g, bias_a, bias_g))
+    blocks = {"BLOCK_M": gk.BLOCK_M, "BLOCK_F": gk.BLOCK_F}
+    grid, args, out = gk.forward_launch(a, g, bias_a, bias_g)
+    gk._forward_kernel[grid](*args, **blocks)  # as the op launches it on a GPU, less wrap_triton
+    grid, args, (da, dg, partial) = gk.backward_launch(dh, a, g, bias_a, bias_g)
+    gk._backward_kernel[grid](*args, **blocks)
+    pairs = [(out, gk.reference(a, g, bias_a, bias_g))]
+    pairs += zip(gk.sum_partials(da, dg, partial, bias_a, bias_g), gk.reference_backward(dh, a, g, bias_a, bias_g))
     for got, want in pairs:
         assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
         error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
@@ -69,8 +74,8 @@ print("ok")
 
 
 def test_the_triton_kernels_match_the_closed_forms_in_the_cpu_interpreter():
-    """The forward and backward kernels themselves (launched plainly, as triton_op launches them on a
-    GPU), run by Triton's interpreter on CPU tensors, give the reference formulas' values, bias-gradient
+    """The forward and backward kernels themselves (with the op's own grids and arguments), run by
+    Triton's interpreter on CPU tensors, give the reference formulas' values, bias-gradient
     partial sums included.  A subprocess: the interpreter is chosen when the kernels are made."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -91,6 +96,28 @@ def test_the_cuda_path_gives_the_reference_shapes_and_dtypes_under_fake_tensors(
         grads = geglu_kernel.geglu_backward(a, a, a, bias, bias)
     assert (out.shape, out.dtype, out.device.type) == ((4, 64, 256), torch.bfloat16, "cuda")
     assert [(t.shape, t.dtype) for t in grads] == [((4, 64, 256), torch.bfloat16)] * 2 + [((256,), torch.float32)] * 2
+
+
+def test_torch_compile_sees_both_kernels_for_its_cache_key():
+    """torch.compile keys its cache on the Triton source of a triton_op's kernels, found through
+    ``wrap_triton(<module-level kernel>)`` in the op; a kernel it cannot find would be served stale
+    from the cache after an edit."""
+    pytest.importorskip("triton")
+    from torch._library.triton import get_triton_kernels_for_op
+
+    assert [k.fn.__name__ for k in get_triton_kernels_for_op("clara::geglu")] == ["_forward_kernel"]
+    assert [k.fn.__name__ for k in get_triton_kernels_for_op("clara::geglu_backward")] == ["_backward_kernel"]
+
+
+def test_only_cuda_tensors_of_the_kernels_dtypes_take_the_kernels():
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        takes = {dtype: geglu_kernel._uses_kernels(torch.empty(2, 8, device="cuda", dtype=dtype))
+                 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}  # fmt: skip
+    assert takes == {torch.float32: True, torch.bfloat16: True, torch.float16: True, torch.float64: False}
+    assert not geglu_kernel._uses_kernels(torch.empty(2, 8))
 
 
 def test_the_setting_keeps_the_checkpoint_and_may_change_on_resume():
