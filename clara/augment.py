@@ -28,6 +28,7 @@ import torch
 import torchaudio
 
 from clara.config import ConfigError
+from clara.masking import length_mask
 
 SAMPLE_RATE = 48_000
 _LN_1000 = math.log(1000.0)  # 60 dB of amplitude decay
@@ -161,10 +162,17 @@ def synthetic_rir(rt60: torch.Tensor, drr_db: torch.Tensor, sample_rate: int = S
     return tail
 
 
-def reverberate(wave: torch.Tensor, rt60: torch.Tensor, drr_db: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """``wave [B, N]`` convolved (FFT) with ``synthetic_rir``, cut to N samples, at the input's peak level."""
+def reverberate(wave: torch.Tensor, rt60: torch.Tensor, drr_db: torch.Tensor, sample_rate: int = SAMPLE_RATE,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``wave [B, N]`` convolved (FFT) with ``synthetic_rir``, cut to N samples, at the input's peak level.
+
+    With ``lengths [B]`` (a padded batch) each item is cut to its own length: the reverberant tail
+    that would run into the padding is dropped, so neither the output nor its peak level depends on
+    how much padding follows."""
     rir = synthetic_rir(rt60, drr_db, sample_rate)  # [B, L]
     wet = torchaudio.functional.fftconvolve(wave, rir)[..., : wave.shape[-1]]  # [B, N]
+    if lengths is not None:
+        wet = wet * length_mask(lengths, wave.shape[-1])
     peak_in = wave.abs().amax(dim=-1, keepdim=True)
     peak_out = wet.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     return wet * (peak_in / peak_out)
@@ -287,12 +295,14 @@ class WaveAugment:
         self.config = config
         self.sample_rate = sample_rate
 
-    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+    def __call__(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``wave [B, N]``, with each item's ``lengths [B]`` when the batch is padded: the padding then
+        stays silent after each step, and no step's level (reverb's peak, the clipping level) reads it."""
         # float32 also under an outer autocast: FFTs and resampling filters lose too much in half precision.
         with torch.autocast(wave.device.type, enabled=False):
-            return self._augment(wave.float().clone())
+            return self._augment(wave.float().clone(), lengths)
 
-    def _augment(self, wave: torch.Tensor) -> torch.Tensor:
+    def _augment(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         batch, device = wave.shape[0], wave.device
         pitch, reverb, clipping = self.config.pitch, self.config.reverb, self.config.clipping
         if pitch.p > 0:
@@ -302,12 +312,15 @@ class WaveAugment:
             for ratio in torch.unique(ratios[chosen]).tolist():
                 rows = torch.nonzero(chosen & (ratios == ratio)).squeeze(1)
                 wave[rows] = pitch_shift(wave[rows], ratio)
+            if lengths is not None:
+                wave = wave * length_mask(lengths, wave.shape[-1])  # the vocoder's output runs on past the end
         if reverb.p > 0:
             rows = torch.nonzero(torch.rand(batch, device=device) < reverb.p).squeeze(1)
             if rows.numel():
                 rt60 = _uniform(*reverb.rt60, rows.numel(), device)
                 drr = _uniform(*reverb.drr_db, rows.numel(), device)
-                wave[rows] = reverberate(wave[rows], rt60, drr, self.sample_rate)
+                wave[rows] = reverberate(wave[rows], rt60, drr, self.sample_rate,
+                                         None if lengths is None else lengths[rows])  # fmt: skip
         if clipping.p > 0:
             rows = torch.nonzero(torch.rand(batch, device=device) < clipping.p).squeeze(1)
             if rows.numel():

@@ -15,6 +15,7 @@ Outputs in ``train.out_dir``: ``checkpoint.pt`` (the training state, for resumin
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from clara import config as config_lib
 from clara import distributed
-from clara.audio_frontend import LogMel
+from clara.audio_frontend import SAMPLE_RATE, LogMel, num_frames
 from clara.audio_io import AudioDecodeError
 from clara.augment import AugmentConfig, MelAugment, WaveAugment, check_config
 from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -34,7 +35,8 @@ from clara.engine import TrainConfig, Trainer, init_env, seed_everything
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, load_model_config, result_overrides
-from clara.pretrain_data import DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate
+from clara.pretrain_data import (DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate, pad_tokens,
+                                 padded_samples)
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
 from clara.run_dir import CONFIG_FILE, check_resumable, claim, same_path, saved_config
 from clara.tokenizer import Tokenizer
@@ -89,6 +91,8 @@ class ContrastiveTask:
         eval_data: PairDataset | None = None,
         tokenizer: Tokenizer | None = None,
         eval_batch_size: int = 64,
+        frames_multiple: int = 1,
+        tokens_multiple: int = 1,
     ) -> None:
         self.device = device
         self.frontend = LogMel().to(device)
@@ -98,6 +102,7 @@ class ContrastiveTask:
         self.eval_data = eval_data
         self.tokenizer = tokenizer
         self.eval_batch_size = eval_batch_size
+        self.frames_multiple, self.tokens_multiple = frames_multiple, tokens_multiple  # data.*, for evaluation's batches
         if eval_data is not None:
             # Held-out captions can repeat: embed each once; text_of_audio[i] is audio i's caption.
             self.eval_captions = sorted({record.caption for record in eval_data.records})
@@ -106,7 +111,7 @@ class ContrastiveTask:
             self.chance = chance_levels(self.text_of_audio, len(self.eval_captions))
 
     def training_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        wave = self.wave_augment(batch["wave"])  # [B, N]
+        wave = self.wave_augment(batch["wave"], batch["wave_lengths"])  # [B, N]
         mel, frames = self.frontend(wave, batch["wave_lengths"])  # [B, 80, T], [B]
         mel = self.mel_augment(mel, frames)
         out = model(mel, batch["tokens"], frames, batch["token_lengths"])
@@ -118,7 +123,7 @@ class ContrastiveTask:
     def evaluate(self, model: Clara) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        collate = PretrainCollate(self.tokenizer)
+        collate = PretrainCollate(self.tokenizer, frames_multiple=self.frames_multiple, tokens_multiple=self.tokens_multiple)
         audio = []
         for batch in DataLoader(self.eval_data, batch_size=self.eval_batch_size, collate_fn=collate):
             mel, frames = self.frontend(batch["wave"].to(self.device), batch["wave_lengths"].to(self.device))
@@ -126,6 +131,7 @@ class ContrastiveTask:
         texts = []
         for start in range(0, len(self.eval_captions), self.eval_batch_size):
             tokens, lengths = self.tokenizer.encode_batch(self.eval_captions[start : start + self.eval_batch_size])
+            tokens = pad_tokens(tokens, self.tokens_multiple, self.tokenizer)
             texts.append(model.encode_text(tokens.to(self.device), lengths.to(self.device)).float())
         return retrieval_metrics(torch.cat(audio), torch.cat(texts), self.text_of_audio.to(self.device))
 
@@ -176,6 +182,18 @@ def build_model(config: PretrainConfig) -> Clara:
         raise type(err)(f"{err} (with model_overrides {list(overrides)})") from None
 
 
+def check_clip_fits(data: DataConfig, max_positions: int) -> None:
+    """Refuse, before any data is read, a ``data.max_seconds`` clip that (padded to
+    ``data.frames_multiple``) would overflow the audio encoder's position table: its stride-2
+    convolution gives ceil(frames / 2) positions.  Otherwise the first long batch fails mid-training."""
+    frames = num_frames(padded_samples(math.ceil(data.max_seconds * SAMPLE_RATE), data.frames_multiple))
+    if -(-frames // 2) > max_positions:
+        raise config_lib.ConfigError(
+            f"data.max_seconds ({data.max_seconds}) with data.frames_multiple ({data.frames_multiple}) makes clips of "
+            f"up to {frames} mel frames, more than the model's {max_positions}-position audio table holds "
+            f"({2 * max_positions} frames); use a shorter data.max_seconds or a multiple that divides {2 * max_positions}")
+
+
 def run(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain as ``config`` says; returns the summary (also printed on the main process).
 
@@ -189,6 +207,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     seed_everything(config.train.seed)  # the same initial weights in every process
     model = build_model(config)
     data = config.data
+    check_clip_fits(data, model.config.audio.max_positions)
     tokenizer = Tokenizer(language=data.language, merges=config.tokenizer_merges, max_length=model.config.text.max_positions)
     train_data = PairDataset(data.train, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
     if data.env and config.augment.mix.p > 0:
@@ -200,7 +219,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
         eval_data = PairDataset(data.eval, max_seconds=data.max_seconds, language=data.language, cache_audio=True)
     task = ContrastiveTask(
         config.augment, env.device, gather=config.gather, eval_data=eval_data, tokenizer=tokenizer,
-        eval_batch_size=data.eval_batch_size,
+        eval_batch_size=data.eval_batch_size, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple,
     )  # fmt: skip
     collate = PretrainCollate(tokenizer, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple)
     trainer = Trainer(config.train, model, task, train_data, collate_fn=collate, env=env)

@@ -59,7 +59,7 @@ class DataConfig:
     demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
     # Pad each batch's audio so its mel frames are a multiple of this, and its token ids likewise (1:
     # to the batch's longest). A few shapes instead of one per batch, for torch.compile's graphs and
-    # CUDA graphs; the padding is masked.
+    # CUDA graphs; the padding is masked (unless the model sets mask_padding=false).
     frames_multiple: int = 1
     tokens_multiple: int = 1
 
@@ -300,12 +300,21 @@ class EnvMixDataset(Dataset):
 
 def padded_samples(longest: int, frames_multiple: int) -> int:
     """Samples to pad a batch whose longest clip has ``longest`` to: that clip itself with a multiple
-    of 1, else the fewest samples whose mel frame count (``1 + N // hop``) is a multiple of
-    ``frames_multiple`` and covers the longest clip's frames."""
+    of 1, else the most samples that give the next multiple of ``frames_multiple`` mel frames
+    (``1 + N // hop``) at or above the longest clip's."""
     if frames_multiple == 1:
         return longest
     frames = -(-num_frames(longest) // frames_multiple) * frames_multiple
     return frames * HOP_LENGTH - 1  # the most samples that still give `frames` frames
+
+
+def pad_tokens(tokens: torch.Tensor, multiple: int, tokenizer) -> torch.Tensor:
+    """Token ids [B, L] right-padded with the tokenizer's pad id to the next multiple of ``multiple``,
+    at most its ``max_length`` (the text encoder's positions)."""
+    width = min(-(-tokens.shape[1] // multiple) * multiple, tokenizer.max_length)
+    if width <= tokens.shape[1]:
+        return tokens
+    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=tokenizer.pad_id)
 
 
 class PretrainCollate:
@@ -329,9 +338,7 @@ class PretrainCollate:
             waves[row, : item["wave"].shape[-1]] = item["wave"]
         captions = [item["caption"] for item in items]
         tokens, token_lengths = self.tokenizer.encode_batch(captions, [item["language"] for item in items])
-        width = min(-(-tokens.shape[1] // self.tokens_multiple) * self.tokens_multiple, self.tokenizer.max_length)
-        if width > tokens.shape[1]:
-            tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=self.tokenizer.pad_id)
+        tokens = pad_tokens(tokens, self.tokens_multiple, self.tokenizer)
         return {
             "wave": waves,
             "wave_lengths": lengths,

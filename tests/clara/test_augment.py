@@ -232,6 +232,26 @@ def test_wave_augment_keeps_peak_under_reverb_and_clips():
     assert torch.allclose(out.abs().amax(dim=1), 0.5 * waves.abs().amax(dim=1), rtol=1e-4)
 
 
+def test_a_padded_item_is_augmented_as_it_would_be_alone():
+    """With the batch's lengths, reverb and clipping treat a padded item as the same item unpadded:
+    equal samples over its length (same random draws), silence after it.  Without them the
+    reverberant tail runs on into the padding (and into the peaks that set the levels)."""
+    config = AugmentConfig(reverb=ReverbConfig(p=1.0, rt60=(0.8, 0.8)), clipping=ClippingConfig(p=1.0, fraction=(0.5, 0.5)))
+    torch.manual_seed(0)
+    wave = torch.randn(1, SR // 4)
+    padded = torch.cat([wave, torch.zeros(1, SR // 2)], dim=1)
+    lengths = torch.tensor([wave.shape[1]])
+    torch.manual_seed(1)
+    alone = WaveAugment(config)(wave)
+    torch.manual_seed(1)
+    together = WaveAugment(config)(padded, lengths)
+    torch.testing.assert_close(together[:, : wave.shape[1]], alone, rtol=1e-4, atol=1e-6)
+    assert not together[:, wave.shape[1] :].any()
+    torch.manual_seed(1)
+    unaware = WaveAugment(config)(padded)
+    assert unaware[:, wave.shape[1] :].abs().amax() > 1e-3
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from clara.checkpoint import load_checkpoint
+from clara.config import ConfigError
 from clara.demo_pairs import build_demo
+from clara.model import Clara
 from clara.pretrain import ContrastiveTask, load_config, main, run
 from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
-from clara.pretrain_data import DataError, PairDataset, read_manifest
+from clara.pretrain_data import DataConfig, DataError, PairDataset, read_manifest
 from clara.run_dir import OutDirError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -335,20 +337,47 @@ def test_init_allow_pickle_loads_a_trusted_reference_checkpoint(tmp_path):
     assert model.config.text.layers == 2 and model.training
 
 
-def test_padding_multiples_reach_the_training_batches(demo, tmp_path, monkeypatch):
-    """data.frames_multiple / data.tokens_multiple pad what the training steps see: mel frame counts
-    (1 + samples // 512) and token widths are multiples, so compiled graphs meet a few shapes."""
+def test_padding_multiples_reach_the_training_and_evaluation_batches(demo, tmp_path, monkeypatch):
+    """data.frames_multiple / data.tokens_multiple pad what the training steps and the held-out
+    evaluation see: mel frame counts (1 + samples // 512) and token widths are multiples, so compiled
+    graphs meet a few shapes."""
     from clara import pretrain
     from clara.audio_frontend import num_frames
 
-    seen = []
-    step = pretrain.ContrastiveTask.training_step
+    seen, evaluated = [], []
+    step, encode_audio, encode_text = pretrain.ContrastiveTask.training_step, Clara.encode_audio, Clara.encode_text
 
     def spy(self, model, batch):
         seen.append((num_frames(batch["wave"].shape[1]), batch["tokens"].shape[1]))
         return step(self, model, batch)
 
+    def spy_audio(self, mel, *args, **kwargs):
+        evaluated.append(("audio", mel.shape[-1]))
+        return encode_audio(self, mel, *args, **kwargs)
+
+    def spy_text(self, tokens, *args, **kwargs):
+        evaluated.append(("text", tokens.shape[1]))
+        return encode_text(self, tokens, *args, **kwargs)
+
     monkeypatch.setattr(pretrain.ContrastiveTask, "training_step", spy)
+    monkeypatch.setattr(Clara, "encode_audio", spy_audio)
+    monkeypatch.setattr(Clara, "encode_text", spy_text)
     run(demo_config(demo, tmp_path / "padded", "data.frames_multiple=64", "data.tokens_multiple=8", "train.steps=2",
-                    "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=0", "train.eval_at_start=false"))
+                    "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=0", "train.eval_at_start=true"))
     assert len(seen) == 2 and all(frames % 64 == 0 and width % 8 == 0 for frames, width in seen), seen
+    assert {kind for kind, _ in evaluated} == {"audio", "text"}
+    assert all(size % (64 if kind == "audio" else 8) == 0 for kind, size in evaluated), evaluated
+
+
+def test_a_clip_too_long_for_the_audio_positions_is_refused_before_training(tmp_path, capsys):
+    """ceil(frames / 2) positions after the stride-2 convolution: tiny's 2,048 hold 4,096 frames, about
+    43.7 s. 43.6 s (4,088 frames) fits unpadded but not padded to 48 (4,128); 44 s fits neither."""
+    from clara.pretrain import check_clip_fits
+
+    check_clip_fits(DataConfig(max_seconds=43.6), 2048)
+    check_clip_fits(DataConfig(max_seconds=10.0, frames_multiple=64), 4096)
+    with pytest.raises(ConfigError, match=r"data.max_seconds \(43.6\) with data.frames_multiple \(48\) makes clips of up to 4128"):
+        check_clip_fits(DataConfig(max_seconds=43.6, frames_multiple=48), 2048)
+    assert main(["data.max_seconds=44", f"train.out_dir={tmp_path / 'long'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2048-position audio table holds (4096 frames)" in err, err
