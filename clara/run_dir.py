@@ -64,10 +64,12 @@ def saved_config(path: str | Path, cls: type[T]) -> T | None:
 
 def same_path(value: Any) -> Any:
     """A path setting as resume compares it: ``./data/`` and ``data`` are one folder.  Comma-separated
-    sources (pretraining's ``data.train``) are compared part by part; "" and non-strings as they are."""
+    sources (pretraining's ``data.train``) are compared part by part, empty parts left out as the
+    loader leaves them; "" and non-strings as they are.  Spelling only: no symlinks are followed, and
+    an absolute path is not its relative twin."""
     if not isinstance(value, str) or not value:
         return value
-    return ",".join(os.path.normpath(part.strip()) for part in value.split(","))
+    return ",".join(os.path.normpath(part.strip()) for part in value.split(",") if part.strip())
 
 
 def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = (),

@@ -86,7 +86,7 @@ def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_diffe
 def test_resume_compares_path_settings_as_paths(tmp_path):
     """./runs//a/ and runs/a are one folder, so a resume that spells it differently is the same run;
     another folder is still another setting."""
-    assert (same_path("./data/"), same_path("a/./b, ./c"), same_path(""), same_path(3)) == ("data", "a/b,c", "", 3)
+    assert (same_path("./data/"), same_path("a/./b, ./c,"), same_path(""), same_path(3)) == ("data", "a/b,c", "", 3)
     run = tmp_path / "run"
     run.mkdir()
     config_lib.save_yaml(Settings(data="runs/a"), run / "config.yaml")
