@@ -13,6 +13,15 @@ from typing import Iterator
 CACHE_ENV = "MELD_CLARA_CACHE"
 
 
+def _default_mode(full: int) -> int:
+    """``full`` (0o666 for files, 0o777 for folders) less the process's umask: the mode a plain open or
+    mkdir gives.  tempfile makes its files and folders private (0o600, 0o700), which would leave
+    results unreadable to the rest of a team on a shared machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 def user_cache_dir() -> Path:
     """The kit's cache for demos, features and embeddings: ``$MELD_CLARA_CACHE`` or ~/.cache/meld-clara."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara").expanduser()
@@ -26,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(_default_mode(0o666))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -53,6 +63,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging.chmod(_default_mode(0o777))
     try:
         yield staging
         if path.exists():
