@@ -13,8 +13,9 @@ import json
 import math
 import types
 import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -175,6 +176,19 @@ def check_overrides(overrides: Sequence[str], field: str) -> None:
             parse_override(text)
         except ConfigError as err:
             raise ConfigError(f"{field}: {err}") from None
+
+
+@contextmanager
+def noting(note: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Re-raise an error of ``kinds`` from inside as its own type with `` (note)`` after its message, so
+    it says under what it happened (e.g. which override list a checkpoint was loaded with); with an
+    empty ``note`` the error passes as it is."""
+    try:
+        yield
+    except kinds as err:
+        if not note:
+            raise
+        raise type(err)(f"{err} ({note})") from None
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, source: str | None = None) -> dict[str, Any]:

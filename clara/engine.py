@@ -313,7 +313,8 @@ class Trainer:
         self.config = config
         self.env = env or init_env(config)
         self.device = self.env.device
-        check_device(self.device)  # an env from the caller, made without init_env
+        if env is not None:
+            check_device(self.device)  # an env from the caller, made without init_env
         self.task = task
         self.train_data = train_data
         self.out_dir = Path(config.out_dir)

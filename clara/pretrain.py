@@ -172,14 +172,11 @@ def check_out_dir(config: PretrainConfig) -> None:
 
 def build_model(config: PretrainConfig) -> Clara:
     overrides = config.model_overrides
-    try:
+    with config_lib.noting(f"with model_overrides {list(overrides)}" if overrides else "", CheckpointError,
+                           config_lib.ConfigError):  # fmt: skip
         if config.init:
             return load_checkpoint(config.init, allow_pickle=config.init_allow_pickle, overrides=overrides).train()
         return Clara(load_model_config(config.model, overrides))
-    except (CheckpointError, config_lib.ConfigError) as err:
-        if not overrides:
-            raise
-        raise type(err)(f"{err} (with model_overrides {list(overrides)})") from None
 
 
 def check_clip_fits(data: DataConfig, max_positions: int) -> None:

@@ -170,12 +170,8 @@ def _load_clara(config: FinetuneConfig) -> Clara | None:
         raise CheckpointError(f"{path}: a fine-tuned MELD classifier, not a CLARA checkpoint; "
                               "classify with `python -m meld.predict --run`, or give a CLARA checkpoint")
     overrides = config.model.clara_overrides
-    try:
+    with config_lib.noting(f"loaded with model.clara_overrides {list(overrides)}" if overrides else "", CheckpointError):
         return load_checkpoint(path, allow_pickle=config.model.allow_pickle, overrides=overrides)
-    except CheckpointError as err:
-        if not overrides:
-            raise
-        raise CheckpointError(f"{err} (loaded with model.clara_overrides {list(overrides)})") from None
 
 
 def scratch_clara_config(config: FinetuneConfig) -> ClaraConfig:

@@ -232,12 +232,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.data is None:
         prepare(root, cache_root)  # the demo's features (cached after the first run); a user prepares their own data
     overrides = args.clara_override or []
-    try:
+    with config_lib.noting(f"loaded with --clara-override {' '.join(overrides)}" if overrides else "", CheckpointError):
         model = load_checkpoint(checkpoint, allow_pickle=args.allow_pickle, overrides=overrides).to(device).eval()
-    except CheckpointError as err:
-        if not overrides:
-            raise
-        raise CheckpointError(f"{err} (loaded with --clara-override {' '.join(overrides)})") from None
     tokenizer = Tokenizer(max_length=model.config.text.max_positions)
     eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
     data = DataConfig(modality="audio")

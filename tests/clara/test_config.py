@@ -122,3 +122,20 @@ def test_an_override_into_a_plain_value_names_who_set_it(tmp_path):
         config_lib.load(Outer, None, ["inner={steps: 4}", "inner.steps=5", "inner.steps.x=1"])
     with pytest.raises(ConfigError, match="^override 'name.first=x': name is 'run' in the config, not a section$"):
         config_lib.replace(Outer(), ["name.first=x"])
+
+
+def test_noting_adds_the_note_to_the_kinds_named_and_keeps_their_type():
+    from clara.config import noting
+
+    class Other(ValueError):
+        pass
+
+    with pytest.raises(ConfigError, match=r"^bad key \(with overrides \['a=1'\]\)$"):
+        with noting("with overrides ['a=1']", ConfigError):
+            raise ConfigError("bad key")
+    with pytest.raises(ConfigError, match=r"^bad key$"):
+        with noting("", ConfigError):  # nothing to note
+            raise ConfigError("bad key")
+    with pytest.raises(Other, match=r"^untouched$"):
+        with noting("a note", ConfigError):
+            raise Other("untouched")
