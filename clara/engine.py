@@ -126,11 +126,14 @@ def available_devices() -> list[str]:
     return devices
 
 
-def check_device(device: str | torch.device) -> None:
-    """Raise ConfigError, naming ``train.device`` and what this machine has, unless ``device`` is
-    here; torch would fail later, in the middle of a driver, with a traceback."""
+def check_device(device: str | torch.device, field: str = "train.device") -> None:
+    """Raise ConfigError, naming ``field`` and what this machine has, unless ``device`` is a device
+    name (auto, cpu, cuda, cuda:N, mps) present here; torch would fail later, in the middle of a
+    driver, with a traceback."""
     if str(device) == "auto":
         return
+    if not _DEVICE_FORM.fullmatch(str(device)):
+        raise config_lib.ConfigError(f"{field}: expected auto, cpu, cuda, cuda:N or mps, got {str(device)!r}")
     resolved = torch.device(device)
     if resolved.type == "cuda":
         present = torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()
@@ -138,7 +141,7 @@ def check_device(device: str | torch.device) -> None:
         present = resolved.type == "cpu" or (resolved.type == "mps" and torch.backends.mps.is_available())
     if not present:
         raise config_lib.ConfigError(
-            f"train.device: {str(device)!r} is not available on this machine; available: "
+            f"{field}: {str(device)!r} is not available on this machine; available: "
             f"{', '.join(available_devices())} (or auto)"
         )
 

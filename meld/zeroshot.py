@@ -33,6 +33,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.config import ConfigError
+from clara.engine import check_device
 from clara.model import Clara
 from clara.precision import PRECISIONS, autocast_for, resolve_precision
 from clara.pretrain_data import DataError
@@ -159,14 +160,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def resolve_device(name: str) -> torch.device:
-    try:
-        device = distributed.resolve_device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise ConfigError(f"--device {name!r}: this machine has {found}; use --device cpu or auto")
-    return device
+    check_device(name, field="--device")
+    return distributed.resolve_device(name)
 
 
 def holds_run(path: Path) -> bool:

@@ -218,6 +218,10 @@ def test_a_device_this_machine_lacks_is_a_config_error(tmp_path, monkeypatch):
     assert str(err.value) == expected.format("cuda:1", "cpu, cuda:0")
     check_device("cuda:0")
     check_device("auto")
+    # Another driver's flag is named as that driver spells it, and a misspelt device is refused too.
+    with pytest.raises(ConfigError) as err:
+        check_device("gpu", field="--device")
+    assert str(err.value) == "--device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"
 
 
 @pytest.mark.parametrize("content, reason", [

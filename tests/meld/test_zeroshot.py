@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clara.checkpoint import load_checkpoint, save_checkpoint
+from clara.engine import available_devices
 from clara.model import Clara
 from clara.model_config import load_model_config
 from meld.demo import make_demo
@@ -250,7 +251,10 @@ def test_a_finetune_run_or_a_missing_gpu_is_one_line(setup, tmp_path, capsys):
     assert "a fine-tuned MELD classifier, not a CLARA checkpoint" in err and "meld.predict --run" in err
     assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--device", "cuda:99", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --device 'cuda:99': this machine has ") and err.count("\n") == 1, err
+    assert err == f"error: --device: 'cuda:99' is not available on this machine; available: {', '.join(available_devices())} (or auto)\n", err
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--device", "gpu", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'\n", err
     assert not (tmp_path / "o").exists()
 
 
