@@ -32,6 +32,10 @@ except ImportError:  # e.g. macOS: every tensor then takes the PyTorch formulas
     triton = None
 
 BLOCK_M, BLOCK_F = 64, 128  # rows x columns per program
+# 8 warps (256 threads) for a tile of 8,192 elements: 32 values of each tensor per thread.  At
+# Triton's default of 4, the backward would hold 64 each of dh, a and g per thread, near the register
+# limit; inductor's own heuristic also gives 8 warps to pointwise tiles this size.  Not tuned on a GPU.
+NUM_WARPS = 8
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 and others take the PyTorch formulas
 
 
@@ -129,7 +133,7 @@ def geglu(a: Tensor, g: Tensor, bias_a: Tensor, bias_g: Tensor) -> Tensor:
     grid, args, out = forward_launch(a.contiguous(), g.contiguous(), bias_a.contiguous(), bias_g.contiguous())
     # wrap_triton of the module-level kernel by name: how torch.compile finds the kernel's source
     # for its cache key (a kernel reached otherwise could be served stale after an edit).
-    wrap_triton(_forward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
+    wrap_triton(_forward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, num_warps=NUM_WARPS)
     return out
 
 
@@ -139,7 +143,7 @@ def geglu_backward(grad: Tensor, a: Tensor, g: Tensor, bias_a: Tensor, bias_g: T
         return reference_backward(grad, a, g, bias_a, bias_g)
     grid, args, (da, dg, partial) = backward_launch(grad.contiguous(), a.contiguous(), g.contiguous(),
                                                     bias_a.contiguous(), bias_g.contiguous())  # fmt: skip
-    wrap_triton(_backward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F)
+    wrap_triton(_backward_kernel)[grid](*args, BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, num_warps=NUM_WARPS)
     return sum_partials(da, dg, partial, bias_a, bias_g)
 
 

@@ -57,7 +57,7 @@ torch.manual_seed(0)
 for dtype, shape in ((torch.float32, (3, 50, 200)), (torch.bfloat16, (130, 257))):
     a, g, dh = (torch.randn(shape, dtype=dtype) for _ in range(3))
     bias_a, bias_g = torch.randn(shape[-1]), torch.randn(shape[-1])
-    blocks = {"BLOCK_M": gk.BLOCK_M, "BLOCK_F": gk.BLOCK_F}
+    blocks = {"BLOCK_M": gk.BLOCK_M, "BLOCK_F": gk.BLOCK_F, "num_warps": gk.NUM_WARPS}
     grid, args, out = gk.forward_launch(a, g, bias_a, bias_g)
     gk._forward_kernel[grid](*args, **blocks)  # as the op launches it on a GPU, less wrap_triton
     grid, args, (da, dg, partial) = gk.backward_launch(dh, a, g, bias_a, bias_g)
