@@ -122,7 +122,8 @@ def read_manifest(path: str | Path) -> list[Record]:
 def _read_rows(path: Path) -> list[Record]:
     records = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        # utf-8-sig: a byte-order mark (as editors on Windows write) is not part of the first row.
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -133,7 +134,7 @@ def _read_rows(path: Path) -> list[Record]:
                 raise DataError(f"{path}:{number}: expected a JSON object")
             records.append(_record(fields, path.parent, f"{path}:{number}"))
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(handle)
             missing = {"audio", "caption"} - set(reader.fieldnames or ())
             if missing:
@@ -228,22 +229,35 @@ class PairDataset(Dataset):
         return len(self.records)
 
     def _decode(self, index: int) -> torch.Tensor:
+        """Item ``index``'s waveform [N], N > 0; errors name the manifest line or the shard member."""
+        record = self.records[index]
         if self._members is None:
-            record = self.records[index]
             try:
-                return load_audio(record.audio, max_seconds=self.max_seconds)
+                wave = load_audio(record.audio, max_seconds=self.max_seconds)
             except AudioDecodeError as err:
                 raise AudioDecodeError(f"{record.origin}: {err}") from None
-        shard, offset, size = self._members[index]
-        with open(shard, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(size)
-        # PyAV decodes from a path here; the member goes through a temporary file.
-        suffix = "." + self.records[index].audio.rsplit(".", 1)[-1]
-        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            return load_audio(tmp.name, max_seconds=self.max_seconds)
+            where = f"{record.origin}: {record.audio}"
+        else:
+            shard, offset, size = self._members[index]
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+            # PyAV decodes from a path here; the member goes through a temporary file, whose name
+            # load_audio's errors would give: they name the member instead.
+            suffix = "." + record.audio.rsplit(".", 1)[-1]
+            with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+                tmp.write(data)
+                tmp.flush()
+                try:
+                    wave = load_audio(tmp.name, max_seconds=self.max_seconds)
+                except AudioDecodeError as err:
+                    raise AudioDecodeError(str(err).replace(tmp.name, record.audio)) from None
+            where = record.audio
+        if wave.numel() == 0:
+            # FFmpeg reads some damaged files as streams without samples; an empty clip would fail
+            # in the log-mel or the augmentations mid-training, with a traceback.
+            raise AudioDecodeError(f"{where}: no audio samples decoded")
+        return wave
 
     def wave(self, index: int) -> torch.Tensor:
         if index in self._cache:

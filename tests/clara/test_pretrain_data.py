@@ -112,6 +112,51 @@ def test_an_undecodable_file_is_named_with_its_manifest_line(tmp_path):
         data[1]
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_shard_member_that_cannot_be_decoded_is_named_not_its_temporary_copy(tmp_path):
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "k1.wav", b"not audio at all")
+        add_member(tar, "k1.json", json.dumps({"text": "junk"}).encode())
+    with pytest.raises(AudioDecodeError) as err:
+        PairDataset(str(shard))[0]
+    message = str(err.value)
+    assert message.startswith(f"{shard}#k1.wav: cannot decode audio (")
+    assert "/" not in message.replace(str(shard), "")  # no other path: the temporary file's is gone
+
+
+def test_a_clip_without_samples_is_one_named_error(tmp_path):
+    """FFmpeg decodes a header-only WAV to no samples; such a clip used to stop pretraining with a
+    traceback from the log-mel's reshape."""
+    write_wav(tmp_path / "empty.wav", seconds=0)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"audio": "empty.wav", "caption": "nothing"}])
+    with pytest.raises(AudioDecodeError) as err:
+        PairDataset(str(manifest))[0]
+    assert str(err.value) == f"{manifest}:1: {tmp_path / 'empty.wav'}: no audio samples decoded"
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(tmp_path / "empty.wav", arcname="k1.wav")
+        add_member(tar, "k1.json", json.dumps({"text": "nothing"}).encode())
+    with pytest.raises(AudioDecodeError, match=rf"^{shard}#k1.wav: no audio samples decoded$"):
+        PairDataset(str(shard))[0]
+
+
+@pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
+def test_a_manifest_starting_with_a_byte_order_mark_reads(tmp_path, name):
+    """Excel's "CSV UTF-8" and some Windows editors begin the file with a BOM; it used to stick to the
+    first header ("the header needs the column(s) audio") or make the first JSON line invalid."""
+    write_wav(tmp_path / "a.wav")
+    text = ('{"audio": "a.wav", "caption": "a tone"}\n' if name.endswith(".jsonl") else "audio,caption\na.wav,a tone\n")
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    records = read_manifest(tmp_path / name)
+    assert [(r.audio, r.caption) for r in records] == [(str(tmp_path / "a.wav"), "a tone")]
+
+
 def test_padded_samples_give_the_next_multiple_of_frames():
     """1 + N // 512 frames: a 1,000-sample clip has 2; to a multiple of 4 it pads to 2,047 samples
     (4 frames, the most samples that still give 4); a multiple of 1 leaves it alone."""
