@@ -25,6 +25,7 @@ import torchaudio
 
 SAMPLE_RATE = 48_000
 HOP_LENGTH = 512
+N_MELS = 80
 
 _AMIN = 1e-10  # librosa's power_to_db floor: keeps log10 finite for silence
 
@@ -56,7 +57,7 @@ class LogMel(torch.nn.Module):
         sample_rate: int = SAMPLE_RATE,
         n_fft: int = 1024,
         hop_length: int = HOP_LENGTH,
-        n_mels: int = 80,
+        n_mels: int = N_MELS,
         f_min: float = 0.0,
         f_max: float = 8000.0,
         top_db: float = 80.0,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clara.config import ConfigError
 from clara.io_utils import user_cache_dir
 
 DEMO_VERSION = 1
@@ -141,6 +142,15 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+def _read_stamp(path: Path) -> object:
+    """The stamp of a finished build (what ``build_demo`` wrote to ``demo.json``); None when there is
+    none or it cannot be read (a build of another kind, or a damaged file: rebuilt)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def build_demo(
     root: str | Path | None = None,
     *,
@@ -150,14 +160,22 @@ def build_demo(
     seconds: float = 1.0,
     seed: int = 0,
 ) -> DemoPaths:
-    """Build the demo under ``root`` (default ``user_cache_dir()/demo-pairs``) unless an identical build is there."""
+    """Build the demo under ``root`` (default ``user_cache_dir()/demo-pairs``) unless an identical build is there.
+
+    An earlier build with other settings is replaced; a ``root`` that holds anything else (or is a
+    file) is refused with a ConfigError, as the build would replace it as a whole."""
     root = Path(root) if root is not None else user_cache_dir() / "demo-pairs"
     stamp = {"version": DEMO_VERSION, "seconds": seconds, "seed": seed}
     stamp.update(train=train_per_kind, eval=eval_per_kind, env=env_per_kind)
     paths = DemoPaths(root, root / "train.jsonl", root / "eval.jsonl", root / "env.jsonl")
     stamp_file = root / "demo.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+    if _read_stamp(stamp_file) == stamp:
         return paths
+    # An older or broken build is replaced below, as a whole; anything else at ``root`` is someone's
+    # files, which that replacement would delete.
+    if root.exists() and not stamp_file.is_file() and not (root.is_dir() and not any(root.iterdir())):
+        what = "a folder holding other files" if root.is_dir() else "not a folder"
+        raise ConfigError(f"{root}: {what}, not a demo build; give data.demo_dir a new or empty folder")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))

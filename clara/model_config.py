@@ -6,7 +6,7 @@ Field defaults are the reference "medium" (100M) model.  ``from_reference_hparam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -17,6 +17,21 @@ PRESET_DIR = CONFIG_ROOT / "model"
 PRESETS = ("tiny", "small", "medium", "large")
 
 Attention = Literal["eager", "sdpa", "sdpa_cudnn", "flash_attn"]
+
+
+def _size_problems(config: object, may_be_zero: tuple[str, ...] = ()) -> list[str]:
+    """Each integer field of ``config`` below 1 (below 0 for ``may_be_zero``), worded for its error.
+    Such a size passes the type check but fails later, deep in torch (a zero-division, an empty
+    reshape) or silently (a negative layer count builds no layers)."""
+    problems = []
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if type(value) is not int:
+            continue
+        floor = 0 if item.name in may_be_zero else 1
+        if value < floor:
+            problems.append(f"{item.name} must be at least {floor}, got {value}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,17 @@ class TextConfig:
     dropout: float = 0.5  # post-LN layers' dropout (the reference's ``text_encoder_seq_dropout_prob``)
     positions: Literal["learned", "sinusoidal"] = "learned"
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = _size_problems(self, may_be_zero=("layers",))
+        if self.heads >= 1 and self.width % self.heads:
+            problems.append(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps must be above 0, got {self.layer_norm_eps}")
+        if problems:
+            raise config_lib.ConfigError("text: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,15 @@ class AudioConfig:
     # same formulas elsewhere).  Same parameters and numbers up to rounding; speed not yet measured.
     geglu_kernel: Literal["pytorch", "triton"] = "pytorch"
 
+    def __post_init__(self) -> None:
+        problems = _size_problems(self, may_be_zero=("layers",))
+        # Perceiver.forward drops tokens only below 1, and keep_random_tokens keeps at least one token,
+        # so a keep above 1 or at or below 0 would quietly mean 1 or "one token".
+        if not 0.0 < self.token_keep <= 1.0:
+            problems.append(f"token_keep must be in (0, 1], got {self.token_keep}")
+        if problems:
+            raise config_lib.ConfigError("audio: " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class ClaraConfig:
@@ -89,6 +124,12 @@ class ClaraConfig:
     # 16% slower (1,599 samples/s instead of 1,911).  Ignored when activation_checkpointing is on.
     selective_recompute: bool = False
     init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
+
+    def __post_init__(self) -> None:
+        if self.output_dim < 1:
+            raise config_lib.ConfigError(f"output_dim must be at least 1, got {self.output_dim}")
+        if not self.init_temperature > 0:  # its log is taken
+            raise config_lib.ConfigError(f"init_temperature must be above 0, got {self.init_temperature}")
 
 
 # ClaraConfig keys that change how the model runs (kernels, what backward keeps, the latents'

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from clara import config as config_lib
 from clara import distributed
-from clara.audio_frontend import SAMPLE_RATE, LogMel, num_frames
+from clara.audio_frontend import N_MELS, SAMPLE_RATE, LogMel, num_frames
 from clara.audio_io import AudioDecodeError
 from clara.augment import AugmentConfig, MelAugment, WaveAugment, check_config
 from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -34,7 +34,7 @@ from clara.demo_pairs import build_demo
 from clara.engine import TrainConfig, Trainer, init_env, seed_everything
 from clara.loss import ContrastiveLoss
 from clara.model import Clara
-from clara.model_config import CONFIG_ROOT, load_model_config, result_overrides
+from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.pretrain_data import (DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate, pad_tokens,
                                  padded_samples)
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
@@ -191,6 +191,19 @@ def check_clip_fits(data: DataConfig, max_positions: int) -> None:
             f"({2 * max_positions} frames); use a shorter data.max_seconds or a multiple that divides {2 * max_positions}")
 
 
+def check_model_inputs(model: ClaraConfig) -> None:
+    """Refuse, before any data is read, a model (``model``, ``init`` or ``model_overrides``) that cannot
+    take pretraining's inputs: the task's log-mels have N_MELS bins and the tokenizer's ids run up to
+    its vocabulary.  Otherwise the first batch fails inside the model, with a traceback."""
+    problems = []
+    if model.audio.n_mels != N_MELS:
+        problems.append(f"audio.n_mels is {model.audio.n_mels}, but pretraining's log-mels have {N_MELS} bins")
+    if model.text.vocab_size < Tokenizer.vocab_size:
+        problems.append(f"text.vocab_size is {model.text.vocab_size}, below the tokenizer's {Tokenizer.vocab_size} ids")
+    if problems:
+        raise config_lib.ConfigError("model: " + "; ".join(problems))
+
+
 def run(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain as ``config`` says; returns the summary (also printed on the main process).
 
@@ -205,6 +218,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     model = build_model(config)
     data = config.data
     check_clip_fits(data, model.config.audio.max_positions)
+    check_model_inputs(model.config)
     tokenizer = Tokenizer(language=data.language, merges=config.tokenizer_merges, max_length=model.config.text.max_positions)
     train_data = PairDataset(data.train, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
     if data.env and config.augment.mix.p > 0:

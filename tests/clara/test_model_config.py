@@ -21,3 +21,30 @@ def test_trainer_bookkeeping_is_skipped_and_unknown_architecture_is_refused():
     assert from_reference_hparams({"learning_rate": 3e-4, "LR_sheduler_T_max": 40}) == base
     with pytest.raises(ConfigError, match=r"ckpt: unknown reference hyper-parameter\(s\) audio_encoder_depth$"):
         from_reference_hparams({"audio_encoder_depth": 4}, source="ckpt")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("text.heads=3", "text: width (32) must be a multiple of heads (3)"),
+    ("text.heads=0", "text: heads must be at least 1, got 0"),
+    ("text.layers=-1", "text: layers must be at least 0, got -1"),
+    ("text.dropout=1.5", "text: dropout must be in [0, 1), got 1.5"),
+    ("audio.latent_heads=0", "audio: latent_heads must be at least 1, got 0"),
+    ("audio.num_latents=0", "audio: num_latents must be at least 1, got 0"),
+    ("audio.token_keep=1.5", "audio: token_keep must be in (0, 1], got 1.5"),
+    ("audio.token_keep=0", "audio: token_keep must be in (0, 1], got 0.0"),
+    ("init_temperature=0", "init_temperature must be above 0, got 0.0"),
+    ("output_dim=0", "output_dim must be at least 1, got 0"),
+])  # fmt: skip
+def test_sizes_that_would_fail_inside_the_model_are_one_config_error(override, expected):
+    """Each of these passed the type check and then failed in the first forward pass (a reshape, a
+    zero-division, log(0)) or did something else quietly (token_keep 1.5 kept every token)."""
+    with pytest.raises(ConfigError) as err:
+        load_model_config("tiny", [override])
+    assert str(err.value).endswith(f"tiny.yaml + overrides: {expected}")
+
+
+def test_every_preset_and_zero_layers_pass_the_checks():
+    for name in ("tiny", "small", "medium", "large"):
+        load_model_config(name)
+    config = load_model_config("tiny", ["text.layers=0", "audio.layers=0", "audio.token_keep=1"])
+    assert (config.text.layers, config.audio.layers, config.audio.token_keep) == (0, 0, 1.0)

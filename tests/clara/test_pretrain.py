@@ -59,6 +59,25 @@ def test_demo_is_deterministic_and_reused(demo, tmp_path):
     assert len(set(captions)) == len(captions) == 48
 
 
+def test_a_demo_dir_holding_other_files_is_refused_untouched(demo, tmp_path):
+    """A rebuild replaces the folder as a whole: data.demo_dir=~/data used to delete the user's files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=rf"^{mine}: a folder holding other files, not a demo build; give data.demo_dir"):
+        build_demo(mine, train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    (tmp_path / "file").write_text("keep me too")
+    with pytest.raises(ConfigError, match="file: not a folder, not a demo build"):
+        build_demo(tmp_path / "file", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (tmp_path / "file").read_text() == "keep me too"
+    # An empty folder is built into, and a build with other settings (or a damaged stamp) is redone.
+    (tmp_path / "empty").mkdir()
+    build_demo(tmp_path / "empty", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    (tmp_path / "empty" / "demo.json").write_text("{")
+    paths = build_demo(tmp_path / "empty", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.5)
+    assert paths.train.read_text() == demo.train.read_text()
+
+
 def test_csv_manifest_and_tar_shards_give_the_same_pairs(demo, tmp_path):
     records = read_manifest(demo.eval)[:3]
     csv_path = tmp_path / "pairs.csv"
@@ -109,6 +128,16 @@ def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.device: 'mps' is not available on this machine; available: cpu")
     assert len(err.splitlines()) == 1 and not (tmp_path / "config.yaml").exists()
+
+
+def test_a_model_that_cannot_take_the_log_mels_or_token_ids_is_one_error(tmp_path, capsys):
+    """80 mel bins and 50,373 token ids: a model built for others used to fail at its first batch."""
+    overrides = "model_overrides=[audio.n_mels=64,text.vocab_size=1000]"
+    assert main([overrides, "data.train=absent.jsonl", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: model: audio.n_mels is 64, but pretraining's log-mels have 80 bins; text.vocab_size is 1000, "
+                   "below the tokenizer's 50373 ids\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_reference_recipe_config_loads():
