@@ -300,6 +300,39 @@ def _load_failure(err: Exception) -> str:
     return f"unpickling failed: {sentence}" if isinstance(err, pickle.UnpicklingError) else sentence
 
 
+def _record_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; None for a blank line or one cut short (records are
+    appended, so a run killed mid-write leaves a partial last line, which resume drops)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def worker_error(err: Exception) -> Exception:
+    """``err`` as the DataLoader worker raised it, for the one-line error a driver prints.
+
+    The main process re-raises a worker's exception as the same type with the worker's whole
+    traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."), so with ``train.num_workers`` above 0 a data error (a clip that cannot be decoded) would
+    print as a traceback.  Returns a new exception of that type holding the original message; any
+    other ``err`` as it is."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return err
+    kind = type(err)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    start = text.rfind(f"\n{name}: ")
+    if start < 0:
+        return err
+    try:
+        return kind(text[start + len(name) + 3 :].rstrip("\n"))
+    except Exception:  # a type whose constructor takes more than a message: left as torch raised it
+        return err
+
+
 class Trainer:
     """Trains ``model`` on ``train_data`` with ``task``; ``fit()`` runs (or resumes) to the last step.
 
@@ -448,20 +481,22 @@ class Trainer:
         """Keep only the ``metrics.jsonl`` records up to step ``last_kept``."""
         path = self.out_dir / METRICS_FILE
         if self.env.is_main and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_kept]
+            steps = ((line, _record_step(line)) for line in path.read_text(encoding="utf-8").splitlines())
+            kept = [line for line, step in steps if step is not None and step <= last_kept]
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def evaluate(self) -> dict[str, float]:
-        """The task's held-out metrics at the current step (empty if the task has no ``evaluate``)."""
+        """The task's held-out metrics at the current step (empty if the task has no ``evaluate``, or
+        none this run, such as pretraining without ``data.eval``: nothing is then logged)."""
         metrics: dict[str, float] = {}
         if hasattr(self.task, "evaluate") and self.env.is_main:
             self.model.eval()
             with preserved_rng(), torch.no_grad(), self._autocast():
                 metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
             self.model.train()
-            self._record("eval", metrics)
+            if metrics:
+                self._record("eval", metrics)
         distributed.barrier()
         return metrics
 
@@ -473,7 +508,13 @@ class Trainer:
         sums: dict[str, Any] = {}
         for micro in range(accumulation):
             tick = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except Exception as err:
+                original = worker_error(err)
+                if original is err:
+                    raise
+                raise original from None
             self.data_wait += time.perf_counter() - tick
             batch = move_to(batch, self.device)
             # Under DDP, gradients are all-reduced only on the last micro-batch of the step.

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.config import ConfigError
+from clara.pretrain_data import DataError
 from clara.engine import (
     CHECKPOINT_FILE, METRICS_FILE, ResumableBatchSampler, TrainConfig, Trainer, check_device, move_to,
 )
@@ -154,6 +155,47 @@ def test_eval_every_epoch_evaluates_at_each_epoch_end_once(tmp_path):
     first, _ = fit(tmp_path / "resumed", steps=8, eval_every_epoch=True, eval_every=0, eval_at_start=False)
     second, _ = fit(tmp_path / "resumed", steps=20, eval_every_epoch=True, eval_every=0, eval_at_start=False)
     assert [r["step"] for r in first.evaluations + second.evaluations] == [6, 8, 12, 18, 20]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path):
+    """metrics.jsonl is appended to, so a run killed mid-write leaves a partial last line; resume used
+    to stop on it with a JSONDecodeError traceback."""
+    fit(tmp_path, steps=4)
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"step": 5, "train/lo')
+    second, _ = fit(tmp_path, steps=6)
+    assert second.resumed_from == 4
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # the partial line is gone
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+class BrokenData(ToyData):
+    def __getitem__(self, index: int):
+        if index == 5:
+            raise DataError("pairs.jsonl:6: clip.wav: cannot decode audio\n(second line)")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_data_error_in_a_loader_worker_keeps_its_own_message(tmp_path, num_workers):
+    """A worker's exception reaches the main process with the worker's traceback as its message,
+    which a driver would print as its one-line error."""
+    config = TrainConfig(steps=2, batch_size=48, warmup_steps=0, cycle_steps=0, out_dir=str(tmp_path), device="cpu",
+                         num_workers=num_workers, eval_at_start=False)  # fmt: skip
+    trainer = Trainer(config, toy_model(), ToyTask(), BrokenData())
+    with pytest.raises(DataError) as err:
+        trainer.fit()
+    assert str(err.value) == "pairs.jsonl:6: clip.wav: cannot decode audio\n(second line)"
+
+
+def test_a_task_without_held_out_metrics_logs_no_empty_evaluations(tmp_path, capsys):
+    class NoEval(ToyTask):
+        def evaluate(self, model):
+            return {}
+
+    result, _ = fit(tmp_path, task=NoEval(), steps=2, warmup_steps=0)
+    assert result.evaluations == [] and "[eval" not in capsys.readouterr().out
+    assert all("train/loss" in json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines())
 
 
 def test_parameter_groups_train_at_their_lr_scale(tmp_path):
