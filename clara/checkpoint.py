@@ -147,8 +147,13 @@ def _load_ours(directory: Path, overrides: Sequence[str]) -> Clara:
             raise CheckpointError(f"{directory}: not a meld-clara checkpoint (no {needed.name})")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not JSON text ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object of model settings, got {type(data).__name__}")
+    try:
         config = config_lib.from_dict(ClaraConfig, config_lib.apply_overrides(data, overrides))
-    except (json.JSONDecodeError, config_lib.ConfigError) as err:
+    except config_lib.ConfigError as err:
         raise CheckpointError(f"{config_path}{' + overrides' if overrides else ''}: {err}") from None
     model = Clara(config)
     try:

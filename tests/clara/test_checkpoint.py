@@ -161,6 +161,21 @@ def test_a_bad_stored_config_or_override_names_the_file_once(tmp_path, model):
     assert str(err.value).startswith(f"{config}: audio: unknown key(s) lyers for ")
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"[1, 2]", "expected a JSON object of model settings, got list"),
+    (b"\xff\xfe{}", "not JSON text ("),
+    (b'{"audio": ', "not JSON text ("),
+])  # fmt: skip
+def test_a_stored_config_that_is_no_json_object_is_named(tmp_path, model, content, expected):
+    """A list or a non-UTF-8 config.json used to escape as a TypeError or UnicodeDecodeError traceback."""
+    save_checkpoint(model, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "ckpt")
+    assert str(err.value).startswith(f"{config}: {expected}")
+
+
 def test_tied_reference_layers_are_rejected(tmp_path):
     path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
     payload = torch.load(path, weights_only=True)
