@@ -2,10 +2,11 @@
 
 The public API: ``LogMel`` and ``Tokenizer`` turn audio and text into model inputs; ``Clara`` encodes
 them (``encode_audio``, ``encode_text``); ``ContrastiveLoss`` trains it; ``load_checkpoint`` reads our
-format and the published reference checkpoint, ``save_checkpoint`` writes ours.
+format and the published reference checkpoint, ``save_checkpoint`` writes ours.  The attention
+function stays in its module (``from clara.attention import attention``): exported here under the
+same name, it would hide the module ``clara.attention`` itself.
 """
 
-from clara.attention import attention
 from clara.audio_frontend import SAMPLE_RATE, LogMel, resample_to_48k
 from clara.audio_io import load_audio
 from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -25,7 +26,6 @@ __all__ = [
     "LogMel",
     "TextConfig",
     "Tokenizer",
-    "attention",
     "load_audio",
     "load_checkpoint",
     "load_model_config",
