@@ -140,10 +140,11 @@ def keep_random_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training-time token dropout: keep a random ``keep`` fraction of each item's audio tokens.
 
-    tokens [B, T, C] -> [B, K, C] with K = max(1, int(keep·T)).  Real tokens are drawn before padded
-    ones; with a mask, an item keeps ceil(keep·its length) real tokens and the returned mask [B, K]
-    marks them.  Order does not matter: positions were already added and attention is permutation
-    invariant over keys.
+    tokens [B, T, C] -> [B, K, C] with K = max(1, int(keep·T)), the reference's count.  Real tokens are
+    drawn before padded ones; with a mask, an item keeps min(ceil(keep·its length), K) real tokens and
+    the returned mask [B, K] marks them (so the batch's longest item keeps K, int rather than ceil).
+    Order does not matter: positions were already added and attention is permutation invariant over
+    keys.
     """
     batch, length, _ = tokens.shape
     count = max(1, int(keep * length))

@@ -272,6 +272,11 @@ def test_training_keeps_the_configured_fraction_of_real_tokens():
     # Every kept, unmasked token of item 1 is one of its 4 real tokens (values 10..13).
     real = kept[1, kept_mask[1], 0]
     assert ((real >= 10) & (real <= 13)).all() and len(set(real.tolist())) == 2
+    # Odd lengths: K = int(0.5 * 7) = 3 (the reference's count); the shorter item keeps ceil(0.5 * 3) = 2,
+    # the longest min(ceil(3.5), K) = 3.
+    mask = torch.arange(7)[None] < torch.tensor([7, 3])[:, None]
+    kept, kept_mask = keep_random_tokens(torch.zeros(2, 7, 1), mask, 0.5)
+    assert kept.shape == (2, 3, 1) and kept_mask.sum(1).tolist() == [3, 2]
 
 
 def test_training_mode_drops_tokens_and_eval_does_not():
