@@ -58,19 +58,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; on success it replaces ``path`` as a whole.
 
-    Readers see the old folder or the new one, never a mix; on an error the old one stays.
+    Readers see the old folder or the new one, never a mix (between the two renames of a
+    replacement, for an instant, neither); on an error the old one stays.  The old folder waits as
+    ``.<name>.old`` during the swap: a process killed in that instant leaves it there, and the next
+    call puts it back before anything else.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    backup = path.with_name(f".{path.name}.old")
+    if backup.exists() and not path.exists():
+        os.replace(backup, path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     staging.chmod(_default_mode(0o777))
     try:
         yield staging
         if path.exists():
-            backup = path.with_name(f".{path.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(path, backup)
-            os.replace(staging, path)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(backup, path)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, path)

@@ -40,3 +40,33 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             (staging / "a").write_text("a")
             raise RuntimeError("stopped")
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_a_folder_swap_that_fails_or_is_killed_midway_keeps_the_old_folder(tmp_path, monkeypatch):
+    """Replacing a folder takes two renames (old -> .<name>.old, new -> name): a failure of the
+    second puts the old folder back, and a kill between them is repaired by the next write."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(target) as staging:
+            (staging / "weights").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(calls) == 3 and (target / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    # As a kill between the two renames leaves it: no folder, the old one aside.
+    os.replace(target, tmp_path / ".model.old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target):
+            assert (target / "weights").read_text() == "old"  # put back before the new one is written
+            raise RuntimeError("stopped")
+    assert (target / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
