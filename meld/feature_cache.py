@@ -86,6 +86,13 @@ class AudioSettings:
             raise ConfigError(f"audio.max_seconds must be positive (or null for no cap), got {self.max_seconds}")
         if not 0 <= self.min_seconds < math.inf:
             raise ConfigError(f"audio.min_seconds must be >= 0, got {self.min_seconds}")
+        # Outside these bounds the mel filterbank has empty bands, or the dB floor is at or above the
+        # peak: every clip would be cached as a constant spectrogram, with no error anywhere.
+        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+            raise ConfigError(f"audio.f_min and audio.f_max must satisfy 0 <= f_min < f_max <= sample_rate / 2 "
+                              f"({self.sample_rate / 2:g} Hz), got f_min {self.f_min}, f_max {self.f_max}")
+        if not self.top_db > 0:
+            raise ConfigError(f"audio.top_db must be positive, got {self.top_db}")
 
     @property
     def max_samples(self) -> int | None:

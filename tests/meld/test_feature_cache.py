@@ -8,8 +8,10 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 
+from clara.audio_frontend import LogMel
 from clara.config import ConfigError
 from meld import feature_cache
 from meld.errors import MeldDataError
@@ -54,10 +56,24 @@ def test_cache_dirs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [{"max_seconds": 0.0}, {"max_seconds": float("nan")}, {"max_seconds": float("inf")},
-                                 {"min_seconds": -1.0}, {"min_seconds": float("nan")}, {"n_mels": 0}])
+                                 {"min_seconds": -1.0}, {"min_seconds": float("nan")}, {"n_mels": 0},
+                                 {"f_min": 9000.0}, {"f_min": -1.0}, {"f_max": 24_001.0},
+                                 {"sample_rate": 8000}, {"top_db": 0.0}, {"top_db": -5.0}])
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         AudioSettings(**bad)
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filterbank has all zero values")
+def test_mel_band_and_floor_limits_are_the_ones_that_keep_features_informative():
+    """The refused settings give every clip one constant spectrogram; the edges of the allowed ones do not."""
+    wave = torch.sin(torch.arange(48_000) * 0.05) * torch.linspace(0.01, 1.0, 48_000)
+    for bad in ({"f_min": 9000.0}, {"top_db": -5.0}):
+        spectrogram, _ = LogMel(**bad)(wave)
+        assert float(spectrogram.std()) == 0.0, bad  # what the check keeps out of the cache
+    for edge in ({"f_max": 24_000.0}, {"f_min": 4000.0}, {"top_db": 1.0}, {"sample_rate": 16_000}):
+        settings = AudioSettings(**edge)
+        assert float(settings.log_mel()(wave)[0].std()) > 0.0, edge
 
 
 def test_journal_round_trip_and_torn_tail(tmp_path):
