@@ -93,8 +93,9 @@ class TrainConfig:
     compile_tuning: bool = False
 
     def __post_init__(self) -> None:
-        """Each setting on its own; how settings fit the run (warmup against its length) is checked
-        by the Trainer, as drivers adapt some of them to the data first."""
+        """Each setting on its own, and the warmup against a restart cycle; how settings fit the run
+        (warmup against its length, batches against the data) is checked by the Trainer, as drivers
+        adapt some of them to the data first."""
         positive = ("batch_size", "accumulation", "log_every")
         problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers")
@@ -111,6 +112,8 @@ class TrainConfig:
                 problems.append(f"{name} must be a number >= 0, got {value}")
         if not _DEVICE_FORM.fullmatch(self.device):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.cycle_steps and self.warmup_steps >= self.cycle_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must be below cycle_steps ({self.cycle_steps})")
         if problems:
             raise config_lib.ConfigError("train: " + "; ".join(problems))
 
@@ -274,14 +277,20 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 
 def _check(config: TrainConfig) -> None:
-    """How the warmup fits the cycle or the run (each setting alone: ``TrainConfig.__post_init__``)."""
-    problems = []
-    if config.cycle_steps and config.warmup_steps >= config.cycle_steps:
-        problems.append(f"warmup_steps ({config.warmup_steps}) must be below cycle_steps ({config.cycle_steps})")
+    """How the warmup fits the run (each setting alone, and against the cycle: ``TrainConfig.__post_init__``)."""
     if not config.cycle_steps and config.steps and config.warmup_steps >= config.steps:
-        problems.append(f"warmup_steps ({config.warmup_steps}) must be below steps ({config.steps})")
-    if problems:
-        raise config_lib.ConfigError("train: " + "; ".join(problems))
+        raise config_lib.ConfigError(f"train: warmup_steps ({config.warmup_steps}) must be below steps ({config.steps})")
+
+
+def check_fits(config: TrainConfig, train_size: int, world_size: int = 1) -> None:
+    """Raise ConfigError unless ``train_size`` samples make one full step (batch_size x accumulation
+    x processes): the Trainer's own check, which a driver can run before it writes its run folder
+    (a folder holding config.yaml would then refuse the corrected settings as another run's)."""
+    if train_size < config.batch_size * config.accumulation * world_size:
+        raise config_lib.ConfigError(
+            f"train: {train_size} training samples make no full step of batch_size {config.batch_size} "
+            f"x accumulation {config.accumulation} x {world_size} process(es); lower batch_size"
+        )
 
 
 def _load_failure(err: Exception) -> str:
@@ -357,17 +366,13 @@ class Trainer:
         self.model = compile_model(model.to(self.device), config.compile, config.compile_mode,
                                    recompute=config.compile_recompute, tune=config.compile_tuning)
 
+        check_fits(config, len(train_data), self.env.world_size)
         self.sampler = ResumableBatchSampler(
             len(train_data), config.batch_size, rank=self.env.rank, world_size=self.env.world_size,
             seed=config.seed, multiple_of=config.accumulation, lengths=lengths,
         )  # fmt: skip
         self.steps_per_epoch = self.sampler.batches_per_epoch // config.accumulation
         self.samples_per_step = config.batch_size * config.accumulation * self.env.world_size
-        if self.steps_per_epoch == 0:
-            raise config_lib.ConfigError(
-                f"train: {len(train_data)} training samples make no full step of batch_size {config.batch_size} "
-                f"x accumulation {config.accumulation} x {self.env.world_size} process(es); lower batch_size"
-            )
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         # The loader draws worker seeds from its own generator, not from the global RNG, so creating
         # a loader mid-epoch on resume leaves the global RNG exactly where the first run had it.

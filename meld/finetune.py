@@ -38,7 +38,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
-from clara.engine import Trainer, check_device, init_env, seed_everything
+from clara.engine import Trainer, check_fits, init_env, seed_everything
 from clara.io_utils import atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
@@ -314,7 +314,8 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config)
-    check_device(config.train.device)  # here, not first in _run_seed: a machine without it writes no run folder
+    # The device is checked here, not first in _run_seed: a machine without it writes no run folder.
+    env = init_env(config.train)
     if config.cache_root:
         check_folder_path(config.cache_root)
     if config.threads:
@@ -323,6 +324,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     clara = _load_clara(config)
     clara_config = clara.config if clara is not None else scratch_clara_config(config)
     data = _Data(config, clara_config)
+    check_fits(config.train, len(data.datasets["train"]), env.world_size)  # the Trainer's check, before the folder
     out_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     seeds = [config.train.seed + offset for offset in range(config.seeds)]

@@ -317,6 +317,20 @@ def test_a_folder_that_is_not_a_finetune_run_is_refused_untouched(csv_root, tmp_
     assert (pretrain / "config.yaml").read_text() == "model: tiny\ndata:\n  train: demo\n"
 
 
+@pytest.mark.parametrize("settings, fragment", [
+    (["train.batch_size=43"], "train: 42 training samples make no full step of batch_size 43 x accumulation 1"),
+    (["train.batch_size=8", "train.accumulation=6"], "42 training samples make no full step of batch_size 8 x "
+                                                     "accumulation 6 x 1 process(es)"),
+    (["train.cycle_steps=5", "train.warmup_steps=5"], "train: warmup_steps (5) must be below cycle_steps (5)"),
+])
+def test_training_settings_the_engine_refuses_leave_no_run_folder(csv_root, tmp_path, capsys, settings, fragment):
+    # A config.yaml left behind would make the folder refuse the corrected settings as another run's.
+    out = tmp_path / "run"
+    code, err = _cli(capsys, *_text_cli(csv_root, out, *settings))
+    _assert_one_error(code, err, fragment)
+    assert not out.exists()
+
+
 def test_an_output_path_that_is_a_file_is_one_clear_error(csv_root, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
