@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--data", args.data), ("--checkpoint", args.checkpoint)):
             if value and not Path(value).exists():  # before any trial is recorded against it
                 raise SweepError(f"{flag} {value}: no such file or folder")
-        fixed = tuple(f"{key}={value}" for key, value in (("data_root", args.data), ("model.checkpoint", args.checkpoint))
-                      if value)
+        fixed = tuple(override(key, value) for key, value in (("data_root", args.data),
+                                                               ("model.checkpoint", args.checkpoint)) if value)
         config = dataclasses.replace(config, base_overrides=config.base_overrides + fixed,
                                      study=dataclasses.replace(config.study, **flags))
         result = run_sweep(config)

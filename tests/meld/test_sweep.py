@@ -27,7 +27,7 @@ from clara.config import ConfigError
 from meld.labels import EMOTIONS
 from meld.metrics import classification_metrics
 from meld.sweep import load_sweep_config, main, run_sweep
-from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest
+from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest, trial_config
 from meld.sweep_config import Param, SweepConfig
 from meld.sweep_worker import worker_device
 from tests.meld.tensorboard_helpers import dashboards
@@ -425,13 +425,15 @@ def test_data_and_checkpoint_flags_fix_them_for_every_trial(tmp_path, monkeypatc
         raise SweepError("stop here")
 
     monkeypatch.setattr("meld.sweep.run_sweep", fake_run)
-    data, checkpoint = tmp_path / "MELD.Raw", tmp_path / "clara-medium.ckpt"
+    # Names that YAML would read as something else: a comment, a mapping, a number.
+    data, checkpoint = tmp_path / "MELD #2: raw", tmp_path / "2024"
     data.mkdir()
     checkpoint.write_bytes(b"")
     assert main(["--data", str(data), "--checkpoint", str(checkpoint), "--study-dir", str(tmp_path / "study")]) == 2
     overrides = seen["config"].base_overrides
-    assert overrides[-2:] == (f"data_root={data}", f"model.checkpoint={checkpoint}")
     assert "train.epochs=10" in overrides  # the config's own base overrides stay
+    trial = trial_config(seen["config"], finetune_backend(), {})
+    assert (trial.data_root, trial.model.checkpoint) == (str(data), str(checkpoint))
 
 
 def test_a_missing_data_folder_is_refused_before_any_trial(tmp_path, capsys, monkeypatch):
