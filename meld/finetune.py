@@ -39,7 +39,7 @@ from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.engine import Trainer, check_fits, init_env, seed_everything
-from clara.io_utils import atomic_write_text
+from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
@@ -339,14 +339,11 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     for name in ("model", "predictions.csv", "confusion_test.png"):
         source, target = out_dir / f"seed-{best}" / name, out_dir / name
         if source.is_dir():
-            staging = out_dir / f".{name}.copy"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            with atomic_directory(target) as staging:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
         elif source.is_file():
-            shutil.copyfile(source, out_dir / f".{name}.copy")
-            (out_dir / f".{name}.copy").replace(target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
     write_seed_summary(out_dir, config, doc, TARGETS[config.target])
     return doc
 

@@ -113,6 +113,11 @@ def test_seeds_report_mean_and_std(csv_root, tmp_path):
     assert (tmp_path / "seed-1234" / "metrics.json").is_file() and (tmp_path / "model" / "classifier.json").is_file()
     assert len(doc["test"]["confusion_matrix"]) == 3
     assert "Mean ± std over 2 seeds" in (tmp_path / "report.md").read_text()
+    # The best seed's classifier and predictions are copied up whole, with no staging copies left.
+    best = max(doc["seeds"], key=lambda s: (doc["seeds"][s]["dev"], -int(s)))
+    for name in ("predictions.csv", "model/classifier.json"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / f"seed-{best}" / name).read_bytes()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampling(tmp_path):
