@@ -65,8 +65,8 @@ class PretrainConfig:
     init: str = ""  # start from these weights (our checkpoint folder or the reference .ckpt); replaces `model`
     # key=value settings applied to `model` and to `init` alike, for switches that change how the model
     # runs, not its tensors (attention=sdpa_cudnn, selective_recompute=true, activation_checkpointing=true,
-    # audio.latent_stream=autocast, audio.latent_qkv=split, mask_padding=false); `init` refuses one that
-    # changes tensor shapes with its usual error.
+    # audio.latent_stream=autocast, audio.latent_qkv=split, audio.geglu_kernel=triton, mask_padding=false);
+    # `init` refuses one that changes tensor shapes with its usual error.
     model_overrides: tuple[str, ...] = ()
     init_allow_pickle: bool = False  # `init` is a reference .ckpt holding pickled objects, from a source you trust
     tokenizer_merges: Literal["reference", "corrected"] = "reference"

@@ -30,7 +30,8 @@ class ModelConfig:
     allow_pickle: bool = False  # only for reference checkpoints you trust (see clara.checkpoint)
     # key=value CLARA settings applied to `clara` (from scratch) and to a loaded `checkpoint` alike, for the
     # switches that change how the model runs, not its tensors: attention=sdpa_cudnn, selective_recompute=true,
-    # activation_checkpointing=true, audio.latent_stream=autocast, audio.latent_qkv=split, mask_padding=false.
+    # activation_checkpointing=true, audio.latent_stream=autocast, audio.latent_qkv=split,
+    # audio.geglu_kernel=triton, mask_padding=false.
     # A checkpoint refuses one that changes tensor shapes (e.g. audio.layers) with its usual error.
     clara_overrides: tuple[str, ...] = ()
     features: Literal["projected", "pooled"] = "projected"  # CLARA's joint-space embedding, or the tower's pooled features
