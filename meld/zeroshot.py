@@ -41,7 +41,7 @@ from clara.retrieval import chance_levels, retrieval_metrics
 from clara.run_dir import check_folder_path, claim
 from clara.tokenizer import Tokenizer
 from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
-from meld.captions import CaptionConfig, caption_for, load_captions
+from meld.captions import DEFAULT_CAPTIONS, CaptionConfig, caption_for, load_captions
 from meld.classifier_io import is_classifier_dir
 from meld.dataset import DataConfig, MeldDataset, build_datasets, make_dataloader
 from meld.demo import ensure_demo
@@ -51,11 +51,12 @@ from meld.errors import MeldDataError
 from meld.feature_cache import default_cache_root
 from meld.metrics import classification_metrics
 from meld.prepare import prepare
-from meld.prompts import PromptSet, class_embeddings, encode_prompts, encode_texts, load_prompts, zero_shot_logits
+from meld.prompts import PROMPT_ROOT, PromptSet, class_embeddings, encode_prompts, encode_texts, load_prompts, zero_shot_logits
 from meld.zeroshot_report import ENSEMBLE, write_outputs
 
-DEFAULT_PROMPTS = "configs/prompts/emotion.yaml"
-DEFAULT_CAPTIONS = "configs/captions/meld.yaml"
+# The files loaded when --prompts / --captions are not given, as the run records them: absolute, so
+# the record names a file that exists whatever folder the command ran from.
+DEFAULT_PROMPTS = PROMPT_ROOT / "emotion.yaml"
 
 SILENCE_SECONDS = (0.5, 1.0, 2.0, 4.0)  # content-free inputs; MELD's clips are mostly 1-5 s
 KIND = "meld.zeroshot"

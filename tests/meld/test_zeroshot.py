@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,6 +314,8 @@ def test_cache_clara_override_and_allow_pickle_options(setup, tmp_path, capsys, 
     assert len(list(embeddings.glob("*.safetensors"))) == 2
     run = json.loads((tmp_path / "b" / "metrics.json").read_text())["run"]
     assert run["clara_overrides"] == "mask_padding=false attention=eager" and run["cache"] == str(cache)
+    # The default prompt and caption files are recorded as files that exist from any working folder.
+    assert Path(run["prompts"]).is_absolute() and Path(run["prompts"]).is_file() and Path(run["captions"]).is_file()
     capsys.readouterr()
     assert main([*args, "--cache", str(cache), "--clara-override", "audio.layers=1", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
