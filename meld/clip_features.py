@@ -43,6 +43,18 @@ class ClipTask:
 _LOG_MELS: dict[AudioSettings, torch.nn.Module] = {}  # one LogMel per process and settings
 
 
+def silence(wave: torch.Tensor, silence_dbfs: float) -> str:
+    """Why prepare leaves ``wave`` out as silent ("silent: peak -93.2 dBFS, at or under -80 dBFS"); "" if it is not.
+
+    meld.predict asks the same question of the clip it classifies, so both read "silent" alike.
+    """
+    peak = float(wave.abs().max())
+    if peak > 10 ** (silence_dbfs / 20):
+        return ""
+    level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.1f} dBFS"
+    return f"silent: {level}, at or under {silence_dbfs:g} dBFS"
+
+
 def process_clip(task: ClipTask) -> tuple[ClipRecord, np.ndarray | None]:
     """Decode one clip and compute its log-mel: its record and float16 [T, n_mels] (None if not cached)."""
     s = task.settings
@@ -66,10 +78,8 @@ def process_clip(task: ClipTask) -> tuple[ClipRecord, np.ndarray | None]:
         reason = f"{n / s.sample_rate:.3f} s of audio, under the {s.min_seconds:g} s minimum"
         reason = reason if n else "no audio samples"
         return ClipRecord(**source, status=SILENT_OR_EMPTY, reason=reason, samples=n), None
-    peak = float(wave.abs().max())
-    if peak <= 10 ** (s.silence_dbfs / 20):
-        level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.1f} dBFS"
-        reason = f"silent: {level}, at or under {s.silence_dbfs:g} dBFS"
+    reason = silence(wave, s.silence_dbfs)
+    if reason:
         return ClipRecord(**source, status=SILENT_OR_EMPTY, reason=reason, samples=n), None
     if s not in _LOG_MELS:
         _LOG_MELS[s] = s.log_mel()

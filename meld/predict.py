@@ -3,7 +3,8 @@
 ITEM is an audio or video file (mp4, wav, flac, ...) for runs trained on audio, or a text (quote
 it) for runs trained on text. A run on both takes the file and its transcript:
 ``--run RUN clip.mp4 --text "what was said"``. Prints the predicted label and every class's
-probability, most likely first (``--json`` for one JSON object instead).
+probability, most likely first (``--json`` for one JSON object instead). A silent clip (the run's
+``audio.silence_dbfs``), which prepare leaves out of training, is still classified, with a warning.
 
 A run trained with dialogue context (``data.context_turns`` > 0) read each utterance after its
 previous turns: give them, oldest first, as ``--context "Monica: text" --context "Joey: text"`` with
@@ -27,6 +28,7 @@ from clara.checkpoint import CheckpointError
 from clara.config import ConfigError, from_dict
 from clara.tokenizer import Tokenizer
 from meld.classifier_io import load_classifier, spec_file
+from meld.clip_features import silence
 from meld.dataset import DataConfig, encode_with_context
 from meld.finetune_data import Collate, hf_text_with_context
 from meld.records import Utterance
@@ -61,28 +63,43 @@ def _check_context(data: DataConfig, context: Sequence[tuple[str, str]], speaker
                            "every turn as \"Speaker: text\"")
 
 
-def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenizer,
+def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenizer, warnings: list[str],
           context: Sequence[tuple[str, str]] = (), speaker: str | None = None) -> dict:  # fmt: skip
     """One dataset-like item (mel, tokens, hf_ids as the run needs) for ``item`` and an optional transcript.
 
     ``context``: the (speaker, text) of previous turns, oldest first; the run's last
     ``data.context_turns`` of them precede the transcript, formatted as in training.
+    ``warnings``: gets a line for an input the run can classify but did not train on (a silent clip).
     """
     inputs = set(spec["inputs"])
     needs_audio, needs_text = "audio" in inputs, bool(inputs & {"text", "hf_text"})
+    # Path("") is the current folder: an empty item is refused here, before it is read as a path.
+    if not item.strip():
+        raise PredictError("the item is empty; give " + ("an mp4 or wav file" if needs_audio else
+                                                         "the utterance's text as a quoted string"))
     path = Path(item)
     exists = path.is_file()
     is_audio = path.suffix.lower() in AUDIO_SUFFIXES or exists
-    # A run that needs audio reads a path-like item (any suffix, a folder) as a file it cannot find, not as text.
+    if path.is_dir() and (is_audio or needs_audio):
+        raise PredictError(f"{path}: a folder, not an audio or video file")
+    # A run that needs audio reads a path-like item (any suffix) as a file it cannot find, not as text.
     if not exists and (is_audio or (needs_audio and _PATH_LIKE.fullmatch(item))):
         raise PredictError(f"{path}: file not found")
     if needs_audio and not is_audio:
         raise PredictError(f"this run classifies audio ({'+'.join(spec['inputs'])}); give an mp4 or wav file, not text")
     if not needs_audio and is_audio:
         raise PredictError("this run classifies text; give the utterance as a quoted string, not a file")
+    # --text is the transcript beside a clip; any other run would drop it unread.
+    if text is not None and not needs_text:
+        raise PredictError("this run classifies audio only; leave out --text (a transcript is for runs on audio "
+                           "and text)")
+    if text is not None and not needs_audio:
+        raise PredictError("this run classifies text: give the utterance as the item, without --text")
     transcript = text if needs_audio else item
     if needs_text and transcript is None:
         raise PredictError("this run uses audio and text: add the transcript with --text \"...\"")
+    if text is not None and not text.strip():
+        raise PredictError("--text is empty; give the transcript of the clip")
     turns = list(context)[-data.context_turns:] if data.context_turns else []
     utt = Utterance("predict", 0, len(turns), speaker or "", transcript or "", "", "", 0, 0, 0.0, 0.0, 0)
     out: dict = {"key": str(item), "emotion": 0, "sentiment": 0, "speaker": utt.speaker, "dialogue_id": 0}
@@ -92,6 +109,12 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         if wave.numel() < max(1, int(audio.min_seconds * audio.sample_rate)):
             raise PredictError(f"{path}: {wave.numel() / audio.sample_rate:.3f} s of audio, under the "
                                f"{audio.min_seconds} s minimum the model was trained with")
+        # prepare leaves silent clips out of training; the model still gives an answer (the text's, or its
+        # bias), so it is printed, with a warning that the audio told it nothing it learned.
+        reason = silence(wave, audio.silence_dbfs)
+        if reason:
+            warnings.append(f"{path}: {reason} (the run's audio.silence_dbfs): training left such clips out, so "
+                            "the audio gives the model nothing to go on")
         mel, _ = audio.log_mel()(wave)  # [n_mels, T]
         out["mel"] = mel
     if "text" in inputs:
@@ -106,7 +129,7 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
 
 def predict(run: str | Path, item: str, text: str | None = None, *, context: Sequence[tuple[str, str]] = (),
             speaker: str | None = None) -> dict:  # fmt: skip
-    """``{"label", "target", "probabilities": {class: p}}`` for one item, classified by the run's model.
+    """``{"label", "target", "probabilities": {class: p}, "warnings": [line]}`` for one item, by the run's model.
 
     ``context``: previous turns of the dialogue as (speaker, text), oldest first, with the item's own
     ``speaker``, for runs trained with ``data.context_turns`` > 0.
@@ -114,13 +137,14 @@ def predict(run: str | Path, item: str, text: str | None = None, *, context: Seq
     classifier, spec, hf_tokenizer = load_classifier(run)
     data = from_dict(DataConfig, spec["data"], source=f"{spec_file(run)}: data")
     _check_context(data, context, speaker)
-    item_dict = _item(spec, data, item, text, hf_tokenizer, context, speaker)
+    warnings: list[str] = []
+    item_dict = _item(spec, data, item, text, hf_tokenizer, warnings, context, speaker)
     batch = Collate(getattr(hf_tokenizer, "pad_token_id", 0) or 0)([item_dict])
     with torch.no_grad():
         probabilities = classifier(batch).softmax(-1)[0]  # [C]
     names = spec["class_names"]
     ranked = sorted(zip(names, probabilities.tolist()), key=lambda pair: -pair[1])
-    return {"label": ranked[0][0], "target": spec["target"], "probabilities": dict(ranked)}
+    return {"label": ranked[0][0], "target": spec["target"], "probabilities": dict(ranked), "warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, CheckpointError, ConfigError, AudioDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -40,9 +40,19 @@ def audio_run(tmp_path_factory) -> Path:
     return out
 
 
-def _wav(path: Path, seconds: float = 1.0, rate: int = 16_000) -> Path:
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory) -> Path:
+    root, cache = small_demo()
+    out = tmp_path_factory.mktemp("run") / "both"
+    config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", "data.modality=both",
+                                "train.epochs=1"])
+    run_finetune(config, out_dir=out)
+    return out
+
+
+def _wav(path: Path, seconds: float = 1.0, rate: int = 16_000, amplitude: float = 0.3) -> Path:
     t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+    samples = np.round(amplitude * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(1)
         handle.setsampwidth(2)
@@ -139,6 +149,72 @@ def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     _assert_one_error(capsys, ["--run", str(text_run), "hi", "--context", "Ross: hello", "--speaker", "Joey"],
                       "trained without dialogue context")
     _assert_one_error(capsys, ["--run", str(audio_run), str(broken), "--context", "Ross: hello"], "audio only")
+
+
+def test_empty_text_is_one_error_naming_the_item_or_flag(text_run, audio_run, both_run, tmp_path, capsys):
+    clip = str(_wav(tmp_path / "clip.wav"))
+    for empty in ("", "   "):
+        _assert_one_error(capsys, ["--run", str(text_run), empty],
+                          "error: the item is empty; give the utterance's text as a quoted string")
+        _assert_one_error(capsys, ["--run", str(both_run), clip, "--text", empty],
+                          "error: --text is empty; give the transcript of the clip")
+    # Path("") is the current folder: for an audio run the empty item is refused as empty, not as a folder.
+    _assert_one_error(capsys, ["--run", str(audio_run), ""], "error: the item is empty; give an mp4 or wav file")
+
+
+def test_text_for_a_run_that_reads_no_transcript_is_one_error(text_run, audio_run, both_run, tmp_path, capsys):
+    clip = str(_wav(tmp_path / "clip.wav"))
+    _assert_one_error(capsys, ["--run", str(audio_run), clip, "--text", "No way!"],
+                      "error: this run classifies audio only; leave out --text")
+    _assert_one_error(capsys, ["--run", str(text_run), "No way!", "--text", "No way!"],
+                      "error: this run classifies text: give the utterance as the item, without --text")
+    # The other way round: a clip for a text run, and a clip without its transcript for a run on both.
+    _assert_one_error(capsys, ["--run", str(text_run), clip], "error: this run classifies text")
+    _assert_one_error(capsys, ["--run", str(both_run), clip], "error: this run uses audio and text: add the transcript")
+    assert main(["--run", str(both_run), clip, "--text", "No way!"]) == 0
+
+
+def test_a_folder_for_an_audio_file_is_one_error_saying_so(text_run, audio_run, both_run, tmp_path, monkeypatch,
+                                                           capsys):  # fmt: skip
+    for name in ("clips", "clip.wav"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    _assert_one_error(capsys, ["--run", str(audio_run), str(tmp_path / "clips")],
+                      f"error: {tmp_path / 'clips'}: a folder, not an audio or video file")
+    _assert_one_error(capsys, ["--run", str(audio_run), "clips"], "error: clips: a folder, not an audio or video file")
+    _assert_one_error(capsys, ["--run", str(both_run), "clip.wav", "--text", "hi"],
+                      "error: clip.wav: a folder, not an audio or video file")
+    _assert_one_error(capsys, ["--run", str(text_run), "clip.wav"], "error: clip.wav: a folder, not an audio or video")
+    # A text run reads a word that happens to name a folder as the text it is.
+    assert main(["--run", str(text_run), "clips"]) == 0
+
+
+def test_silent_audio_is_classified_with_the_reason_prepare_drops_it(audio_run, both_run, tmp_path, capsys):
+    # The demo plants a clip of digital silence that prepare reported and training left out.
+    root, cache = small_demo()
+    report = json.loads(next(cache.glob("*/prepare_report.json")).read_text())
+    (dropped,) = [p for p in report["problems"] if p["reason"].startswith("silent")]
+    clip = root / dropped["file"]
+    notice = (f"warning: {clip}: {dropped['reason']} (the run's audio.silence_dbfs): training left such clips out, "
+              "so the audio gives the model nothing to go on")
+    assert dropped["reason"] == "silent: digital silence, at or under -80 dBFS"
+    assert main(["--run", str(audio_run), str(clip)]) == 0
+    out, err = capsys.readouterr()
+    assert err == notice + "\n" and out.startswith("emotion: ") and len(out.splitlines()) == 8
+    # Not digital silence, but under the run's -80 dBFS: a peak of 2 in 16-bit samples is -84.3 dBFS. At
+    # the run's 48 kHz, so no resampling moves the peak.
+    quiet = _wav(tmp_path / "quiet.wav", rate=48_000, amplitude=2 / 32767)
+    assert main(["--run", str(both_run), str(quiet), "--text", "No way!", "--json"]) == 0
+    out, err = capsys.readouterr()
+    line = f"{quiet}: silent: peak -84.3 dBFS, at or under -80 dBFS (the run's audio.silence_dbfs)"
+    assert err.startswith(f"warning: {line}") and len(err.splitlines()) == 1
+    result = json.loads(out)
+    assert len(result["warnings"]) == 1 and result["warnings"][0].startswith(line)
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    # Just over the threshold (a peak of 4, -78.3 dBFS) is audio as training had it: no warning.
+    assert predict(audio_run, str(_wav(tmp_path / "audible.wav", rate=48_000, amplitude=4 / 32767)))["warnings"] == []
+    assert main(["--run", str(audio_run), str(_wav(tmp_path / "clip.wav"))]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def _spec_changes(spec: dict) -> dict:
