@@ -88,6 +88,10 @@ class LossConfig:
             raise ConfigError("loss: class_weight_power, focal_gamma and unimodal_weight must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        # FocalLoss takes hard targets only; a smoothing it never applied would still be recorded as the run's.
+        if self.name == "focal" and self.label_smoothing:
+            raise ConfigError(f"loss.label_smoothing is {self.label_smoothing}, but loss.name focal has no label "
+                              "smoothing; set loss.label_smoothing=0, or loss.name ce or weighted_ce")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clara.config import ConfigError
+from meld.finetune import load_config
 from meld.losses import FocalLoss, build_loss, class_weights
 
 
@@ -57,3 +59,13 @@ def test_build_loss_kinds():
     assert isinstance(build_loss("focal", [2, 1]), FocalLoss)
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("hinge", [1, 1])
+
+
+def test_label_smoothing_with_focal_loss_is_one_config_error():
+    # FocalLoss takes hard targets: the smoothing is refused at load, not dropped while the run records it.
+    with pytest.raises(ConfigError, match=r"overrides: loss\.label_smoothing is 0\.1, but loss\.name focal has no "
+                                          r"label smoothing; set loss\.label_smoothing=0, or loss\.name ce or "
+                                          r"weighted_ce$"):
+        load_config(None, ["loss.name=focal", "loss.label_smoothing=0.1"])
+    assert load_config(None, ["loss.name=focal", "loss.label_smoothing=0"]).loss.name == "focal"
+    assert load_config(None, ["loss.name=weighted_ce", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1

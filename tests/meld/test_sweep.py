@@ -147,6 +147,16 @@ def test_shipped_configs_fit_the_finetune_config():
     assert load_sweep_config(None).study.name == load_sweep_config(REPO_ROOT / "configs/sweep/fast.yaml").study.name
 
 
+def test_trials_sampled_from_the_shipped_spaces_all_load():
+    """check_space tries each bound and choice alone; settings can also clash in combination (focal
+    loss with label smoothing is refused), which would fail trials one by one mid-study."""
+    for name in ("fast", "full"):
+        config = load_sweep_config(REPO_ROOT / "configs" / "sweep" / f"{name}.yaml")
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(200):
+            trial_config(config, finetune_backend(), suggest(study.ask(), config.space))
+
+
 @pytest.mark.parametrize("param, message", [
     ({"key": "train.lr", "type": "float", "low": 0.0, "high": 1.0, "log": True}, "log scale needs low > 0"),
     ({"key": "train.lr", "type": "float", "low": 2.0, "high": 1.0}, "above high"),
