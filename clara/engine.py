@@ -28,7 +28,9 @@ import math
 import pickle
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -202,6 +204,27 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt.
+
+    Only where Python turns SIGINT into KeyboardInterrupt (the main thread, the default handler); a
+    handler of the caller's, or another thread, is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def sorted_in_pools(order: torch.Tensor, lengths: torch.Tensor, pool: int) -> torch.Tensor:
@@ -537,15 +560,19 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         limit = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit).detach().float()
+        return sums
+
+    def _update(self) -> float:
+        """Apply the step's gradients and advance the schedule; returns the rate the step used (by the first group)."""
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used (by the first group)
+        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return sums
+        return lr
 
     def _start(self) -> int | None:
         """Resume or seed, and open the logs; returns the step resumed from (None for a fresh run)."""
@@ -588,16 +615,21 @@ class Trainer:
                 batches = iter(self.loader)
                 while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                     tick = time.perf_counter()
-                    for key, value in self._train_step(batches).items():
+                    sums = self._train_step(batches)
+                    # The weights and the step count change together: a Ctrl-C landing between the two
+                    # saved weights a step ahead of their step, which the resumed run then applied again.
+                    with _interrupts_deferred():
+                        sums["lr"] = self._update()
+                        step_start_rng = rng_state()
+                        self.step, self.step_in_epoch, window_steps = self.step + 1, self.step_in_epoch + 1, window_steps + 1
+                    for key, value in sums.items():
                         window[key] = window.get(key, 0.0) + value
-                    logs = (self.step + 1) % self.config.log_every == 0 or self.step + 1 == self.total_steps
+                    logs = self.step % self.config.log_every == 0 or self.step == self.total_steps
                     if logs and self.device.type == "cuda":
                         # Steps only queue GPU work; without this the window's last queued steps
                         # would be timed in no window, and step_s would read low (once per window).
                         torch.cuda.synchronize(self.device)
                     busy += time.perf_counter() - tick
-                    step_start_rng = rng_state()
-                    self.step, self.step_in_epoch, window_steps = self.step + 1, self.step_in_epoch + 1, window_steps + 1
                     progress.update(1)
                     if logs:
                         means = {k: float(v) / window_steps for k, v in window.items()}
@@ -618,6 +650,11 @@ class Trainer:
                             self.save()
                 if self.step_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            progress.close()
+            # Inside the handler: a Ctrl-C during the last evaluation (a large held-out set) used to
+            # lose every step since the last checkpoint, the whole run where checkpoint_every is 0.
+            self.evaluate()
+            self.save()
         except KeyboardInterrupt:
             # Single process only (under DDP the others may be gone already), stored as if the
             # unfinished step had never started.
@@ -626,8 +663,6 @@ class Trainer:
             raise
         finally:
             progress.close()
-        self.evaluate()
-        self.save()
         if self.writer is not None:
             self.writer.close()
         seconds = time.perf_counter() - started

@@ -41,24 +41,25 @@ def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping
     probabilities = test_outputs["logits"].softmax(-1).numpy()  # [N, C]
     pred = probabilities.argmax(-1)
     png = _png(config)
-    write_metrics_json(out_dir / "metrics.json", doc)
     write_predictions_csv(out_dir / "predictions.csv", keys, gold.tolist(), pred.tolist(), probabilities, class_names)
     if png is not None:
         save_confusion_png(out_dir / png, doc["test"]["confusion_matrix"], class_names, "test")
     write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=png,
                     extra_sections=_selection_section(doc))
-    if not config.tensorboard_extras:
-        return
-    from torch.utils.tensorboard import SummaryWriter
+    if config.tensorboard_extras:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
-    try:
-        scalars = {split: {k: v for k, v in doc[split].items() if isinstance(v, float)} for split in ("dev", "test")}
-        log_hparams(writer, config_lib.to_dict(config), scalars)
-        if config.outputs == "full":
-            _log_test_extras(writer, doc, probabilities, test_outputs, gold, class_names, step)
-    finally:
-        writer.close()
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        try:
+            scalars = {split: {k: v for k, v in doc[split].items() if isinstance(v, float)} for split in ("dev", "test")}
+            log_hparams(writer, config_lib.to_dict(config), scalars)
+            if config.outputs == "full":
+                _log_test_extras(writer, doc, probabilities, test_outputs, gold, class_names, step)
+        finally:
+            writer.close()
+    # Last: a run folder with metrics.json holds every output (meld.sweep's final runs are reused on
+    # it). Written first, a Ctrl-C or kill while the figures were drawn left a run taken for finished.
+    write_metrics_json(out_dir / "metrics.json", doc)
 
 
 def _log_test_extras(writer, doc: Mapping, probabilities, test_outputs: Mapping, gold: torch.Tensor,
@@ -76,6 +77,6 @@ def _png(config) -> str | None:
 
 def write_seed_summary(out_dir: Path, config, doc: Mapping, class_names: Sequence[str]) -> None:
     """The top level of a multi-seed run: the selected seed's metrics beside mean ± std over all seeds."""
-    write_metrics_json(out_dir / "metrics.json", doc)
     write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=_png(config),
                     seeds=doc["mean_std"], extra_sections=_selection_section(doc))
+    write_metrics_json(out_dir / "metrics.json", doc)  # last, as in write_run_outputs

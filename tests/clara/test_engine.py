@@ -485,3 +485,62 @@ def test_logged_loss_of_an_accumulated_step_is_the_mean_over_micro_batches(tmp_p
     assert record["train/loss"] == pytest.approx(full_batch_loss.item(), rel=1e-6)
     expected_mean_target = sum(b["y"].mean().item() for b in task.batches) / 2
     assert record["train/target_mean"] == pytest.approx(expected_mean_target, rel=1e-6, abs=1e-7)
+
+
+def test_ctrl_c_during_the_optimiser_update_is_held_until_the_step_is_counted(tmp_path, monkeypatch):
+    """SIGINT lands anywhere: right after optimizer.step() it used to save the updated weights as the
+    step before, so the resumed run applied that step twice."""
+    import os
+    import signal
+
+    full, full_trainer = fit(tmp_path / "full")
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at once, here
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut")
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["step"] == 6
+    resumed, resumed_trainer = fit(tmp_path / "cut")
+    assert losses(resumed) == pytest.approx({s: v for s, v in losses(full).items() if s > 6}, abs=1e-7)
+    for a, b in zip(full_trainer.model.parameters(), resumed_trainer.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+class InterruptedEvaluationTask(ToyTask):
+    """Ctrl-C during the evaluation at ``step`` (the run's last: its final evaluation)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.trainer = step, None
+
+    def evaluate(self, model):
+        if self.trainer.step == self.step:
+            raise KeyboardInterrupt
+        return super().evaluate(model)
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(tmp_path):
+    """checkpoint_every=0 (the demos) saves only at the end; a Ctrl-C in the final evaluation used
+    to save nothing, so the rerun started over."""
+    full, full_trainer = fit(tmp_path / "full", eval_every=0)
+    task = InterruptedEvaluationTask(step=10)
+    model = toy_model()
+    config = TrainConfig(steps=10, batch_size=4, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
+                         log_every=1, eval_every=0, seed=7, out_dir=str(tmp_path / "cut"), device="cpu")
+    trainer = task.trainer = Trainer(config, model, task, ToyData())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["step"] == 10
+    resumed, resumed_trainer = fit(tmp_path / "cut", eval_every=0)
+    assert resumed.resumed_from == 10 and resumed.evaluations  # the final evaluation, run again
+    for a, b in zip(full_trainer.model.parameters(), resumed_trainer.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
