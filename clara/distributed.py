@@ -66,6 +66,20 @@ def is_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main() -> bool:
+    """Whether this process is the main one (rank 0, or the only one): the one that prints and writes
+    a driver's files.  Answers before ``init`` and after ``shutdown`` too, from torchrun's ``RANK``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
+
+
+def main_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only: under torchrun every process runs the same driver."""
+    if is_main():
+        print(*args, **kwargs)
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()
@@ -79,7 +93,8 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     stacked /= dist.get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    reduced = dict(zip(keys, stacked.tolist()))
+    return {key: reduced[key] for key in values}  # in the caller's order, as one process logs them
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -343,6 +343,15 @@ def _record_step(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def _picklable(err: Exception | None) -> Exception | None:
+    """``err``, or a RuntimeError with its type and message when it cannot be sent to other processes."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
+
+
 def worker_error(err: Exception) -> Exception:
     """``err`` as the DataLoader worker raised it, for the one-line error a driver prints.
 
@@ -518,20 +527,32 @@ class Trainer:
         """The task's held-out metrics at the current step (empty if the task has no ``evaluate``, or
         none this run, such as pretraining without ``data.eval``: nothing is then logged)."""
         metrics: dict[str, float] = {}
+        failure: Exception | None = None
         if hasattr(self.task, "evaluate") and self.env.is_main:
-            self.model.eval()
-            with preserved_rng(), torch.no_grad(), self._autocast():
-                metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
-            self.model.train()
-            if metrics:
-                self._record("eval", metrics)
-        distributed.barrier()
+            try:
+                self.model.eval()
+                with preserved_rng(), torch.no_grad(), self._autocast():
+                    metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+                self.model.train()
+                if metrics:
+                    self._record("eval", metrics)
+            except Exception as err:  # a sweep pruning the trial, a full disk
+                failure = err
+        if self.env.world_size > 1:
+            # The other processes wait for the main one here; an exception that left it alone would
+            # leave them waiting (NCCL: until its timeout) while a caller that catches it goes on.
+            # Every process raises it instead.
+            shared = distributed.all_gather_object(_picklable(failure))[0]
+            failure = failure if self.env.is_main else shared
+        if failure is not None:
+            raise failure
         return metrics
 
     # -- training ------------------------------------------------------------------------------
 
     def _train_step(self, batches: Iterator[Any]) -> dict[str, Any]:
-        """One optimiser step over ``accumulation`` micro-batches; returns the summed logs."""
+        """The gradients of one optimiser step over ``accumulation`` micro-batches (clipped; ``_update``
+        applies them); returns the summed logs."""
         accumulation = self.config.accumulation
         sums: dict[str, Any] = {}
         for micro in range(accumulation):

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # The engine saved the last finished step to out_dir/checkpoint.pt, if training had started.
         where = f" (train.out_dir={config.train.out_dir})" if config is not None else ""
-        print(f"interrupted: run the same command{where} to resume", file=sys.stderr)
+        distributed.main_print(f"interrupted: run the same command{where} to resume", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()

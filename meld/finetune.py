@@ -116,6 +116,8 @@ def check_out_dir(out_dir: Path, config: FinetuneConfig) -> None:
 
 
 def _write_status(out_dir: Path, status: str, **details) -> None:
+    if not distributed.is_main():  # under torchrun the main process keeps the run's files
+        return
     atomic_write_text(out_dir / STATUS_FILE, json.dumps({"status": status, **details}) + "\n")
 
 
@@ -136,13 +138,13 @@ class _Data:
                     f"data.max_tokens ({data.max_tokens}) padded up to a multiple of data.tokens_multiple ({multiple}) "
                     f"is {widest} tokens, more than the CLARA text tower's {positions} positions; "
                     f"set data.max_tokens={positions // multiple * multiple}")
-        self.root = Path(config.data_root) if config.data_root else ensure_demo(log=print)
+        self.root = Path(config.data_root) if config.data_root else ensure_demo(log=distributed.main_print)
         self.cache_root = Path(config.cache_root) if config.cache_root else default_cache_root(self.root)
         if data.uses_audio and config.prepare:
             from meld.prepare import prepare
 
             report = prepare(self.root, self.cache_root, data.audio)
-            print(f"audio features: {report['run']['decoded']} clips decoded, {report['run']['reused']} reused")
+            distributed.main_print(f"audio features: {report['run']['decoded']} clips decoded, {report['run']['reused']} reused")
         self.datasets: dict[str, MeldDataset] = build_datasets(self.root, data, cache_root=self.cache_root)
         self.hf_tokenizer = load_hf_tokenizer(config.model.hf_text) if config.model.hf_text else None
         self.views: dict = dict(self.datasets)
@@ -222,8 +224,8 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     seed_everything(seed)  # a from-scratch CLARA and the head start from this seed
     classifier, head_shape = build_classifier(config, clara, class_names, data.hf_tokenizer)
     counts = set_trainable(classifier, config.strategy.name, config.strategy.unfreeze_layers)
-    print(f"seed {seed}: {config.strategy.name} on {'+'.join(classifier.inputs)}; trainable parameters "
-          + ", ".join(f"{part} {count:,}" for part, count in counts.items()))
+    distributed.main_print(f"seed {seed}: {config.strategy.name} on {'+'.join(classifier.inputs)}; trainable parameters "
+                           + ", ".join(f"{part} {count:,}" for part, count in counts.items()))
     train_counts = data.datasets["train"].class_counts()[config.target]
     loss = config.loss
     criterion = build_loss(loss.name, train_counts, power=loss.class_weight_power, gamma=loss.focal_gamma,
@@ -244,7 +246,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
 
         started = time.perf_counter()
         embeddings, cached = load_or_encode(path, encode)
-        print(f"embeddings {'read from' if cached else 'computed in ' + format(time.perf_counter() - started, '.1f') + ' s, cached in'} {path}")
+        distributed.main_print(f"embeddings {'read from' if cached else 'computed in ' + format(time.perf_counter() - started, '.1f') + ' s, cached in'} {path}")
         views = {split: EmbeddingDataset(embeddings[split], data.datasets[split]) for split in data.datasets}
         model, collate_fn = HeadOnly(classifier.head), None
     else:
@@ -257,7 +259,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     total_steps = train_config.steps or train_config.epochs * steps_per_epoch
     if not train_config.cycle_steps and train_config.warmup_steps >= total_steps:
         # Small data (a demo, a sweep's subset): a warmup meant for a longer run would never end.
-        print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
+        distributed.main_print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
         train_config = replace(train_config, warmup_steps=total_steps // 10)
     unimodal_weight = config.loss.unimodal_weight if unimodal_losses(config, classifier.inputs) else 0.0
     dev_figures = config.outputs == "full" and config.tensorboard_extras
@@ -291,13 +293,17 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir:
     gold = {split: labels_of(views[split], config.target) for split in outputs}
     doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)
            for split in outputs}
-    doc["selection"] = {**task.best, "seed": seed, "train_seconds": round(result.seconds, 1)}
-    spec = classifier_spec(classifier, target=config.target, class_names=class_names, head=head_shape, data=config.data,
-                           hf_max_tokens=config.model.hf_max_tokens)
-    save_classifier(out_dir / "model", classifier.cpu(), spec, data.hf_tokenizer)
-    write_run_outputs(out_dir, config, doc, outputs["test"], gold["test"], [u.key for u in views["test"].utterances],
-                      class_names, step=trainer.step)
-    _write_status(out_dir, "complete", seed=seed)
+    # Only the main process evaluates, so only it holds the selection; every process returns the same doc.
+    best = distributed.all_gather_object(task.best)[0]
+    doc["selection"] = {**best, "seed": seed, "train_seconds": round(result.seconds, 1)}
+    if env.is_main:
+        spec = classifier_spec(classifier, target=config.target, class_names=class_names, head=head_shape,
+                               data=config.data, hf_max_tokens=config.model.hf_max_tokens)
+        save_classifier(out_dir / "model", classifier.cpu(), spec, data.hf_tokenizer)
+        write_run_outputs(out_dir, config, doc, outputs["test"], gold["test"], [u.key for u in views["test"].utterances],
+                          class_names, step=trainer.step)
+        _write_status(out_dir, "complete", seed=seed)
+    distributed.barrier()  # the outputs are complete before any process returns (and torchrun ends the run)
     return doc
 
 
@@ -316,6 +322,9 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     check_out_dir(out_dir, config)
     # The device is checked here, not first in _run_seed: a machine without it writes no run folder.
     env = init_env(config.train)
+    # Under torchrun every process names the folder; the default --out is a timestamp, which two
+    # processes can read a second apart: all use the main process's.
+    out_dir = Path(distributed.all_gather_object(str(out_dir))[0])
     if config.cache_root:
         check_folder_path(config.cache_root)
     if config.threads:
@@ -326,7 +335,8 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     data = _Data(config, clara_config)
     check_fits(config.train, len(data.datasets["train"]), env.world_size)  # the Trainer's check, before the folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_yaml(config, out_dir / CONFIG_FILE)
+    if env.is_main:
+        config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     seeds = [config.train.seed + offset for offset in range(config.seeds)]
     if len(seeds) == 1:
         return _run_seed(config, data, clara, out_dir, seeds[0], epoch_callback)
@@ -336,15 +346,17 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "selection": docs[best]["selection"],
            "mean_std": summary, "seeds": {str(s): {split: docs[s][split]["macro_f1"] for split in ("dev", "test")}
                                           for s in seeds}}
-    for name in ("model", "predictions.csv", "confusion_test.png"):
-        source, target = out_dir / f"seed-{best}" / name, out_dir / name
-        if source.is_dir():
-            with atomic_directory(target) as staging:
-                shutil.copytree(source, staging, dirs_exist_ok=True)
-        elif source.is_file():
-            with atomic_path(target) as tmp:
-                shutil.copyfile(source, tmp)
-    write_seed_summary(out_dir, config, doc, TARGETS[config.target])
+    if env.is_main:
+        for name in ("model", "predictions.csv", "confusion_test.png"):
+            source, target = out_dir / f"seed-{best}" / name, out_dir / name
+            if source.is_dir():
+                with atomic_directory(target) as staging:
+                    shutil.copytree(source, staging, dirs_exist_ok=True)
+            elif source.is_file():
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(source, tmp)
+        write_seed_summary(out_dir, config, doc, TARGETS[config.target])
+    distributed.barrier()
     return doc
 
 
@@ -373,10 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command with --out {out_dir} to resume", file=sys.stderr)
+        distributed.main_print(f"interrupted: run the same command with --out {out_dir} to resume", file=sys.stderr)
         return 130
     finally:
         distributed.shutdown()
+    if not distributed.is_main():  # the table once, from the main process
+        return 0
     from meld.report import format_table
 
     print()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from clara.model_config import load_model_config
 from meld.finetune import _Data, load_config, main, run_finetune
 from meld.finetune_config import FinetuneConfig
 from meld.report import SPLIT_KEYS
+from tests.conftest import REPO_ROOT
 from tests.meld.finetune_helpers import FAST, small_demo, text_config, write_csv_meld
 
 
@@ -399,3 +403,40 @@ def test_bad_clara_overrides_are_one_clear_error(csv_root, tmp_path, capsys):
     code, err = _cli(capsys, *base, "model.clara_overrides=[attention]")
     _assert_one_error(code, err, "model.clara_overrides: override 'attention': expected key=value")
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_with_two_processes_matches_one_process_and_writes_once(csv_root, tmp_path, capsys):
+    """2 gloo processes of 8 utterances per step match one process of 16 (plain CE without dropout:
+    the global batch's mean is the mean of the processes' means), and the main process alone prints
+    and writes the run, into its own --out even where the other's differs (a default --out is a
+    timestamp that each process reads)."""
+    settings = ["--data", str(csv_root), "--modality", "text", *FAST, "train.log_every=1", "loss.name=ce",
+                "model.dropout=0.0", "model.clara_overrides=[text.dropout=0.0]"]
+    single = tmp_path / "single"
+    assert main([*settings, "train.batch_size=16", "--out", str(single)]) == 0
+    capsys.readouterr()
+    launch = tmp_path / "launch.py"
+    launch.write_text("import os, sys\nfrom meld.finetune import main\n"
+                      f"out = os.path.join({str(tmp_path)!r}, 'double-' + os.environ['RANK'])\n"
+                      "sys.exit(main([*sys.argv[1:], '--out', out]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "MELD_CLARA_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launch),
+               *settings, "train.batch_size=8"]
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    double = tmp_path / "double-0"
+    assert not (tmp_path / "double-1").exists()
+    assert finished.stdout.count("seed 1234:") == 1 and finished.stdout.count("run directory:") == 1
+
+    def records(out_dir, key):
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        return [record[key] for record in map(json.loads, lines) if key in record]
+
+    assert len(records(double, "train/loss")) == len(records(single, "train/loss")) == 4
+    assert records(double, "train/loss") == pytest.approx(records(single, "train/loss"), abs=1e-5)
+    assert records(double, "eval/loss") == pytest.approx(records(single, "eval/loss"), abs=1e-5)
+    one, two = (json.loads((out / "metrics.json").read_text()) for out in (single, double))
+    assert two["test"]["macro_f1"] == pytest.approx(one["test"]["macro_f1"])
+    assert two["selection"]["epoch"] == one["selection"]["epoch"]
+    assert json.loads((double / "status.json").read_text())["status"] == "complete"
+    assert not list(double.glob(".*.tmp"))
