@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -27,12 +28,38 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meld-clara").expanduser()
 
 
+# The temporaries of atomic_path and atomic_directory: ".<target>.<tempfile's 8 characters>.tmp".
+# Only a killed process leaves one behind (every other exit removes it).
+STAGING_SUFFIX = ".tmp"
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(STAGING_SUFFIX))
+
+
+def is_leftover(path: str | Path) -> bool:
+    """Whether ``path`` is named as an atomic write's temporary file or staging folder."""
+    return bool(_LEFTOVER.fullmatch(Path(path).name))
+
+
+def remove_leftovers(folder: str | Path) -> list[str]:
+    """Delete the atomic-write temporaries directly in ``folder`` (a killed run's: a half-written
+    checkpoint can be as large as a checkpoint); returns their names.  Only for a folder no other
+    process is writing into at the time."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        if is_leftover(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=STAGING_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(_default_mode(0o666))
@@ -68,7 +95,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     backup = path.with_name(f".{path.name}.old")
     if backup.exists() and not path.exists():
         os.replace(backup, path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=STAGING_SUFFIX, dir=path.parent))
     staging.chmod(_default_mode(0o777))
     try:
         yield staging

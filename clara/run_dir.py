@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 import yaml
 
 from clara import config as config_lib
+from clara import distributed
 from clara.config import ConfigError
+from clara.io_utils import remove_leftovers
 
 CONFIG_FILE = "config.yaml"  # a run's resolved settings, as config_lib.save_yaml writes them
 T = TypeVar("T")
@@ -38,11 +40,17 @@ def check_folder_path(path: str | Path) -> None:
 
 def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool]) -> bool:
     """Whether ``path`` holds a ``kind`` run (by ``holds_run``) to resume or redo; False for a new or empty folder.
+    Atomic-write temporaries a killed run left in it are deleted first.
 
     Raises OutDirError for a file, and for a non-empty folder that holds no ``kind`` run.
     """
     path = Path(path)
     check_folder_path(path)
+    # A run killed during an atomic write leaves its temporary behind; were it the folder's first
+    # file, the folder would read as someone else's.  The main process clears them (under torchrun
+    # the others come here too, while the main one may already be writing).
+    if path.is_dir() and distributed.is_main():
+        remove_leftovers(path)
     if not path.is_dir() or not any(path.iterdir()):
         return False
     if holds_run(path):

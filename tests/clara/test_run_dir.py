@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from clara import config as config_lib
+from clara.io_utils import atomic_directory, atomic_path, is_leftover
 from clara.run_dir import OutDirError, check_folder_path, check_resumable, claim, differing_keys, same_path, saved_config
 
 
@@ -65,6 +66,31 @@ def test_claim_takes_new_empty_or_own_folders_only(tmp_path):
     assert claim(tmp_path / "full", "demo.kind", lambda path: True) is True
     with pytest.raises(OutDirError, match="full exists and is not a demo.kind run; give an empty or new folder"):
         claim(tmp_path / "full", "demo.kind", lambda path: False)
+
+
+def test_claim_clears_what_a_killed_atomic_write_left_and_nothing_else(tmp_path, monkeypatch):
+    """A SIGKILL during an atomic write leaves its temporary (as the writers name them); one left as
+    a new folder's first file made the folder read as someone else's."""
+    run = tmp_path / "run"
+    with atomic_path(tmp_path / "config.yaml") as tmp:  # the names the writers give their temporaries
+        staged_file = tmp.name
+    with atomic_directory(tmp_path / "tensorboard") as staging:
+        staged_folder = staging.name
+    assert re.fullmatch(r"\.config\.yaml\.[a-z0-9_]{8}\.tmp", staged_file) and is_leftover(staged_folder)
+    run.mkdir()
+    (run / ".checkpoint.pt.k2x_9abc.tmp").write_bytes(b"half a checkpoint")
+    (run / ".tensorboard.q1w2e3r4.tmp").mkdir()
+    assert claim(run, "demo.kind", lambda path: False) is False and not any(run.iterdir())
+    # The user's own dot-files are not taken for leftovers, and other processes of a torchrun leave them be.
+    (run / ".notes.tmp").write_text("mine")
+    (run / ".env").write_text("mine")
+    with pytest.raises(OutDirError):
+        claim(run, "demo.kind", lambda path: False)
+    (run / ".config.yaml.abcdefgh.tmp").write_text("partial")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(OutDirError):
+        claim(run, "demo.kind", lambda path: False)
+    assert sorted(p.name for p in run.iterdir()) == [".config.yaml.abcdefgh.tmp", ".env", ".notes.tmp"]
 
 
 def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_differs(tmp_path):
