@@ -484,7 +484,16 @@ class Trainer:
             raise CheckpointError(f"{path}: not a meld-clara training checkpoint; delete it or set train.resume=false")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The step count from the checkpoint, the schedule's shape from this run's settings: a run
+        # continued to more steps (cycle_steps 0: one cosine over the run) follows the longer run's
+        # cosine from here, as if planned that long, instead of restarting a cycle of the old length.
+        # For a plain resume the two are the same.
+        shape = ("peak_lr", "min_lr", "warmup_steps", "cycle_steps")
+        self.scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if k not in shape})
+        rates = self.scheduler.get_lr()  # at the resumed step; the optimiser state held the old schedule's
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]

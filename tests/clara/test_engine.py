@@ -544,3 +544,15 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(tmp_path):
     assert resumed.resumed_from == 10 and resumed.evaluations  # the final evaluation, run again
     for a, b in zip(full_trainer.model.parameters(), resumed_trainer.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_run_continued_to_more_steps_follows_the_longer_runs_schedule(tmp_path):
+    """cycle_steps 0 is one cosine over the run: continued from 4 to 10 steps, steps 5-10 take the
+    rates of a run planned for 10 (the old checkpoint's schedule restarted a 4-step cycle instead)."""
+    short, _ = fit(tmp_path / "continued", steps=4, cycle_steps=0, warmup_steps=1, eval_every=0)
+    continued, _ = fit(tmp_path / "continued", steps=10, cycle_steps=0, warmup_steps=1, eval_every=0)
+    straight, _ = fit(tmp_path / "straight", steps=10, cycle_steps=0, warmup_steps=1, eval_every=0)
+    rates = {r["step"]: r["train/lr"] for r in straight.history}
+    assert continued.resumed_from == 4
+    assert [r["train/lr"] for r in continued.history] == pytest.approx([rates[s] for s in range(5, 11)])
+    assert [r["train/lr"] for r in short.history] != pytest.approx([rates[s] for s in range(1, 5)])  # its own shorter cosine
