@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from safetensors.torch import save_file
+
 
 CACHE_ENV = "MELD_CLARA_CACHE"
 
@@ -112,3 +115,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, leaving the file with the umask's mode: safetensors writes its
+    files private (0o600), as tempfile does.  ``path`` is usually an atomic write's temporary."""
+    save_file(tensors, str(path), metadata=metadata)
+    give_umask_mode(path)
+
+
+def give_umask_mode(path: str | Path) -> None:
+    """Set file ``path`` to the mode a plain open gives (0o644 under umask 022), for writers that
+    make their files private."""
+    Path(path).chmod(_default_mode(0o666))

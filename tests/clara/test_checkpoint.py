@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import types
 
@@ -31,8 +33,15 @@ def set_temperatures(model, audio: float, text: float) -> None:
 
 def test_round_trip_keeps_weights_and_config(tmp_path, model):
     set_temperatures(model, audio=1.75, text=3.25)
-    save_checkpoint(model, tmp_path / "ckpt")
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint(model, tmp_path / "ckpt")
+    finally:
+        os.umask(old_umask)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    # Readable by the team, as a plain write would leave it (safetensors alone writes 0o600).
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644}
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config == model.config and not loaded.training
     for key, value in model.state_dict().items():

@@ -6,8 +6,10 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
+from clara.io_utils import atomic_directory, atomic_path, atomic_write_text, save_tensors
 
 
 @pytest.fixture
@@ -25,6 +27,11 @@ def test_atomic_files_and_folders_get_the_umasks_modes_not_tempfiles_private_one
         (staging / "events").write_text("x")
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "tensorboard").stat().st_mode) == 0o755
+    # safetensors makes its files private too: weights, best.safetensors and caches go through save_tensors.
+    with atomic_path(tmp_path / "model.safetensors") as tmp:
+        save_tensors({"w": torch.zeros(2)}, tmp, metadata={"format": "test"})
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
+    assert load_file(tmp_path / "model.safetensors")["w"].tolist() == [0.0, 0.0]
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

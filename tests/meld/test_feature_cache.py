@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -118,6 +120,9 @@ def test_store_round_trip_is_deterministic_and_picklable(tmp_path):
     write_store(tmp_path / "a.safetensors", AudioSettings(), clips)
     write_store(tmp_path / "b.safetensors", AudioSettings(), clips)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~umask  # not safetensors' private 0o600
 
     store = SplitStore(tmp_path / "a.safetensors")
     assert store.records == [clip.record for clip in clips]
