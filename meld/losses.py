@@ -30,6 +30,27 @@ def class_weights(counts: Sequence[int], power: float = 1.0) -> torch.Tensor:
     return raw.float()
 
 
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with per-class ``weight`` [C], averaged over the batch: ``sum_i w_{y_i} l_i / B``.
+
+    PyTorch's weighted mean divides by the batch's sum of weights instead, which undoes the weighting
+    inside a batch (a batch of one class has the plain CE's loss, whatever its weight) and makes the
+    mean of two processes' half-batch losses differ from the whole batch's, so DDP would train another
+    objective than one process.  With ``class_weights``' mean weight of 1 the scale is plain CE's.
+    """
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight.float())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits [B, C], target [B] class indices -> scalar."""
+        per_item = F.cross_entropy(logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing,
+                                   reduction="none")  # [B], each item's loss times its weights
+        return per_item.mean()
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): ``-alpha_y (1 - p_y) ** gamma log p_y``, mean over the batch.
 
@@ -57,7 +78,7 @@ def build_loss(name: str, train_counts: Sequence[int], *, power: float = 1.0, ga
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     weights = class_weights(train_counts, power)
     if name == "weighted_ce":
-        return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+        return WeightedCrossEntropy(weights, label_smoothing=label_smoothing)
     if name == "focal":
         return FocalLoss(gamma, weights if focal_weighted else None)
     raise ValueError(f"unknown loss {name!r}; expected ce, weighted_ce or focal")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clara.config import ConfigError
 from meld.finetune import load_config
-from meld.losses import FocalLoss, build_loss, class_weights
+from meld.losses import FocalLoss, WeightedCrossEntropy, build_loss, class_weights
 
 
 def test_inverse_frequency_weights_by_hand():
@@ -35,14 +35,26 @@ def test_weights_follow_the_given_label_order_and_absent_classes_get_zero():
         class_weights([0, 0])
 
 
-def test_weighted_ce_matches_the_formula():
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    target = torch.tensor([0, 1, 1])
+def test_weighted_ce_is_the_weighted_sum_over_the_batch_size():
+    logits = torch.tensor([[2.0, 0.0], [0.5, -1.0], [0.0, 1.0], [1.0, 1.0]])
+    target = torch.tensor([0, 0, 1, 1])  # halves of one class each: their sums of weights differ
     loss = build_loss("weighted_ce", [3, 1], power=1.0)
-    weights = class_weights([3, 1], power=1.0)
-    per_item = F.cross_entropy(logits, target, reduction="none")
-    expected = (weights[target] * per_item).sum() / weights[target].sum()
-    assert float(loss(logits, target)) == pytest.approx(float(expected))
+    weights = [2 / 3, 2.0]  # mean count 2 over each count; 3 * 2/3 + 1 * 2 = 4 examples: mean weight 1 already
+    assert class_weights([3, 1], power=1.0).tolist() == pytest.approx(weights)
+    nll = [-math.log(math.exp(row[y]) / sum(math.exp(v) for v in row)) for row, y in zip(logits.tolist(), target.tolist())]
+    expected = sum(weights[y] * value for y, value in zip(target.tolist(), nll)) / 4
+    assert float(loss(logits, target)) == pytest.approx(expected)
+    # So the mean of two processes' half-batch losses (DDP) is the whole batch's loss; PyTorch's own
+    # weighted mean, which divides by the batch's weights, is not.
+    halves = (float(loss(logits[:2], target[:2])) + float(loss(logits[2:], target[2:]))) / 2
+    assert halves == pytest.approx(expected)
+    torch_mean = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))
+    torch_halves = (float(torch_mean(logits[:2], target[:2])) + float(torch_mean(logits[2:], target[2:]))) / 2
+    assert torch_halves != pytest.approx(float(torch_mean(logits, target)))
+    # Label smoothing spreads each item's weighted loss as PyTorch's formula does, still over the batch size.
+    smoothed = build_loss("weighted_ce", [3, 1], power=1.0, label_smoothing=0.2)
+    per_item = F.cross_entropy(logits, target, weight=torch.tensor(weights), label_smoothing=0.2, reduction="none")
+    assert float(smoothed(logits, target)) == pytest.approx(float(per_item.sum() / 4))
 
 
 def test_focal_loss_by_hand():
@@ -56,6 +68,7 @@ def test_focal_loss_by_hand():
 
 def test_build_loss_kinds():
     assert isinstance(build_loss("ce", [1, 1]), torch.nn.CrossEntropyLoss)
+    assert isinstance(build_loss("weighted_ce", [1, 1]), WeightedCrossEntropy)
     assert isinstance(build_loss("focal", [2, 1]), FocalLoss)
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("hinge", [1, 1])
