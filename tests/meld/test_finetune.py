@@ -406,11 +406,12 @@ def test_bad_clara_overrides_are_one_clear_error(csv_root, tmp_path, capsys):
 
 
 def test_torchrun_with_two_processes_matches_one_process_and_writes_once(csv_root, tmp_path, capsys):
-    """2 gloo processes of 8 utterances per step match one process of 16 (plain CE without dropout:
-    the global batch's mean is the mean of the processes' means), and the main process alone prints
+    """2 gloo processes of 8 utterances per step match one process of 16 (the default class-weighted
+    CE, on sentiment's unequal classes, without dropout: a sum over the batch size, so the global
+    batch's mean is the mean of the processes' means), and the main process alone prints
     and writes the run, into its own --out even where the other's differs (a default --out is a
     timestamp that each process reads)."""
-    settings = ["--data", str(csv_root), "--modality", "text", *FAST, "train.log_every=1", "loss.name=ce",
+    settings = ["--data", str(csv_root), "--modality", "text", *FAST, "train.log_every=1", "loss.name=weighted_ce", "target=sentiment",
                 "model.dropout=0.0", "model.clara_overrides=[text.dropout=0.0]"]
     single = tmp_path / "single"
     assert main([*settings, "train.batch_size=16", "--out", str(single)]) == 0
