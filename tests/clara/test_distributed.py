@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from clara import distributed
 from clara.engine import TrainConfig, Trainer
+from tests.clara.two_processes import run_on_two_processes
 
 
 class Pruned(Exception):
@@ -27,12 +26,6 @@ class PruningTask:
 
     def evaluate(self, model):
         raise Pruned("pruned at step 2")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir, queue):
@@ -64,16 +57,7 @@ def test_an_exception_in_the_main_process_evaluation_reaches_every_process(tmp_p
     """Only the main process evaluates; its exception (a pruned trial) is raised in every process,
     which would otherwise wait at the barrier for good (gloo: fail when the main process leaves).
     The logged means come back in the caller's key order, as a single process logs them."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, 2, port, str(tmp_path), queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_two_processes(_worker, str(tmp_path))
     assert [result[:3] for result in results] == [(0, "Pruned: pruned at step 2 at step 2", True),
                                                   (1, "Pruned: pruned at step 2 at step 2", False)]
     for *_, means in results:  # the means over both processes, in the order one process logs them

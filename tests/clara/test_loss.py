@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clara.loss import ContrastiveLoss
+from tests.clara.two_processes import run_on_two_processes
 
 
 def naive_loss(audio, text, audio_scale, text_scale):
@@ -46,12 +45,6 @@ def test_separate_temperatures_matter_and_perfect_pairs_give_low_loss():
     assert a.item() != pytest.approx(b.item())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, audio, text, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -74,16 +67,7 @@ def test_gathered_loss_on_two_processes_equals_single_process_loss():
     full_audio = audio.clone().requires_grad_(True)
     expected = ContrastiveLoss()(full_audio, text, torch.tensor(12.0), torch.tensor(7.0))
     expected.backward()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, audio, text, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_two_processes(_worker, audio, text)
     for rank, value, grad in results:
         assert value == pytest.approx(expected.item(), abs=1e-6)
         # Each process holds the full loss; DDP averages gradients over the 2 processes, and the

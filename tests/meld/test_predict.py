@@ -30,24 +30,24 @@ def text_run(text_root, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def audio_run(tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory, modality: str) -> Path:
+    """A one-epoch fine-tune on the smallest demo, on ``modality``."""
     root, cache = small_demo()
-    out = tmp_path_factory.mktemp("run") / "audio"
-    config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", "data.modality=audio",
+    out = tmp_path_factory.mktemp("run") / modality
+    config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", f"data.modality={modality}",
                                 "train.epochs=1"])
     run_finetune(config, out_dir=out)
     return out
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory) -> Path:
+    return demo_run(tmp_path_factory, "audio")
 
 
 @pytest.fixture(scope="module")
 def both_run(tmp_path_factory) -> Path:
-    root, cache = small_demo()
-    out = tmp_path_factory.mktemp("run") / "both"
-    config = load_config(None, [*FAST, f"data_root={root}", f"cache_root={cache}", "data.modality=both",
-                                "train.epochs=1"])
-    run_finetune(config, out_dir=out)
-    return out
+    return demo_run(tmp_path_factory, "both")
 
 
 def _wav(path: Path, seconds: float = 1.0, rate: int = 16_000, amplitude: float = 0.3) -> Path:
