@@ -54,10 +54,11 @@ def parse_turn(text: str) -> tuple[str, str]:
 
 def _check_context(data: DataConfig, context: Sequence[tuple[str, str]], speaker: str | None) -> None:
     needs_text = data.modality != "audio"
-    if context and not needs_text:
-        raise PredictError("this run classifies audio only; dialogue context (--context) is for runs on text")
-    if context and not data.context_turns:
-        raise PredictError("this run was trained without dialogue context (data.context_turns 0); leave out --context")
+    flags = " and ".join(flag for flag, given in (("--context", context), ("--speaker", speaker)) if given)
+    if flags and not needs_text:
+        raise PredictError(f"this run classifies audio only; dialogue context ({flags}) is for runs on text")
+    if flags and not data.context_turns:
+        raise PredictError(f"this run was trained without dialogue context (data.context_turns 0); leave out {flags}")
     if context and not speaker:
         raise PredictError("with --context, give the utterance's own speaker too (--speaker NAME): the run read "
                            "every turn as \"Speaker: text\"")

@@ -149,6 +149,10 @@ def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     _assert_one_error(capsys, ["--run", str(text_run), "hi", "--context", "Ross: hello", "--speaker", "Joey"],
                       "trained without dialogue context")
     _assert_one_error(capsys, ["--run", str(audio_run), str(broken), "--context", "Ross: hello"], "audio only")
+    # --speaker alone would be dropped unread by a run without context, or on audio only.
+    _assert_one_error(capsys, ["--run", str(text_run), "hi", "--speaker", "Joey"], "leave out --speaker")
+    _assert_one_error(capsys, ["--run", str(audio_run), str(broken), "--speaker", "Joey"],
+                      "dialogue context (--speaker) is for runs on text")
 
 
 def test_empty_text_is_one_error_naming_the_item_or_flag(text_run, audio_run, both_run, tmp_path, capsys):
