@@ -40,6 +40,7 @@ from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.engine import Trainer, check_fits, init_env, seed_everything
 from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
+from clara.masking import round_up
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
@@ -47,7 +48,7 @@ from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
-from meld.dataset import MeldDataset, build_datasets, round_up
+from meld.dataset import MeldDataset, build_datasets
 from meld.demo import ensure_demo
 from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
@@ -216,10 +217,9 @@ def _train_view(config: FinetuneConfig, train: torch.utils.data.Dataset, seed: i
     return BalancedView(train, labels_of(train, config.target).tolist(), seed)
 
 
-def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, out_dir: Path, seed: int,
-              epoch_callback: Callable[[int, dict], None] | None) -> dict:  # fmt: skip
-    """Train one seed into ``out_dir``; write its outputs; return its metrics document."""
-    env = init_env(config.train)
+def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: distributed.DistEnv, out_dir: Path,
+              seed: int, epoch_callback: Callable[[int, dict], None] | None) -> dict:  # fmt: skip
+    """Train one seed into ``out_dir`` on ``env`` (run_finetune's); write its outputs; return its metrics document."""
     class_names = TARGETS[config.target]
     seed_everything(seed)  # a from-scratch CLARA and the head start from this seed
     classifier, head_shape = build_classifier(config, clara, class_names, data.hf_tokenizer)
@@ -320,7 +320,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config)
-    # The device is checked here, not first in _run_seed: a machine without it writes no run folder.
+    # The device is checked here (init_env), before anything is read: a machine without it writes no run folder.
     env = init_env(config.train)
     # Under torchrun every process names the folder; the default --out is a timestamp, which two
     # processes can read a second apart: all use the main process's.
@@ -339,8 +339,8 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
         config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     seeds = [config.train.seed + offset for offset in range(config.seeds)]
     if len(seeds) == 1:
-        return _run_seed(config, data, clara, out_dir, seeds[0], epoch_callback)
-    docs = {seed: _run_seed(config, data, clara, out_dir / f"seed-{seed}", seed, epoch_callback) for seed in seeds}
+        return _run_seed(config, data, clara, env, out_dir, seeds[0], epoch_callback)
+    docs = {seed: _run_seed(config, data, clara, env, out_dir / f"seed-{seed}", seed, epoch_callback) for seed in seeds}
     best = max(seeds, key=lambda seed: (docs[seed]["dev"]["macro_f1"], -seed))
     summary = mean_std([{"dev": docs[s]["dev"], "test": docs[s]["test"]} for s in seeds])
     doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "selection": docs[best]["selection"],
