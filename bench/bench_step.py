@@ -71,11 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clara.attention import BACKENDS  # noqa: E402
 from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
-from clara.masking import length_mask  # noqa: E402
+from clara.masking import length_mask, round_up  # noqa: E402
 from clara.model import Clara  # noqa: E402
 from clara.model_config import load_model_config  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
-from meld.dataset import round_up  # noqa: E402
 
 DEFAULT_CPU_VARIANTS = "eager-fp32,sdpa-fp32,sdpa-bf16,sdpa-fp32-infer"
 # The GPU ladder.  Rows measured before the kit's ``sdpa`` left cuDNN out ran PyTorch's own choice,

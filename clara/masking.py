@@ -1,8 +1,13 @@
-"""Length masks and masked pooling for zero-padded batches."""
+"""Length masks, padded widths and masked pooling for zero-padded batches."""
 
 from __future__ import annotations
 
 import torch
+
+
+def round_up(length: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``length`` (a padded batch's width)."""
+    return -(-length // multiple) * multiple
 
 
 def length_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:

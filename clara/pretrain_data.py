@@ -36,6 +36,7 @@ from clara.audio_frontend import HOP_LENGTH, num_frames
 from clara.audio_io import AudioDecodeError, load_audio
 from clara.augment import CaptionRewriter, MixConfig, fit_env, merge_captions, mix, rms
 from clara.config import ConfigError
+from clara.masking import round_up
 from clara.tokenizer import is_language, unknown_language
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
@@ -318,14 +319,14 @@ def padded_samples(longest: int, frames_multiple: int) -> int:
     (``1 + N // hop``) at or above the longest clip's."""
     if frames_multiple == 1:
         return longest
-    frames = -(-num_frames(longest) // frames_multiple) * frames_multiple
+    frames = round_up(num_frames(longest), frames_multiple)
     return frames * HOP_LENGTH - 1  # the most samples that still give `frames` frames
 
 
 def pad_tokens(tokens: torch.Tensor, multiple: int, tokenizer) -> torch.Tensor:
     """Token ids [B, L] right-padded with the tokenizer's pad id to the next multiple of ``multiple``,
     at most its ``max_length`` (the text encoder's positions)."""
-    width = min(-(-tokens.shape[1] // multiple) * multiple, tokenizer.max_length)
+    width = min(round_up(tokens.shape[1], multiple), tokenizer.max_length)
     if width <= tokens.shape[1]:
         return tokens
     return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=tokenizer.pad_id)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clara.config import ConfigError
 from clara.engine import sorted_in_pools
+from clara.masking import round_up
 from clara.tokenizer import Tokenizer, is_language, unknown_language
 from meld.context import dialogue_context, format_with_context
 from meld.demo import ensure_demo
@@ -154,11 +155,6 @@ class MeldDataset(Dataset):
             target: count_labels([label_index(target, getattr(u, target)) for u in self.utterances], len(labels))
             for target, labels in TARGETS.items()
         }
-
-
-def round_up(length: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is at least ``length``."""
-    return -(-length // multiple) * multiple
 
 
 def _pad(sequences: Sequence[torch.Tensor], dims: tuple[int, ...], *,
