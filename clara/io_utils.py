@@ -42,19 +42,16 @@ def is_leftover(path: str | Path) -> bool:
     return bool(_LEFTOVER.fullmatch(Path(path).name))
 
 
-def remove_leftovers(folder: str | Path) -> list[str]:
+def remove_leftovers(folder: str | Path) -> None:
     """Delete the atomic-write temporaries directly in ``folder`` (a killed run's: a half-written
-    checkpoint can be as large as a checkpoint); returns their names.  Only for a folder no other
-    process is writing into at the time."""
-    removed = []
+    checkpoint can be as large as a checkpoint).  Only for a folder no other process is writing
+    into at the time."""
     for entry in Path(folder).iterdir():
         if is_leftover(entry):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-            removed.append(entry.name)
-    return sorted(removed)
 
 
 @contextmanager
