@@ -129,12 +129,14 @@ def pitch_shift(wave: torch.Tensor, ratio: float, *, n_fft: int = 1024, hop: int
     if fraction == 1:
         return wave
     shape, n = wave.shape[:-1], wave.shape[-1]
-    x = wave.reshape(-1, n)
+    # torch.stft's reflect padding needs more than n_fft // 2 samples: a shorter batch (clips under
+    # 11 ms) is zero-padded to n_fft, as padding in a longer batch would, and cut back to n below.
+    x = torch.nn.functional.pad(wave.reshape(-1, n), (0, max(0, n_fft - n)))  # [B, max(N, n_fft)]
     window = torch.hann_window(n_fft, device=wave.device)
     spec = torch.stft(x, n_fft, hop, window=window, return_complex=True)  # [B, F, T]
     phase_advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=wave.device)[:, None]  # [F, 1]
     stretched = torchaudio.functional.phase_vocoder(spec, 1.0 / float(fraction), phase_advance)
-    longer = torch.istft(stretched, n_fft, hop, window=window, length=round(n * float(fraction)))
+    longer = torch.istft(stretched, n_fft, hop, window=window, length=round(x.shape[-1] * float(fraction)))
     shifted = torchaudio.functional.resample(longer, fraction.numerator, fraction.denominator)
     shifted = shifted[..., :n]
     if shifted.shape[-1] < n:

@@ -193,6 +193,19 @@ def test_wave_augment_pitch_keeps_shape():
     assert fundamental(out[0]) == pytest.approx(165.0, rel=0.03)
 
 
+def test_pitch_shift_of_a_batch_shorter_than_the_fft_is_the_zero_padded_shift():
+    """A batch whose longest clip is under 513 samples (11 ms) used to stop training: torch.stft's
+    reflect padding needs more samples than n_fft // 2.  It is now shifted as it would be inside a
+    longer, zero-padded batch: the first 300 samples of the 1,024-sample shift."""
+    torch.manual_seed(0)
+    short = torch.randn(2, 300)
+    padded = torch.cat([short, torch.zeros(2, 724)], dim=1)
+    for ratio in (0.9, 1.12):
+        torch.testing.assert_close(pitch_shift(short, ratio), pitch_shift(padded, ratio)[:, :300])
+    out = WaveAugment(AugmentConfig(pitch=PitchConfig(p=1.0, ratio=(1.1, 1.1))))(short, torch.tensor([300, 120]))
+    assert out.shape == (2, 300) and not out[1, 120:].any() and out[0].abs().amax() > 0.1
+
+
 # -- reverb -----------------------------------------------------------------------------------
 
 
