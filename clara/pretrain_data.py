@@ -8,7 +8,8 @@ Sources:
   ogg, opus, m4a) and one ``json`` member per key, the JSON holding ``text`` (a string, or a list
   whose first string is used) and optionally ``language`` or ``original_data.language``, as the
   reference's shards do.  Shards are indexed once with the standard library's ``tarfile``; items
-  are then read by offset, so the dataset is map-style and shuffles like a manifest.
+  are then read by offset, so the dataset is map-style and shuffles like a manifest, and shards
+  must be uncompressed (a .tar.gz is refused).
 
 Items are dicts ``{"wave": [N] float 48 kHz mono, "caption": str, "language": str}``.
 :class:`PretrainCollate` pads waveforms and tokenises captions; the log-mel is computed on the
@@ -55,7 +56,9 @@ class DataConfig:
     env: str = ""  # environmental sounds (a manifest or shards) for augment.mix; "" = no mixing
     max_seconds: float = 10.0  # clips are cut to their first max_seconds
     language: str = "en"  # for items without a language
-    cache_audio: bool = False  # keep decoded clips in memory (small sets; each loader worker keeps its own)
+    # Keep decoded clips in memory (small sets).  Loader workers start afresh each epoch, so with
+    # train.num_workers > 0 a worker's cache lasts one epoch; the gain is with num_workers 0 (the demos).
+    cache_audio: bool = False
     eval_batch_size: int = 64
     demo_dir: str = ""  # where train=demo builds its files; "" = <cache>/demo-pairs
     # Pad each batch's audio so its mel frames are a multiple of this, and its token ids likewise (1:
@@ -124,7 +127,9 @@ def _read_rows(path: Path) -> list[Record]:
     records = []
     if path.suffix == ".jsonl":
         # utf-8-sig: a byte-order mark (as editors on Windows write) is not part of the first row.
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        # Rows end at "\n" only (JSON Lines): str.splitlines also splits at U+2028, U+0085 and the
+        # like, which JSON writers (ensure_ascii=False) leave unescaped inside captions.
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -140,8 +145,10 @@ def _read_rows(path: Path) -> list[Record]:
             missing = {"audio", "caption"} - set(reader.fieldnames or ())
             if missing:
                 raise DataError(f"{path}: the header needs the column(s) {', '.join(sorted(missing))}")
-            for number, row in enumerate(reader, start=2):
-                records.append(_record(row, path.parent, f"{path}:{number}"))
+            for row in reader:
+                # line_num: the file line the row ends on; counting rows drifts past blank lines,
+                # which the reader skips.
+                records.append(_record(row, path.parent, f"{path}:{reader.line_num}"))
     else:
         raise DataError(f"{path}: expected a .jsonl or .csv manifest")
     return records
@@ -162,7 +169,9 @@ def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, i
     for shard in paths:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
-            with tarfile.open(shard) as tar:
+            # "r:" (no compression): samples are later read by their byte offset in the shard file,
+            # which only an uncompressed tar has.
+            with tarfile.open(shard, "r:") as tar:
                 for member in tar:
                     if member.isfile():
                         folder, name = os.path.split(member.name)
@@ -184,8 +193,22 @@ def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, i
                     record = Record(audio=f"{shard}#{audio.name}", caption=caption, language=language)
                     samples.append((record, (shard, audio.offset_data, audio.size)))
         except tarfile.TarError as err:
+            compression = _compression(shard)
+            if compression:
+                raise DataError(f"{shard}: a {compression}-compressed tar; shards must be uncompressed .tar files, as "
+                                f"samples are read by their offset in the file (decompress it first)") from None
             raise DataError(f"{shard}: not a readable tar file ({err})") from None
     return samples
+
+
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _compression(path: Path) -> str | None:
+    """The compression whose magic number starts ``path`` (gzip, bzip2, xz, zstd), else None."""
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return next((name for magic, name in _COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
 
 
 def expand_source(spec: str) -> list[Path]:

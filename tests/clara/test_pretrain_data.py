@@ -217,3 +217,46 @@ def test_padding_to_multiples_leaves_clara_embeddings_unchanged():
     assert padded_frames % 64 == 0 and padded_frames > plain_frames
     torch.testing.assert_close(padded_audio, plain_audio, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(padded_text, plain_text, rtol=1e-5, atol=1e-6)
+
+
+def test_a_caption_holding_a_unicode_line_separator_stays_one_row(tmp_path):
+    """JSON writers with ensure_ascii=False leave U+2028 / U+0085 unescaped inside strings; the rows
+    used to be cut there (str.splitlines), so a valid manifest read as "not valid JSON"."""
+    write_wav(tmp_path / "a.wav")
+    captions = ["rain\u2028then thunder", "a sigh\x85and a cough", "a plain caption"]
+    lines = [json.dumps({"audio": "a.wav", "caption": caption}, ensure_ascii=False) for caption in captions]
+    (tmp_path / "m.jsonl").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    records = read_manifest(tmp_path / "m.jsonl")
+    assert [r.caption for r in records] == captions
+    assert [r.origin for r in records] == [f"{tmp_path / 'm.jsonl'}:{n}" for n in (1, 2, 3)]
+
+
+def test_csv_errors_name_the_file_line_past_blank_lines(tmp_path):
+    """The reader skips blank lines; counting rows named line 3 for a row on line 5."""
+    write_wav(tmp_path / "a.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,caption\na.wav,a tone\n\n\nb.wav,missing\n")
+    with pytest.raises(DataError) as err:
+        read_manifest(manifest)
+    assert str(err.value) == f"{manifest}:5: {tmp_path / 'b.wav'}: file not found"
+    manifest.write_text("audio,caption\n\na.wav,a tone\na.wav,\n")
+    with pytest.raises(DataError) as err:
+        read_manifest(manifest)
+    assert str(err.value) == f"{manifest}:4: expected a non-empty 'caption'"
+
+
+@pytest.mark.parametrize("mode, compression", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
+def test_a_compressed_shard_is_refused_when_indexed(tmp_path, mode, compression):
+    """Members are read by their offset in the shard file, which a compressed tar does not have: a
+    .tar.gz used to index fine and then fail every sample mid-training with "cannot decode audio"."""
+    write_wav(tmp_path / "a.wav")
+    shard = tmp_path / "s.tar.gz"
+    with tarfile.open(shard, mode) as tar:
+        tar.add(tmp_path / "a.wav", arcname="k1.wav")
+        add_member(tar, "k1.json", json.dumps({"text": "a tone"}).encode())
+    with pytest.raises(DataError) as err:
+        PairDataset(str(shard))
+    assert str(err.value).startswith(f"{shard}: a {compression}-compressed tar; shards must be uncompressed .tar files")
+    (tmp_path / "junk.tar").write_bytes(b"neither tar nor compressed" * 40)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'junk.tar'}: not a readable tar file"):
+        PairDataset(str(tmp_path / "junk.tar"))
