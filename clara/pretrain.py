@@ -204,6 +204,15 @@ def check_model_inputs(model: ClaraConfig) -> None:
         raise config_lib.ConfigError("model: " + "; ".join(problems))
 
 
+def mixing_warning(config: PretrainConfig) -> str | None:
+    """A warning when ``augment.mix`` asks for mixing that cannot happen: with no ``data.env`` there
+    are no environmental sounds, and the run would otherwise train unmixed without a word."""
+    if config.augment.mix.p > 0 and not config.data.env:
+        return (f"augment.mix.p is {config.augment.mix.p} but data.env is empty, so no environmental sounds are mixed "
+                "in; set data.env to a manifest or shards of them, or augment.mix.p=0 to silence this")
+    return None
+
+
 def run(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain as ``config`` says; returns the summary (also printed on the main process).
 
@@ -219,6 +228,9 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     data = config.data
     check_clip_fits(data, model.config.audio.max_positions)
     check_model_inputs(model.config)
+    warning = mixing_warning(config)
+    if warning:
+        distributed.main_print(f"warning: {warning}", file=sys.stderr)
     tokenizer = Tokenizer(language=data.language, merges=config.tokenizer_merges, max_length=model.config.text.max_positions)
     train_data = PairDataset(data.train, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
     if data.env and config.augment.mix.p > 0:

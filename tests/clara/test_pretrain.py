@@ -17,7 +17,7 @@ from clara.checkpoint import load_checkpoint
 from clara.config import ConfigError
 from clara.demo_pairs import build_demo
 from clara.model import Clara
-from clara.pretrain import ContrastiveTask, load_config, main, run
+from clara.pretrain import ContrastiveTask, load_config, main, mixing_warning, run
 from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 from clara.pretrain_data import DataConfig, DataError, PairDataset, read_manifest
 from clara.run_dir import OutDirError
@@ -145,6 +145,16 @@ def test_reference_recipe_config_loads():
     assert (config.train.lr, config.train.min_lr, config.train.warmup_steps, config.train.cycle_steps) == (1e-4, 1e-6, 1000, 5000)
     assert (config.train.batch_size, config.train.accumulation, config.train.grad_clip, config.train.seed) == (16, 5, 1.0, 1234)
     assert config.augment.mix.lam == (0.01, 0.8)
+
+
+def test_mixing_asked_for_without_environmental_sounds_is_warned_about():
+    recipe = REPO_ROOT / "configs" / "pretrain" / "reference.yaml"
+    unmixed = load_config(recipe, ["data.train=shards/*.tar"])  # the recipe's mix.p 0.3, its data.env ""
+    assert mixing_warning(unmixed) == (
+        "augment.mix.p is 0.3 but data.env is empty, so no environmental sounds are mixed in; set data.env to a "
+        "manifest or shards of them, or augment.mix.p=0 to silence this")
+    assert mixing_warning(load_config(recipe, ["data.train=shards/*.tar", "data.env=env/*.tar"])) is None
+    assert mixing_warning(load_config(recipe, ["data.train=shards/*.tar", "augment.mix.p=0"])) is None
 
 
 # -- training ---------------------------------------------------------------------------------
