@@ -96,7 +96,11 @@ class LogMel(torch.nn.Module):
             ``1 + length // hop`` frames; ``frame_lengths`` is long with shape
             ``waveform.shape[:-1]``, so a 1-D clip gives ``[n_mels, T]`` and a 0-d length.
         """
+        if waveform.dim() == 0 or waveform.shape[-1] == 0:
+            raise ValueError(f"LogMel needs a waveform [..., N] with N >= 1 samples, got shape {tuple(waveform.shape)}")
         batch_shape, n = waveform.shape[:-1], waveform.shape[-1]
+        if lengths is not None and lengths.shape != batch_shape:
+            raise ValueError(f"lengths has shape {tuple(lengths.shape)}; expected {tuple(batch_shape)}, one per waveform")
         device = waveform.device
         # float32 throughout, also under an outer autocast or after ``module.half()``: half-precision
         # maths would cost far more than the 1e-3 agreement with librosa allows near the -80 dB floor.

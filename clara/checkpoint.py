@@ -97,6 +97,17 @@ def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpecte
             expected[key].copy_(value)
 
 
+def _stack(parts: Sequence[torch.Tensor], names: Sequence[str], key: str) -> torch.Tensor:
+    """One reference tensor as it is, or several concatenated along dim 0 (to_q [H·d, D] then
+    to_kv [2·H·d, D] -> qkv [3·H·d, D]); parts that disagree beyond dim 0 are a CheckpointError."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({tuple(part.shape[1:]) for part in parts}) > 1:
+        shapes = ", ".join(f"{name} {tuple(part.shape)}" for name, part in zip(names, parts))
+        raise CheckpointError(f"mis-shaped tensor(s): {shapes} cannot be stacked into {key}")
+    return torch.cat(list(parts))
+
+
 def reference_to_state_dict(
     reference: Mapping[str, torch.Tensor], config: ClaraConfig
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -106,7 +117,7 @@ def reference_to_state_dict(
     used: set[str] = set()
     for key, sources in reference_key_map(config).items():
         if all(s in stripped for s in sources):
-            ours[key] = torch.cat([stripped[s] for s in sources]) if len(sources) > 1 else stripped[sources[0]]
+            ours[key] = _stack([stripped[s] for s in sources], [PREFIX + s for s in sources], key)
             used.update(sources)
     unused = sorted(PREFIX + k for k in stripped if k not in used)
     return ours, unused
@@ -125,16 +136,43 @@ def to_reference_state_dict(model: Clara) -> dict[str, torch.Tensor]:
     return reference
 
 
-def _load_reference(path: Path, payload: Mapping[str, Any], overrides: Sequence[str]) -> Clara:
+def _reference_parts(path: Path, payload: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]:
+    """The ``state_dict`` (str -> tensor) and ``hyper_parameters`` (a mapping) of a Lightning
+    checkpoint, or a CheckpointError naming the file and the entry that is neither."""
+    state = payload["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' must map names to tensors, got a {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state_dict key {key!r} is a {type(key).__name__}, not a name")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    if not any(key.startswith(PREFIX) for key in state):
+        raise CheckpointError(f"{path}: its state_dict has no '{PREFIX}' keys: not a CLARA model checkpoint")
     if "hyper_parameters" not in payload:
         raise CheckpointError(f"{path}: a reference checkpoint must carry 'hyper_parameters' (the architecture)")
+    hparams = payload["hyper_parameters"]
+    if not isinstance(hparams, Mapping):
+        raise CheckpointError(f"{path}: 'hyper_parameters' must be a mapping of settings, got a {type(hparams).__name__}")
+    return state, hparams
+
+
+def _load_reference(path: Path, payload: Mapping[str, Any], overrides: Sequence[str]) -> Clara:
+    state, hparams = _reference_parts(path, payload)
     try:
-        config = from_reference_hparams(dict(payload["hyper_parameters"]), source=f"{path}: hyper_parameters")
-        config = config_lib.replace(config, overrides) if overrides else config
+        config = from_reference_hparams(dict(hparams), source=f"{path}: hyper_parameters")
     except config_lib.ConfigError as err:
         raise CheckpointError(str(err)) from None
+    try:
+        # As for our own format: the error names the checkpoint the overrides were applied to.
+        config = config_lib.from_dict(ClaraConfig, config_lib.apply_overrides(config_lib.to_dict(config), overrides))
+    except config_lib.ConfigError as err:
+        raise CheckpointError(f"{path} + overrides: {err}") from None
     model = Clara(config)
-    tensors, unused = reference_to_state_dict(payload["state_dict"], config)
+    try:
+        tensors, unused = reference_to_state_dict(state, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: does not fit the model: {err}") from None
     _check_and_load(model, tensors, unused, path)
     return model
 
@@ -176,6 +214,12 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, overrides: 
     if path.is_dir():
         model = _load_ours(path, overrides)
     elif path.suffix == ".safetensors":
+        if path.name != WEIGHTS_FILE:
+            # _load_ours reads <dir>/model.safetensors: another name would load a different file.
+            raise CheckpointError(
+                f"{path}: a meld-clara checkpoint is a directory holding {WEIGHTS_FILE} and {CONFIG_FILE}; "
+                f"pass that directory (this file is not named {WEIGHTS_FILE})"
+            )
         model = _load_ours(path.parent, overrides)
     else:
         payload = _torch_load(path, allow_pickle)
@@ -184,7 +228,5 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, overrides: 
                 f"{path}: not a CLARA checkpoint (expected a Lightning .ckpt with 'state_dict' and "
                 f"'hyper_parameters', or a meld-clara checkpoint directory)"
             )
-        if not any(str(k).startswith(PREFIX) for k in payload["state_dict"]):
-            raise CheckpointError(f"{path}: its state_dict has no '{PREFIX}' keys: not a CLARA model checkpoint")
         model = _load_reference(path, payload, overrides)
     return model.eval()

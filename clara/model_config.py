@@ -226,6 +226,16 @@ _REFERENCE_IGNORED = {
 }
 
 
+def _probability(value: Any, where: str) -> float:
+    """A dropout probability as a float; anything else (None, a word, a bool) is a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise config_lib.ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise config_lib.ConfigError(f"{where}: expected a number, got {value!r}") from None
+
+
 def from_reference_hparams(hparams: Mapping[str, Any], *, source: str = "hyper_parameters") -> ClaraConfig:
     """Map a reference checkpoint's ``hyper_parameters`` onto a ``ClaraConfig``.
 
@@ -243,7 +253,7 @@ def from_reference_hparams(hparams: Mapping[str, Any], *, source: str = "hyper_p
                 target = target[parent]
             target[leaf] = value
         elif key == "audio_encoder_seq_dropout_prob":
-            data["audio"]["token_keep"] = 1.0 - float(value)
+            data["audio"]["token_keep"] = 1.0 - _probability(value, f"{source}: {key}")
         elif key == "audio_encoder_weight_tie_layers":
             if value:
                 raise config_lib.ConfigError(f"{source}: tied Perceiver layers are not supported")

@@ -186,3 +186,15 @@ def test_cuda_matches_cpu():
     assert gpu.is_cuda and gpu.dtype == torch.float32
     assert torch.equal(gpu_frames.cpu(), cpu_frames)
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), ()])
+def test_a_waveform_without_samples_is_one_clear_error(shape):
+    """An empty clip used to fail deep in a reshape ("cannot reshape tensor of 0 elements")."""
+    with pytest.raises(ValueError, match=r"LogMel needs a waveform \[\.\.\., N\] with N >= 1 samples, got shape "):
+        LogMel()(torch.zeros(shape))
+
+
+def test_lengths_of_the_wrong_shape_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"lengths has shape \(3,\); expected \(2,\), one per waveform"):
+        LogMel()(torch.zeros(2, 1000), torch.tensor([1000, 900, 800]))

@@ -192,3 +192,59 @@ def test_tied_reference_layers_are_rejected(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="tied Perceiver layers"):
         load_checkpoint(path)
+
+
+def _corrupt(payload, how):
+    """Damage a reference payload the way a hand-edited or foreign checkpoint might be damaged."""
+    state = payload["state_dict"]
+    if how == "hyper_parameters None":
+        payload["hyper_parameters"] = None
+    elif how == "hyper_parameters text":
+        payload["hyper_parameters"] = "text_encoder_layers=2"
+    elif how == "state_dict list":
+        payload["state_dict"] = sorted(state)
+    elif how == "entry not a tensor":
+        state["model.conv1.bias"] = 3.0
+    elif how == "key not a name":
+        state[7] = torch.zeros(1)
+    elif how == "to_q and to_kv disagree":
+        state["model.audio_encoder.layers.0.0.fn.to_q.weight"] = torch.zeros(128, 7)
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("hyper_parameters None", "'hyper_parameters' must be a mapping of settings, got a NoneType"),
+    ("hyper_parameters text", "'hyper_parameters' must be a mapping of settings, got a str"),
+    ("state_dict list", "'state_dict' must map names to tensors, got a list"),
+    ("entry not a tensor", "state_dict entry 'model.conv1.bias' is a float, not a tensor"),
+    ("key not a name", "state_dict key 7 is a int, not a name"),
+    ("to_q and to_kv disagree", "does not fit the model: mis-shaped tensor(s): "
+     "model.audio_encoder.layers.0.0.fn.to_q.weight (128, 7), model.audio_encoder.layers.0.0.fn.to_kv.weight "
+     "(256, 32) cannot be stacked into audio.perceiver.layers.0.attn.qkv.weight"),
+])  # fmt: skip
+def test_a_damaged_reference_checkpoint_is_one_error_naming_file_and_entry(tmp_path, how, expected):
+    """Each of these escaped as a TypeError, ValueError, AttributeError or RuntimeError traceback."""
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    _corrupt(payload, how)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+def test_a_bad_override_on_a_reference_checkpoint_names_the_file(tmp_path):
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, overrides=["attention=fast"])
+    assert str(err.value).startswith(f"{path} + overrides: attention: 'fast' is not one of")
+    assert load_checkpoint(path, overrides=["attention=eager"]).config.attention == "eager"
+
+
+def test_a_safetensors_file_of_another_name_is_refused_not_swapped_for_its_neighbour(tmp_path, model):
+    """Given run/other.safetensors, the loader used to read run/model.safetensors instead."""
+    save_checkpoint(model, tmp_path / "run")
+    other = tmp_path / "run" / "other.safetensors"
+    other.write_bytes((tmp_path / "run" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(other)
+    assert str(err.value).startswith(f"{other}: a meld-clara checkpoint is a directory holding model.safetensors")

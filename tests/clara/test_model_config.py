@@ -48,3 +48,16 @@ def test_every_preset_and_zero_layers_pass_the_checks():
         load_model_config(name)
     config = load_model_config("tiny", ["text.layers=0", "audio.layers=0", "audio.token_keep=1"])
     assert (config.text.layers, config.audio.layers, config.audio.token_keep) == (0, 0, 1.0)
+
+
+@pytest.mark.parametrize("value", [None, "half", [0.5]])
+def test_a_non_numeric_reference_seq_dropout_is_a_config_error(value):
+    """It went through float() unguarded: a TypeError or ValueError traceback."""
+    with pytest.raises(ConfigError) as err:
+        from_reference_hparams({"audio_encoder_seq_dropout_prob": value}, source="ckpt: hyper_parameters")
+    assert str(err.value) == f"ckpt: hyper_parameters: audio_encoder_seq_dropout_prob: expected a number, got {value!r}"
+
+
+@pytest.mark.parametrize("value, keep", [(0.5, 0.5), (0.25, 0.75), ("0.1", 0.9), (0, 1.0)])
+def test_reference_seq_dropout_is_one_minus_the_kept_fraction(value, keep):
+    assert from_reference_hparams({"audio_encoder_seq_dropout_prob": value}).audio.token_keep == pytest.approx(keep)
