@@ -391,15 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     if not distributed.is_main():  # the table once, from the main process
         return 0
-    from meld.report import format_table
+    from meld.report import format_table, seed_cell, spread_label
 
     print()
+    if "mean_std" in doc:
+        print(f"the run selected on dev macro-F1 (seed {doc['selection']['seed']}); the mean over seeds follows")
     print(format_table(doc, TARGETS[config.target]))
     if "mean_std" in doc:
-        test = doc["mean_std"]["test"]
-        print(f"\nover {config.seeds} seeds: test macro-F1 {100 * test['macro_f1']['mean']:.2f} ± "
-              f"{100 * test['macro_f1']['std']:.2f}, weighted-F1 {100 * test['weighted_f1']['mean']:.2f} ± "
-              f"{100 * test['weighted_f1']['std']:.2f}")
+        stats = doc["mean_std"]
+        test, runs = stats["test"], stats["runs"]
+        print(f"\nover {runs} seeds: test macro-F1 {seed_cell(test['macro_f1'], runs)}, weighted-F1 "
+              f"{seed_cell(test['weighted_f1'], runs)} (percent, {spread_label(runs)})")
     print(f"\nrun directory: {out_dir}  (report.md, metrics.json, predictions.csv, model/)")
     return 0
 

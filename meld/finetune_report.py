@@ -31,8 +31,12 @@ def _selection_section(doc: Mapping) -> dict[str, str]:
     selection = doc.get("selection", {})
     if not selection:
         return {}
-    return {"Model selection": f"The checkpoint of epoch {selection['epoch']} (step {selection['step']}), the best dev "
-                               f"macro-F1 ({100 * selection['macro_f1']:.2f}) of seed {selection['seed']}."}
+    text = (f"The checkpoint of epoch {selection['epoch']} (step {selection['step']}), the best dev macro-F1 "
+            f"({100 * selection['macro_f1']:.2f}) of seed {selection['seed']}.")
+    if "mean_std" in doc:
+        text += (f" Of the {doc['mean_std']['runs']} seeds, seed {selection['seed']} has the best dev macro-F1: "
+                 "its run is the one in the tables above, while the headline is the mean over all seeds.")
+    return {"Model selection": text}
 
 
 def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping, gold: torch.Tensor,

@@ -44,6 +44,7 @@ from clara.io_utils import atomic_write_text
 from clara.model_config import CONFIG_ROOT
 from meld.errors import MeldDataError
 from meld.metrics import mean_std
+from meld.report import seed_cell, spread_label
 from meld.sweep_config import SweepConfig
 from meld.sweep_plots import write_plots
 from meld.sweep_study import (
@@ -163,11 +164,11 @@ def _print_result(result: dict, config: SweepConfig) -> None:
         print(f"best config: {study_dir / 'best_config.yaml'}")
     final = result["final"]
     if final is not None:
-        test, dev = final["mean_std"]["test"], final["mean_std"]["dev"]
-        print(f"best config over seeds {final['seeds']}: dev macro-F1 {100 * dev['macro_f1']['mean']:.2f} ± "
-              f"{100 * dev['macro_f1']['std']:.2f}, test macro-F1 {100 * test['macro_f1']['mean']:.2f} ± "
-              f"{100 * test['macro_f1']['std']:.2f}, test weighted-F1 {100 * test['weighted_f1']['mean']:.2f} ± "
-              f"{100 * test['weighted_f1']['std']:.2f} (percent)")
+        stats = final["mean_std"]
+        test, dev, runs = stats["test"], stats["dev"], stats["runs"]
+        print(f"best config over seeds {final['seeds']}: dev macro-F1 {seed_cell(dev['macro_f1'], runs)}, test macro-F1 "
+              f"{seed_cell(test['macro_f1'], runs)}, test weighted-F1 {seed_cell(test['weighted_f1'], runs)} "
+              f"(percent, {spread_label(runs)})")
     print(f"summary: {study_dir / 'summary.md'}")
 
 

@@ -18,11 +18,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from clara.io_utils import atomic_write_text
-from meld.metrics import SCALARS
+from meld.report import seed_rows, spread_label
 from meld.sweep_config import SweepConfig
-
-_LABELS = {"macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "accuracy": "accuracy",
-           "balanced_accuracy": "balanced accuracy"}
 
 
 def _cell(value: Any) -> str:
@@ -51,20 +48,14 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
 
 def _final_lines(final: Mapping) -> list[str]:
     stats = final["mean_std"]
-
-    def cell(stat: Mapping) -> str:
-        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
-
-    rows = [[_LABELS[key], cell(stats["dev"][key]), cell(stats["test"][key])] for key in SCALARS]
-    rows += [[f"F1 {name}", cell(stats["dev"]["per_class"][name]["f1"]), cell(stat["f1"])]
-             for name, stat in stats["test"]["per_class"].items()]
+    splits, rows = seed_rows(stats, list(stats["test"]["per_class"]))
     return [f"## The best config over {len(final['seeds'])} seeds",
             "",
             f"Trial {final['trial']}'s config re-run with seeds {', '.join(map(str, final['seeds']))} "
-            f"(runs in `{final['dir']}/`); test is scored here only, once per seed. Mean ± sample std (ddof=1), "
-            "percent.",
+            f"(runs in `{final['dir']}/`); test is scored here only, once per seed. Percent, "
+            f"{spread_label(stats['runs'])}.",
             "",
-            *_markdown_table(["metric", "dev", "test"], rows)]
+            *_markdown_table(["metric", *splits], rows)]
 
 
 def render_summary_md(study: optuna.Study, config: SweepConfig, result: Mapping) -> str:

@@ -7,12 +7,14 @@ import pytest
 
 from meld.labels import EMOTIONS
 from meld.metrics import classification_metrics, mean_std
+from meld.sweep_summary import _final_lines
 from meld.report import (
     format_table,
     log_confusion_figure,
     log_embeddings,
     log_hparams,
     log_pr_curves,
+    render_report_md,
     save_confusion_png,
     write_metrics_json,
     write_predictions_csv,
@@ -93,7 +95,7 @@ def test_report_md_headline_tables_and_references(tmp_path, metrics):
                            extra_sections={"Retrieval": "R@1 12.00"})
     text = path.read_text()
     test = metrics["test"]
-    headline = f"**test macro-F1: {100 * test['macro_f1']:.2f}**"
+    headline = f"**test macro-F1: {100 * test['macro_f1']:.2f} ± 0.00**"  # two identical runs: the mean is the run
     assert text.startswith("# Text-only fine-tune\n\n" + headline)
     assert text.index("macro-F1") < text.index("weighted-F1") < text.index("accuracy") < text.index("balanced accuracy")
     assert "| metric | dev | test | always neutral (test) | uniform chance (test) |" in text
@@ -112,6 +114,51 @@ def test_report_md_headline_tables_and_references(tmp_path, metrics):
     assert f"| macro-F1 | {dev_macro} ± 0.00 | {test_macro} ± 0.00 |" in text
     assert "| F1 fear | – | – |" in text  # absent from gold in both splits
     assert text.rstrip().endswith("## Retrieval\n\nR@1 12.00")
+
+
+def _abc_runs() -> list[dict]:
+    """Two seeds' documents on classes a, b, c; c is absent from dev's gold labels.
+
+    dev:  run 1 perfect; run 2 gold [a a b b] pred [a b b b]: F1 a 2/3, b 4/5 -> macro 11/15.
+    test: run 1 perfect; run 2 gold [a a b c] pred [a b b b]: F1 a 2/3, b 1/2, c 0 -> macro 7/18,
+          weighted (2 * 2/3 + 1/2 + 0)/4 = 11/24, accuracy 1/2.
+    """
+    abc = ("a", "b", "c")
+    dev = [classification_metrics([0, 0, 1, 1], pred, abc) for pred in ([0, 0, 1, 1], [0, 1, 1, 1])]
+    test = [classification_metrics([0, 0, 1, 2], pred, abc) for pred in ([0, 0, 1, 2], [0, 1, 1, 1])]
+    return [{"dev": d, "test": t} for d, t in zip(dev, test)]
+
+
+def test_multi_seed_headline_is_the_mean_over_seeds_not_the_selected_run():
+    runs = _abc_runs()
+    # test macro-F1 over seeds: mean (1 + 7/18)/2 = 25/36 = 69.44%, sample std (11/18)/sqrt(2) = 43.21%
+    # (the population std would be 30.56%); weighted-F1 (1 + 11/24)/2 = 72.92% ± (13/24)/sqrt(2) = 38.30%;
+    # accuracy 75.00% ± 0.5/sqrt(2) = 35.36%. The selected run (the first) scores 100 on everything.
+    text = render_report_md("three classes", runs[0], ("a", "b", "c"), seeds=mean_std(runs))
+    assert text.startswith("# three classes\n\n**test macro-F1: 69.44 ± 43.21** · weighted-F1 72.92 ± 38.30 · "
+                           "accuracy 75.00 ± 35.36 (mean ± sample std (ddof=1) over 2 seeds, percent)\n\n"
+                           "The tables below are one of those runs, not the mean: test macro-F1 100.00 · ")
+    assert "| macro-F1 | 86.67 ± 18.86 | 69.44 ± 43.21 |" in text  # dev: (1 + 11/15)/2, (4/15)/sqrt(2)
+
+
+def test_one_seed_shows_no_standard_deviation():
+    # The sample std of one run is undefined; mean_std stores 0, which must not be shown as "± 0.00".
+    runs = _abc_runs()[1:]
+    text = render_report_md("one seed", runs[0], ("a", "b", "c"), seeds=mean_std(runs))
+    assert "**test macro-F1: 38.89** · weighted-F1 45.83 · accuracy 50.00 (one seed, so no standard deviation" in text
+    assert "| macro-F1 | 73.33 | 38.89 |" in text and "±" not in text
+
+
+def test_sweep_final_table_dashes_a_class_absent_from_a_split():
+    # c is absent from dev's gold: its dev F1 is undefined and left out of dev macro-F1, so it must read
+    # "–", not "0.00 ± 0.00". Its test F1 is 1 and 0: mean 50.00, sample std 1/sqrt(2) = 70.71.
+    runs = _abc_runs()
+    lines = _final_lines({"trial": 4, "seeds": [0, 1], "dir": "final/trial-0004", "mean_std": mean_std(runs)})
+    assert "| F1 c | – | 50.00 ± 70.71 |" in lines
+    assert "| macro-F1 | 86.67 ± 18.86 | 69.44 ± 43.21 |" in lines
+    assert any("mean ± sample std (ddof=1) over 2 seeds" in line for line in lines)
+    one = _final_lines({"trial": 4, "seeds": [1], "dir": "final/trial-0004", "mean_std": mean_std(runs[1:])})
+    assert "| macro-F1 | 73.33 | 38.89 |" in one and any("one seed, so no standard deviation" in line for line in one)
 
 
 def test_format_table_for_the_terminal(metrics):
