@@ -74,7 +74,9 @@ def process_clip(task: ClipTask) -> tuple[ClipRecord, np.ndarray | None]:
     truncated = cap is not None and wave.shape[0] > cap
     wave = wave[:cap] if truncated else wave
     n = wave.shape[0]
-    if n < s.min_seconds * s.sample_rate:
+    # n == 0 on its own: with min_seconds 0 an empty clip would otherwise reach the silence check,
+    # whose max() fails on no samples and stops the whole run.
+    if n == 0 or n < s.min_seconds * s.sample_rate:
         reason = f"{n / s.sample_rate:.3f} s of audio, under the {s.min_seconds:g} s minimum"
         reason = reason if n else "no audio samples"
         return ClipRecord(**source, status=SILENT_OR_EMPTY, reason=reason, samples=n), None

@@ -79,6 +79,11 @@ class AudioSettings:
     silence_dbfs: float = -80.0
 
     def __post_init__(self) -> None:
+        # max_seconds=30 is the setting 30.0 (the two compare equal), but key() hashes their JSON, "30" vs
+        # "30.0": a second cache, and build_datasets would not find the features prepare wrote.
+        for name in ("f_min", "f_max", "top_db", "max_seconds", "min_seconds", "silence_dbfs"):
+            if type(getattr(self, name)) is int:
+                object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"audio.{name} must be at least 1, got {getattr(self, name)}")
@@ -181,10 +186,16 @@ class UnreadableStore(MeldDataError):
                          "same --data and --cache: it rebuilds the store")
 
 
+def _meta_digest(handle) -> str:
+    """SHA-256 of a store's metadata, which fixes every clip's offset: tells whether a file is the one opened."""
+    return hashlib.sha256(json.dumps(handle.metadata(), sort_keys=True).encode()).hexdigest()
+
+
 class SplitStore:
     """Read access to one split's consolidated store; picklable, so DataLoader workers can share it.
 
-    The file is opened (memory-mapped) on first use in each process, never pickled itself. Raises
+    The file is opened (memory-mapped) on first use in each process, never pickled itself; a file that
+    prepare replaced in between is refused (MeldDataError), not read with the old offsets. Raises
     UnreadableStore for a file that is not a complete store.
     """
 
@@ -192,6 +203,7 @@ class SplitStore:
         self.path = Path(path)
         try:
             with safe_open(str(self.path), framework="np") as handle:
+                self._meta_digest = _meta_digest(handle)
                 meta = json.loads((handle.metadata() or {})[_META_KEY])
                 rows, self.n_mels = handle.get_slice("mel").get_shape()
             if meta.get("format") != CACHE_FORMAT:
@@ -221,7 +233,17 @@ class SplitStore:
         """float16 [T, n_mels] of a cached clip (a KeyError for any other key)."""
         offset, frames = self._offsets[key]
         if self._mel is None:
-            self._mel = safe_open(str(self.path), framework="np").get_slice("mel")
+            # Opened again by path, here and in every DataLoader worker: a prepare run since __init__ may
+            # have replaced the file, and the offsets read then would cut other clips' frames out of it.
+            try:
+                handle = safe_open(str(self.path), framework="np")
+                same = _meta_digest(handle) == self._meta_digest
+            except (OSError, SafetensorError) as err:
+                raise UnreadableStore(self.path, f"{type(err).__name__}: {err}") from None
+            if not same:
+                raise MeldDataError(f"{self.path}: the feature store was rewritten (meld.prepare ran again) after "
+                                    "it was opened; load the datasets again to read the new one")
+            self._mel = handle.get_slice("mel")
         return self._mel[offset : offset + frames]
 
     def log_mel(self, key: str) -> np.ndarray:

@@ -48,6 +48,13 @@ def test_key_depends_on_every_setting_and_the_format(monkeypatch):
     assert AudioSettings().key() != before
 
 
+def test_whole_numbers_for_float_settings_give_the_same_key():
+    # What a Python caller writes (max_seconds=30) must find the cache `prepare --max-seconds 30` made.
+    whole = AudioSettings(f_min=0, f_max=8000, top_db=80, max_seconds=30, min_seconds=0, silence_dbfs=-80)
+    assert whole == AudioSettings(min_seconds=0.0) and whole.key() == AudioSettings(min_seconds=0.0).key()
+    assert json.dumps(dataclasses.asdict(whole)) == json.dumps(dataclasses.asdict(AudioSettings(min_seconds=0.0)))
+
+
 def test_cache_dirs(tmp_path, monkeypatch):
     settings = AudioSettings()
     assert audio_cache_dir(tmp_path, settings) == tmp_path / f"audio-{settings.key()}"
@@ -199,3 +206,32 @@ def test_open_stores_leaves_damaged_stores_out_so_prepare_rebuilds_them(tmp_path
     store_path(cache_dir, "train").write_bytes((tmp_path / "good.safetensors").read_bytes())
     lines = []
     assert set(open_stores(cache_dir, ("train", "dev", "test"), log=lines.append)) == {"train", "dev"} and lines == []
+
+
+def test_a_store_rewritten_after_it_was_opened_is_refused_not_misread(tmp_path):
+    # A reader opens the mel lazily, by path (also in each DataLoader worker). prepare run again meanwhile
+    # replaces the file; with the offsets of the old records, dia0_utt1 would be read from dia0_utt0's new
+    # frames, with no error.
+    journal = Journal(tmp_path / "journal")
+    before = [journal.append(record("dev/dia0_utt0", OK, 2), mel(2, 0.25)),
+              journal.append(record("dev/dia0_utt1", OK, 3), mel(3, 0.5))]
+    after = [journal.append(record("dev/dia0_utt0", OK, 5), mel(5, -0.5)), before[1]]
+    journal.close()
+    path = tmp_path / "dev.safetensors"
+    write_store(path, AudioSettings(), before)
+    store = SplitStore(path)
+    worker_copy = pickle.loads(pickle.dumps(store))
+    write_store(path, AudioSettings(), after)
+    for reader in (store, worker_copy):
+        with pytest.raises(MeldDataError, match="rewritten .* after it was opened; load the datasets again"):
+            reader.frames("dev/dia0_utt1")
+    # The same content written again is the same store: read as before.
+    write_store(path, AudioSettings(), before)
+    np.testing.assert_array_equal(SplitStore(path).frames("dev/dia0_utt1"), mel(3, 0.5))
+    fresh = pickle.loads(pickle.dumps(SplitStore(path)))
+    write_store(path, AudioSettings(), before)
+    np.testing.assert_array_equal(fresh.frames("dev/dia0_utt1"), mel(3, 0.5))
+    # Deleted in between: the store's own one-line error, not a traceback from safetensors.
+    path.unlink()
+    with pytest.raises(MeldDataError, match="not a readable feature store"):
+        pickle.loads(pickle.dumps(fresh)).frames("dev/dia0_utt0")

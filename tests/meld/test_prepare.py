@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import wave
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from meld import clip_features
 from meld import prepare as prepare_module
 from meld.demo import make_demo
 from meld.errors import MeldDataError
-from meld.feature_cache import AudioSettings, SplitStore, audio_cache_dir, journal_files, read_journal, store_path
+from meld.feature_cache import SILENT_OR_EMPTY, AudioSettings, SplitStore, audio_cache_dir, journal_files, read_journal, store_path
 from meld.prepare import main, prepare, scan_clips
 from meld.records import SPLITS
 
@@ -234,6 +235,22 @@ def test_long_clips_are_capped_under_a_new_key(demo, reference, tmp_path):
         for record in SplitStore(store_path(Path(report["cache_dir"]), split)).records:
             if record.key in longer:
                 assert (record.samples, record.frames) == (96_000, 1 + 96_000 // 512)
+
+
+def test_a_clip_without_samples_is_reported_empty_even_with_no_minimum_length(tmp_path):
+    # min_seconds 0 is allowed; an empty clip then reached the silence check, whose max() of no samples
+    # raised and stopped the whole run.
+    path = tmp_path / "dia155_utt3.wav"
+    with wave.open(str(path), "wb") as header_only:
+        header_only.setnchannels(2)
+        header_only.setsampwidth(2)
+        header_only.setframerate(48_000)
+    stat = path.stat()
+    task = clip_features.ClipTask("test/dia155_utt3", str(path), path.name, stat.st_size, stat.st_mtime_ns, 0.0,
+                                  AudioSettings(min_seconds=0.0))
+    record, mel = clip_features.process_clip(task)
+    assert (record.status, record.reason, record.samples, record.frames, mel) == (
+        SILENT_OR_EMPTY, "no audio samples", 0, 0, None)
 
 
 def test_scan_sorts_out_files_without_a_row(tmp_path):
