@@ -13,6 +13,8 @@ needs only the CSVs, so ``modality="text"`` also runs on a CSV-only MELD folder.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +151,14 @@ class MeldDataset(Dataset):
         if self.tokens is not None:
             item["tokens"] = self.tokens[index]
         return item
+
+    def content_digest(self) -> str:
+        """SHA-256 of what this split feeds a model: every utterance's key, speaker, text and dialogue
+        context, and the feature store's digest (each clip's source file and frames).  Keys alone would
+        let an embedding cache outlive a transcript edited in place or a clip replaced and prepared again."""
+        rows = [(utt.key, utt.speaker, utt.text, self.context[utt.key]) for utt in self.utterances]
+        content = {"rows": rows, "store": self.store.digest if self.store is not None else None}
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
     def class_counts(self) -> dict[str, list[int]]:
         return {

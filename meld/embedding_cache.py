@@ -5,7 +5,8 @@
 
 The key hashes the encoder weights themselves (so it covers the checkpoint and a from-scratch model's
 seed), the inputs and feature kind, and the fingerprint the caller gives: the data (data root, data
-settings and every utterance key in each split, in order) and the CLARA config, whose settings such as
+settings and each split's ``content_digest``: every utterance's key and words in order, and the
+feature store's clip records) and the CLARA config, whose settings such as
 ``mask_padding`` change the embeddings without changing a weight. A file is one safetensors of tensors
 ``<split>/<input>``, written atomically; a corrupt file is recomputed.
 """

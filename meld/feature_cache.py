@@ -203,7 +203,9 @@ class SplitStore:
         self.path = Path(path)
         try:
             with safe_open(str(self.path), framework="np") as handle:
-                self._meta_digest = _meta_digest(handle)
+                # The settings and every clip's record (its source file's size and mtime, its frames): a
+                # clip prepared again changes it.  Also what embedding caches key the audio on.
+                self.digest = _meta_digest(handle)
                 meta = json.loads((handle.metadata() or {})[_META_KEY])
                 rows, self.n_mels = handle.get_slice("mel").get_shape()
             if meta.get("format") != CACHE_FORMAT:
@@ -237,7 +239,7 @@ class SplitStore:
             # have replaced the file, and the offsets read then would cut other clips' frames out of it.
             try:
                 handle = safe_open(str(self.path), framework="np")
-                same = _meta_digest(handle) == self._meta_digest
+                same = _meta_digest(handle) == self.digest
             except (OSError, SafetensorError) as err:
                 raise UnreadableStore(self.path, f"{type(err).__name__}: {err}") from None
             if not same:

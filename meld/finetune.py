@@ -161,7 +161,7 @@ class _Data:
     def fingerprint(self, config: FinetuneConfig) -> dict:
         return {"root": str(self.root.resolve()), "data": config_lib.to_dict(config.data), "features": config.model.features,
                 "hf_max_tokens": config.model.hf_max_tokens,
-                "keys": {split: [utt.key for utt in ds.utterances] for split, ds in self.datasets.items()}}
+                "splits": {split: ds.content_digest() for split, ds in self.datasets.items()}}
 
 
 def _load_clara(config: FinetuneConfig) -> Clara | None:

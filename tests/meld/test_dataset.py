@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from clara.model import Clara
 from clara.model_config import load_model_config
 from clara.tokenizer import Tokenizer
 from meld.dataset import (
-    DataConfig, LengthBucketSampler, build_datasets, build_loaders, class_counts, collate, make_dataloader,
+    DataConfig, LengthBucketSampler, MeldDataset, build_datasets, build_loaders, class_counts, collate, make_dataloader,
 )
 from meld.demo import make_demo
 from meld.errors import MeldDataError
@@ -194,6 +195,42 @@ def test_text_only_on_a_hand_made_csv_folder(tmp_path, tokenizer):
     assert class_counts(datasets)["train"]["emotion"] == [0, 1, 0, 0, 1, 0, 0]
     with pytest.raises(MeldDataError, match="meld.prepare"):  # audio needs prepared features
         build_datasets(tmp_path, DataConfig(modality="both"), cache_root=tmp_path / "cache", tokenizer=tokenizer)
+
+
+def test_content_digest_follows_text_context_and_clips_not_labels(tmp_path, tokenizer):
+    """The embedding caches key a split on this digest: it must change with anything the model reads."""
+    times = '"0:00:01,000","0:00:02,500"'
+
+    def digests(first: str, second: str, emotion: str = "sadness") -> tuple[str, str]:
+        rows = [f"1,{first},Joey,joy,positive,0,0,1,1,{times}", f"2,{second},Ross,{emotion},negative,0,1,1,1,{times}"]
+        for split in SPLITS:
+            (tmp_path / f"{split}_sent_emo.csv").write_text(HEADER + "\n".join(rows) + "\n")
+        config = DataConfig(modality="text", context_turns=1)
+        train = build_datasets(tmp_path, config, splits=["train"], tokenizer=tokenizer)["train"]
+        return train.content_digest(), train.utterances[1].key
+
+    base, key = digests("Hi there.", "Oh no.")
+    assert key == "train/dia0_utt1" and base == digests("Hi there.", "Oh no.")[0]
+    assert digests("Hi there.", "Oh no!")[0] != base  # the utterance's own text
+    assert digests("Hello there.", "Oh no.")[0] != base  # the turn before, read as context
+    assert digests("Hi there.", "Oh no.", emotion="anger")[0] == base  # labels are not model input
+
+
+def test_content_digest_follows_a_clip_prepared_again(tmp_path):
+    demo = make_demo(tmp_path / "demo", size=30)
+    prepare(demo, tmp_path / "cache", workers=1)
+    config = DataConfig(modality="audio")
+
+    def dev() -> MeldDataset:
+        return build_datasets(demo, config, splits=["dev"], cache_root=tmp_path / "cache")["dev"]
+
+    before = dev().content_digest()
+    assert dev().content_digest() == before
+    clip = demo / next(record.file for record in dev().store.records if record.cached)
+    clip.write_bytes(clip.read_bytes())  # same audio, a new mtime: prepare decodes it again
+    os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))
+    prepare(demo, tmp_path / "cache", workers=1)
+    assert dev().content_digest() != before
 
 
 def test_length_buckets_cover_every_item_once_and_follow_the_seed():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -379,6 +380,21 @@ def test_clara_overrides_reach_a_from_scratch_and_a_checkpoint_model(csv_root, t
         assert (config.attention, config.selective_recompute, config.mask_padding) == ("eager", True, False)
         assert _clara_settings(tmp_path / run_dir) == ("eager", True, False)  # and the saved classifier's
     assert len(built) == 2
+
+
+def test_a_transcript_edited_in_place_is_encoded_again(tmp_path, capsys):
+    # Same utterance keys, other words: the cached text embeddings would be the old transcript's.
+    root = write_csv_meld(tmp_path / "meld")
+    config = text_config(root, "strategy.name=linear_probe", f"cache_root={tmp_path / 'cache'}", "train.epochs=1")
+    run_finetune(config, out_dir=tmp_path / "a")
+    with open(root / "train_sent_emo.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    rows[1][1] = "Something else entirely"  # the first utterance's text
+    with open(root / "train_sent_emo.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    run_finetune(config, out_dir=tmp_path / "b")
+    assert capsys.readouterr().out.count("embeddings computed") == 2
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
 
 
 def test_clara_overrides_join_the_linear_probe_cache_key(csv_root, tmp_path, capsys):
