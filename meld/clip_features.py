@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from clara.audio_io import AudioDecodeError, load_audio
+from meld.errors import MeldDataError
 from meld.feature_cache import OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord
 
 
@@ -135,27 +137,46 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def run_clips(tasks: Sequence[ClipTask], workers: int, done: Callable[[ClipRecord, np.ndarray | None], None]) -> None:
-    """``process_clip`` for every task, ``done`` called in this process as each finishes (any order)."""
+class WorkerDied(MeldDataError):
+    """A decoding process ended without an answer (killed, out of memory, a crash inside the decoder)."""
+
+
+def run_clips(tasks: Sequence[ClipTask], workers: int, done: Callable[[ClipRecord, np.ndarray | None], None],
+              work: Callable[[ClipTask], tuple[ClipRecord, np.ndarray | None]] | None = None) -> None:  # fmt: skip
+    """``work`` (default ``process_clip``; a module-level function, as it is pickled) for every task,
+    ``done`` called in this process as each finishes (any order).  Raises WorkerDied, after handing over
+    every finished clip, when a worker process dies."""
+    work = work or process_clip  # looked up per call, so a patched process_clip is the one used
     if workers <= 1 or len(tasks) <= 1:
         with _one_torch_thread():
             for task in tasks:
-                done(*process_clip(task))
+                done(*work(task))
         return
     pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_worker_init)
-    futures = [pool.submit(process_clip, task) for task in tasks]
+    futures = [pool.submit(work, task) for task in tasks]
     waiting = set(futures)
+
+    def hand_over_finished() -> None:
+        # Drop the queued clips, let the running ones finish, and hand over every result that came
+        # back: an interruption or a dead worker loses no finished clip.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in waiting:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                done(*future.result())
+
     try:
         for future in as_completed(futures):
             waiting.discard(future)
             done(*future.result())
     except KeyboardInterrupt:
-        # Drop the queued clips, let the running ones finish, and hand over every result that came
-        # back: an interruption loses no finished clip.
-        pool.shutdown(wait=True, cancel_futures=True)
-        for future in waiting:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                done(*future.result())
+        hand_over_finished()
         raise
+    except BrokenProcessPool:
+        hand_over_finished()
+        unfinished = sum(1 for future in futures if not future.done() or future.exception() is not None)
+        raise WorkerDied(
+            f"a decoding process died (killed, out of memory, or a crash inside the decoder) with {unfinished} of "
+            f"{len(tasks)} clips unfinished; the finished ones are kept: run the same command again to go on, with "
+            "--workers 1 to decode one clip at a time") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -178,6 +178,24 @@ def test_killed_run_resumes_to_the_same_cache(demo, reference, tmp_path):
     assert store_bytes(cache_dir) == store_bytes(reference[0])
 
 
+def _die_on_the_third_clip(task: clip_features.ClipTask):
+    """Run in a pool worker: the process ends without an answer, as one killed for memory does."""
+    if task.key == "train/dia0_utt2":
+        os._exit(9)
+    return clip_features.process_clip(task)
+
+
+def test_a_dead_worker_is_one_clear_error_and_finished_clips_are_kept(demo, tmp_path):
+    clips = sorted(next(demo.rglob("train_splits")).glob("dia0_utt*.mp4"))[:4]  # dia0_utt0 .. dia0_utt3
+    tasks = [clip_features.ClipTask(f"train/{clip.stem}", str(clip), clip.name, clip.stat().st_size,
+                                    clip.stat().st_mtime_ns, 1.0, AudioSettings()) for clip in clips]  # fmt: skip
+    assert "train/dia0_utt2" in [task.key for task in tasks]
+    finished = []
+    with pytest.raises(clip_features.WorkerDied, match=r"a decoding process died .* of \d+ clips unfinished; the finished"):
+        clip_features.run_clips(tasks, 2, lambda record, mel: finished.append(record.key), work=_die_on_the_third_clip)
+    assert "train/dia0_utt2" not in finished and len(set(finished)) == len(finished)
+
+
 def process_group(pgid: int) -> list[int]:
     """Live processes in a process group, from /proc."""
     members = []
