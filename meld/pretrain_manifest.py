@@ -42,12 +42,17 @@ def read_bad_clips(data_root: Path, cache_root: str | Path | None, settings: Aud
     """key -> "status: reason" of every row prepare could not cache (truncated clips are usable)."""
     cache_dir = audio_cache_dir(cache_root if cache_root is not None else default_cache_root(data_root), settings)
     path = cache_dir / REPORT_NAME
+    cache = f" --cache {cache_root}" if cache_root is not None else ""
     if not path.is_file():
-        cache = f" --cache {cache_root}" if cache_root is not None else ""
         raise MeldDataError(f"no prepare report at {path}: run `python -m meld.prepare --data {data_root}{cache}` "
                             "first (it finds the clips that cannot be used)")
-    report = json.loads(path.read_text(encoding="utf-8"))
-    return {p["key"]: f"{p['status']}: {p['reason']}" for p in report["problems"] if p["status"] != TRUNCATED}
+    try:
+        problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+        return {p["key"]: f"{p['status']}: {p['reason']}" for p in problems if p["status"] != TRUNCATED}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        # A report cut short or edited by hand; prepare rewrites it (every decoded clip is reused).
+        raise MeldDataError(f"{path}: not a readable prepare report ({type(err).__name__}: {err}); run "
+                            f"`python -m meld.prepare --data {data_root}{cache}` again to rewrite it") from None
 
 
 def export_manifest(

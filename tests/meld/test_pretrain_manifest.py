@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -102,3 +103,18 @@ def test_unprepared_data_is_an_error(prepared, tmp_path):
     root, _, _ = prepared
     with pytest.raises(MeldDataError, match="meld.prepare"):
         export_manifest(root, tmp_path / "m.jsonl", cache_root=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("damage", ['{"problems": [', '{"run": {}}', '{"problems": [{"key": "train/dia0_utt0"}]}'])
+def test_a_damaged_prepare_report_is_one_clear_error_and_prepare_mends_it(prepared, tmp_path, damage):
+    root, cache, _ = prepared
+    own_cache = tmp_path / "cache"
+    shutil.copytree(cache, own_cache)
+    report = next(own_cache.glob("audio-*/prepare_report.json"))
+    report.write_text(damage)
+    with pytest.raises(MeldDataError, match=rf"^{report}: not a readable prepare report \(.*\); run `python -m "
+                                            rf"meld.prepare --data {root} --cache {own_cache}` again"):
+        export_manifest(root, tmp_path / "m.jsonl", cache_root=own_cache)
+    assert not (tmp_path / "m.jsonl").exists()
+    assert prepare(root, own_cache, workers=1)["run"]["decoded"] == 0  # every clip reused, the report rewritten
+    assert export_manifest(root, tmp_path / "m.jsonl", cache_root=own_cache).written > 0
