@@ -20,6 +20,8 @@ frames) and the frames past the item's end, which are set to exactly 0.0.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torchaudio
 
@@ -33,6 +35,24 @@ _AMIN = 1e-10  # librosa's power_to_db floor: keeps log10 finite for silence
 def num_frames(num_samples: int | torch.Tensor) -> int | torch.Tensor:
     """Frames a centred STFT with hop 512 gives for ``num_samples`` samples: ``1 + N // 512``."""
     return 1 + num_samples // HOP_LENGTH
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+    """librosa's default (Slaney) mel filters, [n_fft // 2 + 1, n_mels]."""
+    with warnings.catch_warnings():
+        # torchaudio warns of filters that fall between two FFT bins; empty_mel_bands names them instead.
+        warnings.simplefilter("ignore", UserWarning)
+        return torchaudio.functional.melscale_fbanks(
+            n_freqs=n_fft // 2 + 1, f_min=f_min, f_max=f_max, n_mels=n_mels, sample_rate=sample_rate,
+            norm="slaney", mel_scale="slaney",
+        )  # fmt: skip
+
+
+def empty_mel_bands(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> list[int]:
+    """The mel bands (0-based) that no FFT bin reaches: too many mels for the band f_min..f_max at this
+    FFT size.  Such a band's log-mel is the dB floor in every frame, a feature that carries nothing."""
+    fbank = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
+    return torch.nonzero(fbank.amax(dim=0) == 0).flatten().tolist()
 
 
 def resample_to_48k(waveform: torch.Tensor, orig_sr: int) -> torch.Tensor:
@@ -69,15 +89,7 @@ class LogMel(torch.nn.Module):
         self.top_db = top_db
         # librosa's "hann" is the periodic (fftbins=True) window.
         self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
-        fbank = torchaudio.functional.melscale_fbanks(
-            n_freqs=n_fft // 2 + 1,
-            f_min=f_min,
-            f_max=f_max,
-            n_mels=n_mels,
-            sample_rate=sample_rate,
-            norm="slaney",
-            mel_scale="slaney",
-        )  # [F, n_mels]
+        fbank = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)  # [F, n_mels]
         self.register_buffer("mel_fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, F]
 
     def forward(

@@ -39,7 +39,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from clara.audio_frontend import SAMPLE_RATE, LogMel
+from clara.audio_frontend import SAMPLE_RATE, LogMel, empty_mel_bands
 from clara.config import ConfigError, to_dict
 from clara.io_utils import atomic_path, atomic_write_text, give_umask_mode, user_cache_dir
 from meld.errors import MeldDataError
@@ -96,6 +96,12 @@ class AudioSettings:
         if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
             raise ConfigError(f"audio.f_min and audio.f_max must satisfy 0 <= f_min < f_max <= sample_rate / 2 "
                               f"({self.sample_rate / 2:g} Hz), got f_min {self.f_min}, f_max {self.f_max}")
+        empty = empty_mel_bands(self.sample_rate, self.n_fft, self.n_mels, self.f_min, self.f_max)
+        if empty:
+            raise ConfigError(
+                f"audio.n_mels {self.n_mels} is too many for {self.f_min:g}-{self.f_max:g} Hz at audio.n_fft {self.n_fft}: "
+                f"{len(empty)} mel band(s) reach no FFT bin (first: band {empty[0]}), so they would hold no signal; "
+                "use fewer mels, a wider band or a larger n_fft")
         if not self.top_db > 0:
             raise ConfigError(f"audio.top_db must be positive, got {self.top_db}")
 

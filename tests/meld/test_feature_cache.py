@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from clara.audio_frontend import LogMel
+from clara.audio_frontend import LogMel, empty_mel_bands
 from clara.config import ConfigError
 from meld import feature_cache
 from meld.errors import MeldDataError
@@ -37,7 +37,7 @@ def mel(frames: int, fill: float) -> np.ndarray:
 def test_key_depends_on_every_setting_and_the_format(monkeypatch):
     base = AudioSettings()
     assert base.key() == AudioSettings().key() and len(base.key()) == 12
-    changes = {"sample_rate": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 64, "f_min": 20.0,
+    changes = {"sample_rate": 16000, "n_fft": 2048, "hop_length": 256, "n_mels": 64, "f_min": 20.0,
                "f_max": 7600.0, "top_db": 60.0, "max_seconds": 20.0, "min_seconds": 0.3, "silence_dbfs": -70.0}
     assert set(changes) == {f.name for f in dataclasses.fields(AudioSettings)}
     keys = {dataclasses.replace(base, **{name: value}).key() for name, value in changes.items()}
@@ -83,6 +83,19 @@ def test_mel_band_and_floor_limits_are_the_ones_that_keep_features_informative()
     for edge in ({"f_max": 24_000.0}, {"f_min": 4000.0}, {"top_db": 1.0}, {"sample_rate": 16_000}):
         settings = AudioSettings(**edge)
         assert float(settings.log_mel()(wave)[0].std()) > 0.0, edge
+
+
+def test_more_mels_than_the_fft_bins_can_fill_is_a_config_error():
+    # Slaney mels are linear below 1 kHz (200/3 Hz per mel); 0-8 kHz spans 15 + 27·ln 8 / ln 6.4 = 45.25
+    # mels.  128 bands put their edge points 45.25 / 129 mel = 23.4 Hz apart, so band 0 runs from 0 to
+    # 46.8 Hz: the bins at 0 and 46.875 Hz (48 kHz / 1024) fall on or past its edges and it is empty.
+    # Band 1 (23.4-70.2 Hz) holds the 46.875 Hz bin.
+    assert empty_mel_bands(48_000, 1024, 128, 0.0, 8000.0) == [0]
+    assert empty_mel_bands(48_000, 1024, 80, 0.0, 8000.0) == [] == empty_mel_bands(48_000, 2048, 128, 0.0, 8000.0)
+    with pytest.raises(ConfigError, match=r"^audio.n_mels 128 is too many for 0-8000 Hz at audio.n_fft 1024: 1 mel "
+                                          r"band\(s\) reach no FFT bin \(first: band 0\)"):
+        AudioSettings(n_mels=128)
+    assert AudioSettings(n_mels=128, n_fft=2048).n_mels == 128
 
 
 def test_journal_round_trip_and_torn_tail(tmp_path):
