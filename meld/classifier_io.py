@@ -122,15 +122,33 @@ def load_classifier(path: str | Path) -> tuple[MeldClassifier, dict, Any]:
     clara = Clara(config_lib.from_dict(ClaraConfig, spec["clara"], source=f"{spec_path}: clara")) if spec["clara"] else None
     hf_text = hf_tokenizer = None
     if "hf_text" in spec["inputs"]:
-        hf_text = HFTextEncoder.from_config_folder(folder / HF_DIR)
-        hf_tokenizer = load_hf_tokenizer(folder / HF_DIR)
+        # Checked first: for a missing folder transformers complains about a Hub repo id instead.
+        if not (folder / HF_DIR).is_dir():
+            raise CheckpointError(f"{folder / HF_DIR}: missing; {SPEC_FILE} has an hf_text input, whose "
+                                  "transformers config and tokenizer a finished run keeps there")
+        try:
+            hf_text = HFTextEncoder.from_config_folder(folder / HF_DIR)
+            hf_tokenizer = load_hf_tokenizer(folder / HF_DIR)
+        except (OSError, ValueError) as err:  # transformers' errors for a missing or damaged folder span lines
+            raise CheckpointError(f"{folder / HF_DIR}: cannot load the transformers text encoder's config and "
+                                  f"tokenizer that {SPEC_FILE} needs ({' '.join(str(err).split())})") from None
     try:
         head = FusionHead(spec["head"]["dims"], len(spec["class_names"]), **spec["head"]["options"])
     except (TypeError, ValueError, KeyError) as err:  # unknown options, dims that are not sizes of the inputs
         raise CheckpointError(f"{spec_path}: field 'head' does not describe a head ({type(err).__name__}: {err})") from None
     classifier = MeldClassifier(clara, head, inputs=tuple(spec["inputs"]), features=spec["features"], hf_text=hf_text)
+    weights = folder / WEIGHTS_FILE
+    # A missing or unreadable file is told apart from one that reads but holds another model's tensors:
+    # the fixes differ (copy the run's model/ again, or pair it with its own classifier.json).
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; a finished run's model/ holds {WEIGHTS_FILE} beside {SPEC_FILE}")
     try:
-        classifier.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    except Exception as err:  # safetensors' own errors for corrupt files, RuntimeError for mismatched keys
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: does not fit {SPEC_FILE} ({type(err).__name__}: {err})") from None
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types (and OSError) for a damaged file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    try:
+        classifier.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors, in PyTorch's message of several lines
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"{weights}: does not fit {SPEC_FILE} ({detail})") from None
     return classifier.eval(), spec, hf_tokenizer

@@ -4,7 +4,8 @@ ITEM is an audio or video file (mp4, wav, flac, ...) for runs trained on audio, 
 it) for runs trained on text. A run on both takes the file and its transcript:
 ``--run RUN clip.mp4 --text "what was said"``. Prints the predicted label and every class's
 probability, most likely first (``--json`` for one JSON object instead). A silent clip (the run's
-``audio.silence_dbfs``), which prepare leaves out of training, is still classified, with a warning.
+``audio.silence_dbfs``), which prepare leaves out of training, is still classified, with a warning;
+so is a clip longer than the run's ``audio.max_seconds``, on its first ``max_seconds`` as in training.
 
 A run trained with dialogue context (``data.context_turns`` > 0) read each utterance after its
 previous turns: give them, oldest first, as ``--context "Monica: text" --context "Joey: text"`` with
@@ -70,7 +71,8 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
 
     ``context``: the (speaker, text) of previous turns, oldest first; the run's last
     ``data.context_turns`` of them precede the transcript, formatted as in training.
-    ``warnings``: gets a line for an input the run can classify but did not train on (a silent clip).
+    ``warnings``: gets a line for an input the run can classify but did not train on (a silent clip), or
+    only in part (a clip longer than the run's cap).
     """
     inputs = set(spec["inputs"])
     needs_audio, needs_text = "audio" in inputs, bool(inputs & {"text", "hf_text"})
@@ -106,7 +108,15 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
     out: dict = {"key": str(item), "emotion": 0, "sentiment": 0, "speaker": utt.speaker, "dialogue_id": 0}
     if needs_audio:
         audio = data.audio
-        wave = load_audio(path, max_seconds=audio.max_seconds, sample_rate=audio.sample_rate)
+        cap = audio.max_samples
+        # As prepare decodes: one sample past the cap tells a clip longer than the cap from one exactly
+        # as long, and a longer one is cut to the cap, which the user is told rather than left to guess.
+        limit = None if cap is None else (cap + 1) / audio.sample_rate
+        wave = load_audio(path, max_seconds=limit, sample_rate=audio.sample_rate)
+        if cap is not None and wave.numel() > cap:
+            wave = wave[:cap]
+            warnings.append(f"{path}: longer than the run's audio.max_seconds ({audio.max_seconds:g} s): only its "
+                            f"first {audio.max_seconds:g} s were classified, as prepare cut such clips for training")
         if wave.numel() < max(1, int(audio.min_seconds * audio.sample_rate)):
             raise PredictError(f"{path}: {wave.numel() / audio.sample_rate:.3f} s of audio, under the "
                                f"{audio.min_seconds} s minimum the model was trained with")

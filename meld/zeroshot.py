@@ -189,7 +189,9 @@ def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, da
     """Audio embeddings per split and prompt embeddings per class, computed once per (weights, inputs).
 
     Reuses the linear probe's embedding cache: the key hashes the model's weights, the audio settings,
-    every prompt text and every utterance key, so any change recomputes; the model's config too, as
+    every prompt text, every utterance key and each split's feature-store digest (its clips' source
+    files and frames, so a clip replaced and prepared again is encoded again, not served from an
+    earlier run), so any change recomputes; the model's config too, as
     settings such as ``mask_padding`` change the embeddings and not the weights. The encoders run under
     ``precision``'s autocast (clara.precision; also part of the key). The file goes in ``cache_root``
     (meld.prepare's ``--cache``; default the data root's folder in the user cache). Returns (audio {split: [N, D]},
@@ -198,7 +200,8 @@ def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, da
     fingerprint = {
         "kind": "zeroshot/1", "data": str(root), "audio": config_lib.to_dict(data.audio),
         "prompts": {label: prompts.texts(label) for label in prompts.labels},
-        "splits": {split: [utt.key for utt in ds.utterances] for split, ds in datasets.items()},
+        "splits": {split: {"keys": [utt.key for utt in ds.utterances], "store": ds.store.digest}
+                   for split, ds in datasets.items()},
         "precision": precision, "clara": config_lib.to_dict(model.config),
     }
     path = path_for(cache_root or default_cache_root(root), cache_key(model, fingerprint))

@@ -221,6 +221,35 @@ def test_silent_audio_is_classified_with_the_reason_prepare_drops_it(audio_run, 
     assert capsys.readouterr().err == ""
 
 
+def test_a_clip_over_the_runs_cap_is_classified_on_its_first_seconds_with_a_warning(audio_run, tmp_path, capsys):
+    # The run's audio.max_seconds is 30: a 31 s clip is read as prepare read long clips for training, its
+    # first 30 s, and the user is told. At the run's 48 kHz, so no resampling blurs the cut.
+    rate, seconds = 48_000, 31.0
+    t = np.arange(int(seconds * rate)) / rate
+    tone = np.where(t < 30.0, np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 3_000 * t))  # the end differs
+    samples = np.round(0.3 * tone * 32767).astype("<i2")
+
+    def write(path: Path, data: np.ndarray) -> Path:
+        with wave.open(str(path), "wb") as handle:
+            handle.setnchannels(1)
+            handle.setsampwidth(2)
+            handle.setframerate(rate)
+            handle.writeframes(data.tobytes())
+        return path
+
+    long = write(tmp_path / "long.wav", samples)
+    first = write(tmp_path / "first30.wav", samples[: 30 * rate])
+    expected = predict(audio_run, str(first))
+    assert expected["warnings"] == []  # a clip exactly at the cap is whole
+    assert main(["--run", str(audio_run), str(long), "--json"]) == 0
+    out, err = capsys.readouterr()
+    line = f"{long}: longer than the run's audio.max_seconds (30 s): only its first 30 s were classified"
+    assert err.startswith(f"warning: {line}") and len(err.splitlines()) == 1, err
+    result = json.loads(out)
+    assert result["warnings"][0].startswith(line)
+    assert result["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+
+
 def _spec_changes(spec: dict) -> dict:
     """name -> (a damaged or foreign classifier.json, the fragment its error must have after the file name)."""
     head = spec["head"]
@@ -256,6 +285,29 @@ def test_a_damaged_model_spec_is_one_error_naming_the_file_and_field(text_run, t
         assert len(err.splitlines()) == 1 and err.startswith(f"error: {path}: ") and fragment in err, (name, err)
 
 
+def test_missing_damaged_or_foreign_weights_are_one_error_saying_which(text_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = text_run / "model" / "model.safetensors"
+    tensors = load_file(str(weights))
+    damaged = {
+        "missing": (None, "model.safetensors: missing; a finished run's model/ holds model.safetensors"),
+        "cut short": (weights.read_bytes()[:500], "model.safetensors: not a readable safetensors file"),
+        "another model's": (dict(list(tensors.items())[1:]), "model.safetensors: does not fit classifier.json"),
+    }
+    for name, (content, fragment) in damaged.items():
+        run = tmp_path / name.replace(" ", "-").replace("'", "")
+        shutil.copytree(text_run / "model", run / "model")
+        path = run / "model" / "model.safetensors"
+        if content is None:
+            path.unlink()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            save_file(content, str(path))
+        _assert_one_error(capsys, ["--run", str(run), "hello"], f"{run}/model/{fragment}")
+
+
 def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_path, capsys):
     from tests.meld.test_classifier import tiny_bert
 
@@ -275,6 +327,14 @@ def test_a_local_transformers_text_encoder_beside_clara_trains_and_predicts(tmp_
         result = predict(tmp_path / "run", utt.text, context=context, speaker=utt.speaker)
         _assert_same_probabilities(result, expected[utt.key], utt.key)
     assert sum(1 for utt in utterances if _previous_turns(utterances, utt)) == 7
+    # A model/ copied without its hf_text/ folder, or with a damaged one, is one error naming that folder.
+    hf_dir = tmp_path / "run" / "model" / "hf_text"
+    (hf_dir / "config.json").write_text("{")
+    capsys.readouterr()
+    _assert_one_error(capsys, ["--run", str(tmp_path / "run"), "hello"],
+                      f"{hf_dir}: cannot load the transformers text encoder's config and tokenizer")
+    shutil.rmtree(hf_dir)
+    _assert_one_error(capsys, ["--run", str(tmp_path / "run"), "hello"], f"{hf_dir}: missing; classifier.json has")
 
 
 def _previous_turns(utterances, utt) -> list[tuple[str, str]]:

@@ -204,6 +204,42 @@ def test_embeddings_are_cached_across_runs(tmp_path, monkeypatch):
     assert torch.equal(first_prompts[0], second_prompts[0])
 
 
+def test_a_clip_prepared_again_is_encoded_again(setup, tmp_path):
+    """The embedding cache keys on the prepared features, not only on the utterance keys: a clip replaced
+    and prepared again gets the embedding of its new audio, not the one cached for the old."""
+    from clara.tokenizer import Tokenizer
+    from meld.dataset import DataConfig, build_datasets
+    from meld.layout import find_layout
+    from meld.prompts import load_prompts
+    from meld.zeroshot import cached_embeddings
+
+    source, checkpoint, _ = setup
+    root, cache = shutil.copytree(source, tmp_path / "demo"), tmp_path / "cache"
+    prepare(root, cache, workers=1)
+    data, model, prompts = DataConfig(modality="audio"), load_checkpoint(checkpoint).eval(), load_prompts()
+
+    def embeddings():
+        datasets = build_datasets(root, data, splits=("train", "test"), cache_root=cache)
+        audio, _, hit = cached_embeddings(model, Tokenizer(), prompts, datasets, root, data, 8, cache_root=cache)
+        return datasets["test"], audio["test"], hit
+
+    test, before, hit = embeddings()
+    assert not hit and not torch.allclose(before[0], before[1], atol=1e-3)
+    clips = find_layout(root, ("test",), need_clips=True)["test"].clips
+    first, second = test.utterances[0], test.utterances[1]
+    shutil.copyfile(clips / second.clip_name, clips / first.clip_name)  # the first clip now holds the second's audio
+    prepare(root, cache, workers=1)
+    test, after, hit = embeddings()
+    assert not hit
+    assert [u.key for u in test.utterances[:2]] == [first.key, second.key]
+    # The first clip's embedding is now the second's, and what the model computes from its new features.
+    torch.testing.assert_close(after[0], before[1], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        mel = test[0]["mel"]  # [n_mels, T], as prepared again
+        naive = model.encode_audio(mel[None], torch.tensor([mel.shape[-1]]))[0]
+    torch.testing.assert_close(after[0], naive, atol=1e-5, rtol=0)
+
+
 def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
