@@ -632,6 +632,11 @@ class Trainer:
         started = time.perf_counter()
         if resumed_from is None and self.config.eval_at_start:
             self.evaluate()
+        # Training mode from the first step: a loaded checkpoint comes in eval mode, and so does a model
+        # its caller ran for inference first (the linear probe encodes).  Only an evaluation switched it
+        # back, so the first epoch, the first after a resume, and all of a DDP process other than the
+        # main one (it never evaluates) trained with dropout off.
+        self.model.train()
         show = self.config.progress and self.env.is_main and sys.stderr.isatty()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not show, dynamic_ncols=True, unit="step")
         window: dict[str, Any] = {}

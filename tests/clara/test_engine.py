@@ -92,6 +92,24 @@ def test_training_reduces_the_loss(tmp_path):
     assert {"train/lr", "train/grad_norm", "train/samples_per_s", "train/jitter"} <= set(result.history[0])
 
 
+def test_a_model_handed_over_in_eval_mode_trains_in_training_mode(tmp_path):
+    # As a loaded checkpoint arrives: dropout must be on from the first step, not from the first evaluation.
+    class ModeTask(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.modes = []
+
+        def training_step(self, model, batch):
+            self.modes.append(all(module.training for module in model.modules()))
+            return super().training_step(model, batch)
+
+    task = ModeTask()
+    settings = dict(steps=4, batch_size=4, accumulation=1, lr=1e-2, min_lr=1e-3, warmup_steps=1, cycle_steps=4,
+                    eval_every=0, eval_at_start=False, seed=7, out_dir=str(tmp_path), device="cpu", progress=False)
+    Trainer(TrainConfig(**settings), toy_model().eval(), task, ToyData()).fit()
+    assert task.modes == [True] * 4
+
+
 def test_stop_and_resume_gives_the_same_losses(tmp_path):
     full, full_trainer = fit(tmp_path / "full")
     first, _ = fit(tmp_path / "split", steps=4)  # stops mid-epoch (6 steps per epoch)

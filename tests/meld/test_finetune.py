@@ -111,6 +111,31 @@ def test_linear_probe_encodes_once_and_reuses_the_cache(csv_root, tmp_path, caps
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
 
 
+@pytest.mark.parametrize("strategy", ["linear_probe", "checkpoint"])
+def test_every_training_step_runs_in_training_mode(csv_root, tmp_path, monkeypatch, strategy):
+    # A loaded CLARA checkpoint comes in eval mode, and the linear probe encodes in eval mode; the engine
+    # switches to train only after an evaluation, so the whole first epoch trained with dropout off.
+    from clara.checkpoint import save_checkpoint
+    from clara.model import Clara
+    from meld import finetune_task
+
+    modes = []  # per training step: whether every module of the trained model is in training mode
+    original = finetune_task.ClassificationTask.training_step
+
+    def spy(self, model, batch):
+        modes.append(all(module.training for module in model.modules()))
+        return original(self, model, batch)
+
+    monkeypatch.setattr(finetune_task.ClassificationTask, "training_step", spy)
+    if strategy == "linear_probe":
+        extra = ["strategy.name=linear_probe", f"cache_root={tmp_path / 'cache'}"]
+    else:
+        save_checkpoint(Clara(load_model_config("tiny")), tmp_path / "clara")
+        extra = [f"model.checkpoint={tmp_path / 'clara'}"]
+    run_finetune(text_config(csv_root, *extra), out_dir=tmp_path / "run")
+    assert len(modes) == 10 and all(modes)  # 2 epochs of 42 // 8 = 5 steps
+
+
 def test_seeds_report_mean_and_std(csv_root, tmp_path):
     doc = run_finetune(text_config(csv_root, "seeds=2", "train.epochs=1", "target=sentiment"), out_dir=tmp_path)
     assert set(doc["seeds"]) == {"1234", "1235"} and doc["mean_std"]["runs"] == 2
