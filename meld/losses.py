@@ -65,7 +65,11 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits [B, C], target [B] class indices -> scalar."""
         log_p = F.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)  # [B]
-        loss = -((1.0 - log_p.exp()) ** self.gamma) * log_p
+        # 1 - p_y [B], from expm1 so it is not rounded to 0 while log p_y is not, and kept above 0:
+        # once p_y is 1 in float32 (a margin of ~17 logits), d(1 - p)^gamma/dp is infinite for
+        # 0 < gamma < 1, and infinity times log p_y = 0 made a NaN gradient that poisoned every weight.
+        miss = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
+        loss = -(miss**self.gamma) * log_p
         if self.alpha is not None:
             loss = loss * self.alpha[target]
         return loss.mean()

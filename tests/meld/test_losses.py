@@ -82,3 +82,31 @@ def test_label_smoothing_with_focal_loss_is_one_config_error():
         load_config(None, ["loss.name=focal", "loss.label_smoothing=0.1"])
     assert load_config(None, ["loss.name=focal", "loss.label_smoothing=0"]).loss.name == "focal"
     assert load_config(None, ["loss.name=weighted_ce", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1
+
+
+def _naive_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: list[float]) -> torch.Tensor:
+    """The textbook formula row by row, in float64 (where p_y = 1 - 1e-13 is still below 1)."""
+    terms = []
+    for row, y in zip(logits.double(), target.tolist()):
+        p = row.exp()[y] / row.exp().sum()
+        terms.append(-alpha[y] * (1 - p) ** gamma * torch.log(p))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 2.0])
+def test_focal_loss_of_a_confident_example_has_the_reference_gradient_not_nan(gamma):
+    # Row 0 is right by a margin of 30 logits: its p_y is exactly 1 in float32. With 0 < gamma < 1,
+    # d(1 - p)^gamma/dp is infinite there, and multiplied by log p_y = 0 it gave a NaN gradient (a sweep
+    # draws focal_gamma from 0.5 up), which the optimiser step then spread to every weight.
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.5, 1.0, -0.5], [0.2, -0.3, 0.1]])
+    target = torch.tensor([0, 1, 2])
+    alpha = [0.5, 1.0, 2.0]
+    ours = logits.clone().requires_grad_(True)
+    loss = FocalLoss(gamma=gamma, alpha=torch.tensor(alpha))(ours, target)
+    loss.backward()
+    reference = logits.double().requires_grad_(True)
+    expected = _naive_focal(reference, target, gamma, alpha)
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.isfinite(ours.grad).all()
+    assert torch.allclose(ours.grad.double(), reference.grad, atol=1e-6)
