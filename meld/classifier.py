@@ -116,8 +116,13 @@ def parameter_depth(name: str, classifier: MeldClassifier) -> tuple[str, int, in
     CLARA text: embeddings 0, layer i -> i + 1, the rest of the tower and ``text_head`` -> layers + 1.
     CLARA audio: conv front-end and positions 0, the Perceiver's cross-attention block 1, latent layer i
     -> i + 2, pooling and ``audio_head`` -> layers + 2. Transformers: embeddings 0, layer i -> i + 1,
-    the rest -> layers + 1.
+    the rest -> layers + 1. With ``features`` pooled, CLARA's projection heads (``audio_head``,
+    ``text_head``) compute nothing the classifier uses, so they are unused parameters too.
     """
+    if classifier.features == "pooled" and name.startswith(("clara.audio_head.", "clara.text_head.")):
+        # Left trainable, they never got a gradient: DDP (without train.find_unused_parameters) failed at
+        # its second step, still waiting for their gradients, and the trainable counts included them.
+        return None
     if name.startswith(("clara.text.", "clara.text_head.")) and "text" in classifier.inputs:
         top = classifier.clara.config.text.layers + 1
         if name.startswith(("clara.text.token_embedding", "clara.text.position_embedding")):

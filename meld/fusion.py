@@ -8,7 +8,8 @@ Inputs are a dict ``{name: [B, D_name]}`` (``audio``, ``text``, ``hf_text``), al
   inputs, per unit: [B, H]. The gates are a softmax over the modalities; with two that is exactly a
   sigmoid gate g * audio + (1 - g) * text.
 * ``attention``: project each to a token of width ``fusion_dim`` plus a learned modality embedding,
-  and let a learned query attend over the tokens (4 heads): [B, H].
+  and let a learned query attend over the tokens (4 heads; 1 when ``fusion_dim`` is not a multiple of
+  4): [B, H].
 
 The head is a linear layer on the fused vector, or one hidden layer first when ``hidden_dim`` > 0.
 

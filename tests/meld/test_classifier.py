@@ -39,6 +39,25 @@ def test_every_fusion_gives_logits(fusion, features):
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("fusion", ["concat", "gated", "attention"])
+@pytest.mark.parametrize("features", ["projected", "pooled"])
+def test_padding_does_not_change_an_items_logits(fusion, features):
+    # Each item run alone, cut to its own length, against the batch padded to its longest (and then some,
+    # as data.frames_multiple / tokens_multiple pad): the masks keep padded frames and tokens out.
+    torch.manual_seed(0)
+    model = _classifier(fusion=fusion, features=features).eval()
+    batch = {"mel": torch.randn(3, 80, 64), "mel_lengths": torch.tensor([50, 37, 20]),
+             "tokens": torch.randint(1, 1000, (3, 12)), "token_lengths": torch.tensor([9, 5, 3])}
+    with torch.no_grad():
+        batched = model(batch)  # [3, 7]
+        for i in range(3):
+            frames, tokens = int(batch["mel_lengths"][i]), int(batch["token_lengths"][i])
+            alone = model({"mel": batch["mel"][i : i + 1, :, :frames], "mel_lengths": batch["mel_lengths"][i : i + 1],
+                           "tokens": batch["tokens"][i : i + 1, :tokens],
+                           "token_lengths": batch["token_lengths"][i : i + 1]})
+            assert torch.allclose(alone[0], batched[i], atol=1e-5)
+
+
 def _randomised_head(fusion: str, fusion_dim: int) -> tuple[FusionHead, dict, torch.Tensor, torch.Tensor]:
     """A tiny eval-mode head with every parameter random (LayerNorm affine and the modality embedding too,
     which start at 1/0), and a batch: (head, embeddings, normed audio [3, 4], normed text [3, 6])."""
@@ -138,6 +157,19 @@ def test_unused_tower_is_frozen():
     model = _classifier(inputs=("text",))
     set_trainable(model, "full")
     assert not any(name.startswith("clara.audio") for name in _trainable(model))
+
+
+@pytest.mark.parametrize("features", ["projected", "pooled"])
+@pytest.mark.parametrize("strategy", ["full", "partial"])
+def test_every_trainable_parameter_gets_a_gradient(features, strategy):
+    # Trainable means used: with pooled features CLARA's projection heads are outside the graph, and left
+    # trainable they got no gradient (DDP then fails at its second step waiting for them).
+    model = _classifier(features=features)
+    set_trainable(model, strategy, 1)
+    model(_batch()).sum().backward()
+    trainable = _trainable(model)
+    assert trainable == {name for name, p in model.named_parameters() if p.grad is not None}
+    assert ("clara.audio_head.weight" in trainable) == (features == "projected")
 
 
 def test_layer_decay_scales_each_depth():
