@@ -183,6 +183,14 @@ def write_settings(cache_dir: Path, settings: AudioSettings) -> None:
     atomic_write_text(cache_dir / "settings.json", text + "\n")
 
 
+def check_model_mels(settings: AudioSettings, model_mels: int) -> None:
+    """Refuse features a CLARA model cannot read before any is encoded: its audio tower's first
+    convolution takes ``model_mels`` bins, and another count fails inside the model with a traceback."""
+    if settings.n_mels != model_mels:
+        raise ConfigError(f"audio.n_mels is {settings.n_mels}, but the CLARA model reads {model_mels}-bin log-mels: "
+                          f"prepare (and read) the features with audio.n_mels={model_mels}")
+
+
 class UnreadableStore(MeldDataError):
     """A split store that cannot be read: damaged on disk, or not one this version writes."""
 

@@ -52,7 +52,7 @@ from meld.dataset import MeldDataset, build_datasets
 from meld.demo import ensure_demo
 from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
-from meld.feature_cache import default_cache_root
+from meld.feature_cache import check_model_mels, default_cache_root
 from meld.finetune_config import FinetuneConfig
 from meld.finetune_data import BalancedView, Collate, HFTextView
 from meld.finetune_report import write_run_outputs, write_seed_summary
@@ -139,6 +139,8 @@ class _Data:
                     f"data.max_tokens ({data.max_tokens}) padded up to a multiple of data.tokens_multiple ({multiple}) "
                     f"is {widest} tokens, more than the CLARA text tower's {positions} positions; "
                     f"set data.max_tokens={positions // multiple * multiple}")
+        if clara_config is not None and data.uses_audio:
+            check_model_mels(data.audio, clara_config.audio.n_mels)
         self.root = Path(config.data_root) if config.data_root else ensure_demo(log=distributed.main_print)
         self.cache_root = Path(config.cache_root) if config.cache_root else default_cache_root(self.root)
         if data.uses_audio and config.prepare:

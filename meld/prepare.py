@@ -205,6 +205,26 @@ def prepare(
     return report
 
 
+def add_audio_arguments(parser: argparse.ArgumentParser) -> None:
+    """The audio-setting flags of ``prepare`` and of the commands that read what it prepared: a cache
+    is found by its settings, so they take the same ones (read back by ``audio_config``)."""
+    parser.add_argument("--max-seconds", type=float, help="cap on clip length (default 30; 0: no cap)")
+    parser.add_argument("--config", help="data config YAML whose audio: section applies (configs/data/default.yaml)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. audio.min_seconds=0.2")
+
+
+def audio_config(args: argparse.Namespace) -> DataConfig:
+    """The DataConfig of ``add_audio_arguments``' flags (a ConfigError for a bad one)."""
+    overrides = list(args.set)
+    if args.max_seconds is not None:
+        # argparse takes "nan", "inf" and negatives as floats; only 0 means no cap.
+        if not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
+            raise ConfigError(f"--max-seconds must be a number of seconds >= 0 (0: no cap), got {args.max_seconds}")
+        overrides.append(f"audio.max_seconds={args.max_seconds if args.max_seconds > 0 else 'null'}")
+    return load(DataConfig, args.config, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meld.prepare",
@@ -215,20 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", help="cache root; features go to CACHE/audio-<key>/ "
                         "(default: $MELD_CLARA_CACHE or ~/.cache/meld-clara, then features/<dataset>)")
     parser.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
-    parser.add_argument("--max-seconds", type=float, help="cap on clip length (default 30; 0: no cap)")
-    parser.add_argument("--config", help="data config YAML whose audio: section applies (configs/data/default.yaml)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. audio.min_seconds=0.2")
+    add_audio_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        overrides = list(args.set)
-        if args.max_seconds is not None:
-            # argparse takes "nan", "inf" and negatives as floats; only 0 means no cap.
-            if not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):
-                raise ConfigError(f"--max-seconds must be a number of seconds >= 0 (0: no cap), got {args.max_seconds}")
-            overrides.append(f"audio.max_seconds={args.max_seconds if args.max_seconds > 0 else 'null'}")
-        config = load(DataConfig, args.config, overrides)
+        config = audio_config(args)
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {args.workers}")
         root = Path(args.data) if args.data is not None else ensure_demo(log=print)

@@ -11,8 +11,8 @@ alone and all of them together (the ensemble), each raw and with both label-free
 ensemble with ``--calibration``. Beside it: audio-text retrieval R@1/5/10 on each split, the captions
 built from utterance, emotion and speaker (``configs/captions/meld.yaml``).
 
-Audio comes from ``python -m meld.prepare``'s feature cache (``--cache``, as given to prepare; the demo
-is prepared automatically); audio and prompt embeddings are kept in that cache's embedding cache, caption
+Audio comes from ``python -m meld.prepare``'s feature cache (``--cache`` and the audio settings
+``--max-seconds``/``--config``/``--set``, as given to prepare; the demo is prepared automatically); audio and prompt embeddings are kept in that cache's embedding cache, caption
 embeddings are computed once per run; inference runs in batches, on the GPU when there is one.
 Outputs in ``--out`` (default ``runs/zeroshot-<timestamp>``): metrics.json, report.md, predictions.csv, confusion_<split>.png, tensorboard/.
 """
@@ -20,6 +20,7 @@ Outputs in ``--out`` (default ``runs/zeroshot-<timestamp>``): metrics.json, repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -48,9 +49,9 @@ from meld.demo import ensure_demo
 from meld.demo_clara import ensure_demo_clara
 from meld.embedding_cache import cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
-from meld.feature_cache import default_cache_root
+from meld.feature_cache import audio_cache_dir, check_model_mels, default_cache_root
 from meld.metrics import classification_metrics
-from meld.prepare import prepare
+from meld.prepare import add_audio_arguments, audio_config, prepare
 from meld.prompts import PROMPT_ROOT, PromptSet, class_embeddings, encode_prompts, encode_texts, load_prompts, zero_shot_logits
 from meld.zeroshot_report import ENSEMBLE, write_outputs
 
@@ -222,6 +223,9 @@ def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, da
 def run(args: argparse.Namespace) -> dict:
     """Score, write every output to ``args.out`` and return the metrics document."""
     started = time.perf_counter()
+    # Only the audio settings are read (before the folder is claimed: a bad one is refused untouched);
+    # they name the cache prepare wrote.
+    data = dataclasses.replace(audio_config(args), modality="audio")
     claim(args.out, KIND, holds_run)  # before any work: the folder must be new, empty or an earlier zero-shot run
     prompts = load_prompts(args.prompts)
     captions = load_captions(args.captions)
@@ -229,13 +233,13 @@ def run(args: argparse.Namespace) -> dict:
     root, checkpoint = resolve_inputs(args)
     cache_root = Path(args.cache) if args.cache else default_cache_root(root)
     if args.data is None:
-        prepare(root, cache_root)  # the demo's features (cached after the first run); a user prepares their own data
+        prepare(root, cache_root, data.audio)  # the demo's features (cached after the first run); a user prepares their own data
     overrides = args.clara_override or []
     with config_lib.noting(f"loaded with --clara-override {' '.join(overrides)}" if overrides else "", CheckpointError):
         model = load_checkpoint(checkpoint, allow_pickle=args.allow_pickle, overrides=overrides).to(device).eval()
     tokenizer = Tokenizer(max_length=model.config.text.max_positions)
     eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
-    data = DataConfig(modality="audio")
+    check_model_mels(data.audio, model.config.audio.n_mels)
     datasets = build_datasets(root, data, splits=("train", *eval_splits), cache_root=cache_root)
 
     precision = resolve_precision(args.precision, device)
@@ -257,6 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": str(args.prompts or DEFAULT_PROMPTS),
         "captions": str(args.captions or DEFAULT_CAPTIONS), "target": prompts.target,
         "calibration": args.calibration, "device": str(device), "precision": precision, "audio_scale": float(scale),
+        "audio_features": str(audio_cache_dir(cache_root, data.audio)),  # names the audio settings used
         "train_clips_unlabelled": len(datasets["train"]), "seconds": round(time.perf_counter() - started, 1),
     }
     return write_outputs(Path(args.out), prompts, captions, splits, results, probabilities, recall, run_info)
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clara-override", action="append", metavar="KEY=VALUE",
                         help="a CLARA setting applied to the checkpoint that leaves its tensors alone, e.g. "
                         "mask_padding=false or attention=sdpa_cudnn (repeat for several)")
+    add_audio_arguments(parser)  # as given to meld.prepare: they name its cache
     parser.add_argument("--prompts", help="prompt set YAML (default: configs/prompts/emotion.yaml)")
     parser.add_argument("--captions", help="caption YAML for retrieval (default: configs/captions/meld.yaml)")
     parser.add_argument("--split", choices=("dev", "test", "both"), default="both", help="split(s) to score")

@@ -247,7 +247,8 @@ def test_wrong_kind_of_checkpoint_is_one_clear_error(csv_root, tmp_path, capsys)
 @pytest.mark.parametrize("override, fragment", [("train.epochs=many", "train.epochs"), ("modell.fusion=gated", "modell"),
                                                 ("model.fusion=sum", "model.fusion"), ("seeds=0", "seeds"),
                                                 ("data.frames_multiple=0", "frames_multiple"),
-                                                ("data.tokens_multiple=3", "data.tokens_multiple (3)")])
+                                                ("data.tokens_multiple=3", "data.tokens_multiple (3)"),
+                                                ("data.audio.n_mels=64", "audio.n_mels is 64, but the CLARA model reads 80")])
 def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
     code, err = _cli(capsys, "--out", str(tmp_path / "o"), override)
     _assert_one_error(code, err, fragment)

@@ -17,6 +17,7 @@ from clara.model import Clara
 from clara.model_config import load_model_config
 from meld.demo import make_demo
 from meld.demo_clara import ensure_demo_clara
+from meld.feature_cache import AudioSettings
 from meld.labels import EMOTIONS
 from meld.metrics import classification_metrics
 from meld.prepare import prepare
@@ -147,6 +148,10 @@ def test_sentiment_prompts(setup, tmp_path):
     (["--data", "{ckpt}", "--checkpoint", "{ckpt}"], "_sent_emo.csv"),
     (["--data", "{root}", "--checkpoint", "{ckpt}", "--prompts", "{base}/none.yaml"], "config file not found"),
     (["--data", "{root}", "--checkpoint", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--set", "audio.n_mels=64", "--out", "{base}/m"],
+     "audio.n_mels is 64, but the CLARA model reads 80-bin log-mels"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--set", "audio.bogus=1"], "unknown key(s) bogus"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--max-seconds", "-1"], "--max-seconds"),
 ])
 def test_user_mistakes_are_one_line(setup, capsys, argv, message):
     root, checkpoint, base = setup
@@ -154,6 +159,23 @@ def test_user_mistakes_are_one_line(setup, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_features_prepared_with_other_audio_settings_are_read_with_the_same_flags(setup, tmp_path, capsys):
+    root, checkpoint, base = setup
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MELD_CLARA_CACHE", str(base / "cache"))
+        capped = AudioSettings(max_seconds=2.0)
+        prepare(root, settings=capped, workers=1)
+        argv = ["--data", str(root), "--checkpoint", str(checkpoint), "--split", "test"]
+        assert main([*argv, "--max-seconds", "2", "--out", str(tmp_path / "capped")]) == 0
+        assert main([*argv, "--set", "audio.max_seconds=30", "--out", str(tmp_path / "default")]) == 0
+    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("capped", "default")}
+    assert Path(runs["capped"]["run"]["audio_features"]).name == f"audio-{capped.key()}"
+    assert Path(runs["default"]["run"]["audio_features"]).name == f"audio-{AudioSettings().key()}"
+    # The demo has clips over 2 s: cut to 2 s, some embeddings and so some scores differ.
+    capped_rows = (tmp_path / "capped" / "predictions.csv").read_text()
+    assert capped_rows != (tmp_path / "default" / "predictions.csv").read_text()
 
 
 def test_unprepared_data_names_the_fix(tmp_path, setup, capsys, monkeypatch):
