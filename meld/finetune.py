@@ -270,7 +270,8 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: dis
                               unimodal_weight=unimodal_weight)
     groups = None
     if config.strategy.name != "linear_probe" and config.strategy.layer_decay < 1.0:
-        groups = decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay)
+        groups = decayed_groups(classifier, config.strategy.layer_decay, config.train.weight_decay,
+                                decay_1d=config.train.decay_1d)
     # data.bucket_by_length: batches of clips (or texts) of similar length, so less padding; cached
     # embeddings (linear probe) have no length.
     bucket = config.data.bucket_by_length and config.strategy.name != "linear_probe"

@@ -12,10 +12,11 @@ import torch
 from meld.classifier import MeldClassifier, parameter_depth
 
 
-def decayed_groups(classifier: MeldClassifier, decay: float, weight_decay: float) -> list[dict]:
+def decayed_groups(classifier: MeldClassifier, decay: float, weight_decay: float, *, decay_1d: bool = False) -> list[dict]:
     """AdamW groups of the trainable parameters, one per (lr scale, decayed or not), head first.
 
-    As in ``clara.optim.param_groups``, tensors of fewer than 2 dimensions get no weight decay.
+    As in ``clara.optim.param_groups`` (and with its ``decay_1d``, the engine's ``train.decay_1d``),
+    tensors of fewer than 2 dimensions get no weight decay unless ``decay_1d``.
     """
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in classifier.named_parameters():
@@ -23,7 +24,7 @@ def decayed_groups(classifier: MeldClassifier, decay: float, weight_decay: float
             continue
         depth = parameter_depth(name, classifier)
         scale = 1.0 if depth is None else decay ** (depth[2] - depth[1] + 1)
-        groups.setdefault((scale, parameter.ndim >= 2), []).append(parameter)
+        groups.setdefault((scale, decay_1d or parameter.ndim >= 2), []).append(parameter)
     ordered = sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))
     return [{"params": params, "lr_scale": scale, "weight_decay": weight_decay if decayed else 0.0}
             for (scale, decayed), params in ordered]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from clara import Clara, load_model_config
 from clara.engine import TrainConfig, Trainer
+from clara.optim import param_groups
 from clara.tokenizer import Tokenizer
 from meld.classifier import (
     MeldClassifier, input_dims, input_names, parameter_depth, set_trainable, zero_shot_init,
@@ -184,6 +185,17 @@ def test_layer_decay_scales_each_depth():
     assert scale_of[id(named["clara.text.token_embedding.weight"])] == 0.5**4
     assert scale_of[id(named["clara.audio.perceiver.cross_attn.q.weight"])] == 0.5**4  # audio top 4, depth 1
     assert parameter_depth("head.classifier.weight", model) is None
+
+
+@pytest.mark.parametrize("decay_1d", [False, True])
+def test_layer_decay_groups_follow_decay_1d_as_the_engine_does(decay_1d):
+    model = _classifier()
+    set_trainable(model, "full")
+    decay_of = {id(p): g["weight_decay"] for g in decayed_groups(model, 0.5, 0.01, decay_1d=decay_1d) for p in g["params"]}
+    engine = {id(p): g["weight_decay"] for g in param_groups(model, 0.01, decay_1d=decay_1d) for p in g["params"]}
+    assert decay_of == engine
+    bias = dict(model.named_parameters())["head.classifier.bias"]
+    assert decay_of[id(bias)] == (0.01 if decay_1d else 0.0)
 
 
 def test_decayed_groups_set_each_groups_rate_in_the_engine(tmp_path):
