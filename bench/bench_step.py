@@ -36,9 +36,15 @@ on H100 SXM and H200; ``--peak-tflops`` for other GPUs; "n/a" on CPU), for every
 TFLOP/s over the ceiling measured in the same run: a bf16 8192³ matmul on GPU (767-798 TFLOP/s on
 the H100/H200 measured so far, so it reads about 1.25x the MFU), on CPU a 1024³ matmul in the row's
 own precision.  Issue 9's targets (and the reference's ceiling of 3,840 samples/s on an H100) are
-fractions of the measured ceiling.  Variable-length rows count the FLOPs of the 3 s workload (the
-latent stack, most of the work, does not depend on the clip length), so their TFLOP/s is a lower
-bound; their timed steps cover every pre-made batch equally often.
+fractions of the measured ceiling.  The FLOPs are the model's: the recomputation of ``ckpt``,
+``sac``, ``pointwise``/``aggressive`` and of fused attention backwards is not counted (208.4 GFLOP
+per training sample of CLARA medium: 3 x its training forward's 69.49, less the input gradient of
+conv1, which the mel does not need).
+Variable-length rows count the FLOPs of the 3 s workload (the latent stack, most of the work, does
+not depend on the clip length).  Their batches, padded, average more than its 282 frames, so their
+TFLOP/s is a lower bound; at batch 64 the padded work is about 1.3% (``varlen``) and 0.2%
+(``bucket``) above the 3 s count, and the clips' real lengths about 0.04%.  Their timed steps cover
+every pre-made batch equally often.
 
 ``--prewarm N`` first compiles every compiled variant once in N parallel processes (``--compile-only``:
 one untimed step per input shape), so the timed run, one variant at a time as always, finds inductor's
@@ -98,8 +104,11 @@ PAD_MULTIPLE = 64  # frames; keeps the number of distinct shapes (recompiles, CU
 INPUT_SETS = 8  # distinct pre-made batches the timed steps cycle through
 
 # Datasheet dense (not sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of
-# torch.cuda.get_device_name; the first match wins, so the PCIe name precedes the SXM one.
-DENSE_BF16_PEAKS = (("H100 PCIe", 756.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H200", 989.4))
+# torch.cuda.get_device_name; the first match wins, so the PCIe name precedes the SXM one.  The NVL
+# parts ("NVIDIA H100 NVL", "NVIDIA H200 NVL") run at lower power and peak than the SXM ones, yet
+# "H200" would match the latter: they are left unknown (--peak-tflops) rather than given the SXM peak.
+DENSE_BF16_PEAKS: tuple[tuple[str, float | None], ...] = (
+    ("NVL", None), ("H100 PCIe", 756.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H200", 989.4))
 _GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
 
 _SCOPES = {"compile": ("model", "default"), "blocks": ("blocks", "default"),
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prewarm", type=int, default=0, metavar="N",
                         help="compile the compiled variants in N parallel processes before timing any")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the GPU's dense bf16 peak for the MFU column (known: H100 SXM/PCIe, H200)")
+                        help="the GPU's dense bf16 peak for the MFU column (known: H100 SXM/PCIe, H200; not NVL parts)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs; "
                              "with --prewarm, just the parallel compiles")

@@ -55,10 +55,39 @@ def test_step_benchmark_prints_its_table(capsys):
     assert "device: CPU" in out and "MFU against the dense bf16 peak n/a" in out
 
 
+def test_flops_per_sample_match_a_hand_count():
+    """CLARA tiny, mel [4, 80, 282], tokens [4, 32]; 2·m·k·n per product, per sample.  Forward:
+    conv1 2·282·240·32 = 4,331,520; conv2 (141 tokens) 2·141·96·32 = 866,304; cross-attention
+    (32 latents x 32, 1 head x 16, 70 kept keys of 141) q 32,768 + kv 2·70·32·32 = 143,360 + scores
+    and values 2 x 2·32·16·70 = 143,360 + out 32,768; cross GEGLU 2·32·32·128 + 2·32·64·32 = 393,216;
+    two latent blocks of qkv 196,608 + scores and values 131,072 + out 65,536 + GEGLU 393,216;
+    audio fc and head 4,096; two text layers (32 tokens) of qkv 196,608 + scores and values 131,072
+    + out 65,536 + feed-forward 262,144; text project 65,536; text fc and head 4,096; the loss's
+    [4, 32] x [32, 4] product 256 per sample: 8,900,864.  Training is 3x that, less conv1's input
+    gradient (the mel needs none): 22,371,072.  Inference (eval: all 141 keys, no loss) adds 2 x
+    145,408 for kv and attention and drops the loss: 9,191,424."""
+    cpu = torch.device("cpu")
+    assert bench_step.count_flops_per_sample(False, "tiny", cpu) == 3 * 8_900_864 - 4_331_520 == 22_371_072
+    assert bench_step.count_flops_per_sample(True, "tiny", cpu) == 8_900_864 - 256 + 2 * 145_408 == 9_191_424
+
+
+def test_variable_length_batches_pad_beyond_the_3s_workload():
+    """Variable-length rows are credited with the 3 s workload's FLOPs, a lower bound only while
+    their padded batches average at least its 282 frames (the frame-dependent work, conv head and
+    cross-attention keys, grows with the padded length; the latents' does not)."""
+    for batch in (4, 64):
+        for kind in ("varlen", "bucket"):
+            frames = [b[0].shape[-1] for b in bench_step.make_batches(batch, kind, torch.device("meta"))]
+            assert sum(frames) / len(frames) >= bench_step.FRAMES, (batch, kind, frames)
+
+
 def test_mfu_is_against_the_datasheet_peak_and_ceiling_against_the_measured_matmul():
     assert bench_step.dense_bf16_peak("NVIDIA H100 80GB HBM3") == bench_step.dense_bf16_peak("NVIDIA H200") == 989.4
     assert bench_step.dense_bf16_peak("NVIDIA H100 PCIe") == 756.0
     assert bench_step.dense_bf16_peak("NVIDIA A100-SXM4-80GB") is None
+    # The NVL parts peak lower than the SXM ones; "H200" alone would have matched the H200 NVL.
+    assert bench_step.dense_bf16_peak("NVIDIA H200 NVL") is None
+    assert bench_step.dense_bf16_peak("NVIDIA H100 NVL") is None
     row = {"name": "sdpa-bf16-cudagraphs-bf16res", "batch": 64, "samples_s": 1817.2, "tflops": 378.7,
            "gflop_sample": 208.4, "peak_gib": 10.0, "warmup_s": 60.0}
     cells = bench_step.format_row(row, {"bf16": 767.0, "fp32": 767.0, "tf32": 767.0}, 989.4).split()
@@ -155,10 +184,14 @@ def test_gpu_session_variants_all_parse():
     from pathlib import Path
 
     script = Path(bench_step.__file__).with_name("gpu_checks.sh")
-    listed = subprocess.run(["bash", "-c", f'eval "$(sed -n "/^NEXT_VARIANTS=/,/\\"$/p" {script})"; echo "$NEXT_VARIANTS"'],
-                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    names = listed.split(",") + bench_step.DEFAULT_GPU_VARIANTS.split(",")
+    listed = subprocess.run(["bash", "-c", f'eval "$(sed -n "/^NEXT_VARIANTS=/,/\\"$/p;/^PROFILE=/p" {script})"; '
+                             'echo "$NEXT_VARIANTS"; echo "$PROFILE"'],
+                            capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    following, profiled = listed[0].split(","), listed[1].split(",")
+    names = following + profiled + bench_step.DEFAULT_GPU_VARIANTS.split(",")
     assert len(names) > 10 and all(bench_step.Variant.parse(name).name == name for name in names)
+    # bench_step profiles a variant only if it runs: a profiled name missing from the run is silently lost.
+    assert profiled and set(profiled) <= set(following)
 
 
 def test_run_parallel_keeps_to_its_job_count_and_reports_failures(tmp_path):
