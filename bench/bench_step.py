@@ -543,9 +543,11 @@ def main(argv: list[str] | None = None) -> None:
                                          "peak_tflops": peak}) + "\n")  # fmt: skip
         if row.get("profile"):
             print(f"\nprofile of {row['name']}:\n{row['profile']}", flush=True)
+        # The reset first: it drops the compiled graphs and with them their CUDA-graph memory pools,
+        # which empty_cache can then hand back before the next variant.
+        torch._dynamo.reset()
         if gpu:
             torch.cuda.empty_cache()
-        torch._dynamo.reset()
     print(f"\n{header}\n{'-' * len(header)}")
     for row in rows:
         print(format_row(row, ceiling, peak))
