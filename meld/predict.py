@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         context = [parse_turn(turn) for turn in args.context]
         result = predict(args.run, args.item, args.text, context=context, speaker=args.speaker)
-    except (PredictError, CheckpointError, ConfigError, AudioDecodeError) as err:
+    except (PredictError, CheckpointError, ConfigError, AudioDecodeError, OSError) as err:  # OSError: e.g. a file it may not read
         print(f"error: {err}", file=sys.stderr)
         return 2
     for warning in result["warnings"]:

@@ -110,7 +110,7 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
     }
     metrics["retrieval"] = dict(recall)
     metrics["run"] = dict(run_info)
-    write_metrics_json(out / "metrics.json", metrics)
+    write_metrics_json(out / "metrics.json", metrics)  # first: it marks the folder as a zero-shot run's
 
     probs = {split: probabilities[ENSEMBLE][calibration][split] for split in splits}
     write_predictions_csv(out / "predictions.csv", [k for s in splits for k in splits[s].keys],
@@ -120,6 +120,8 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
     for split in splits:
         save_confusion_png(out / f"confusion_{split}.png", metrics[split]["confusion_matrix"], labels,
                            f"zero-shot {prompts.target}, {split} ({_CALIBRATION_NAMES[calibration]})")
+    for split in {"dev", "test"} - set(splits):  # an earlier run's, on a split this one did not score
+        (out / f"confusion_{split}.png").unlink(missing_ok=True)
     write_report_md(out / "report.md", f"Zero-shot CLARA on MELD ({prompts.target})", metrics, labels, split=headline,
                     confusion_png=f"confusion_{headline}.png",
                     extra_sections=_sections(prompts, captions, splits, results, recall, run_info))

@@ -372,3 +372,15 @@ def test_dialogue_context_is_read_as_the_run_read_it(text_root, tmp_path, capsys
     _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "no speaker here", "--speaker", "Ross"],
                       "expected \"Speaker: what they said\"")
     _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "Ross: hello"], "--speaker")
+
+
+def test_a_file_it_may_not_read_is_one_error_line(tmp_path, capsys, monkeypatch):
+    # Root reads any file here, so the refusal is staged: what the OS says for a classifier.json
+    # (or clip) without read permission reaches the user as one line.
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "model" / "classifier.json"))
+
+    monkeypatch.setattr("meld.predict.predict", refused)
+    assert main(["--run", str(tmp_path), "Hello there."]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: [Errno 13] Permission denied: '{tmp_path / 'model' / 'classifier.json'}'\n"

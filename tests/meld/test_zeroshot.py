@@ -402,3 +402,14 @@ def test_the_demo_clara_is_built_from_the_cache_given(tmp_path, monkeypatch):
     args = Namespace(data=None, checkpoint=None, cache=str(tmp_path / "my-cache"))
     assert zeroshot.resolve_inputs(args) == (tmp_path / "demo", tmp_path / "clara")
     assert seen["cache_root"] == str(tmp_path / "my-cache") and seen["data_root"] == tmp_path / "demo"
+
+
+def test_a_rerun_on_fewer_splits_leaves_no_plot_of_the_split_it_dropped(setup, run_dir, tmp_path):
+    root, checkpoint, _ = setup
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert (out / "confusion_test.png").is_file()
+    assert main(["--data", str(root), "--checkpoint", str(checkpoint), "--split", "dev", "--out", str(out)]) == 0
+    assert (out / "confusion_dev.png").is_file() and not (out / "confusion_test.png").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "dev" in metrics and "test" not in metrics
