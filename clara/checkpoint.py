@@ -182,6 +182,9 @@ def _load_ours(directory: Path, overrides: Sequence[str]) -> Clara:
     weights_path = directory / WEIGHTS_FILE
     for needed in (config_path, weights_path):
         if not needed.is_file():
+            if (directory / "model" / CONFIG_FILE).is_file():  # the folder of a pretraining run
+                raise CheckpointError(f"{directory}: a run's folder, not a checkpoint (no {needed.name}); its weights "
+                                      f"are the checkpoint {directory / 'model'}")
             raise CheckpointError(f"{directory}: not a meld-clara checkpoint (no {needed.name})")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))

@@ -158,6 +158,14 @@ def test_wrong_kinds_of_file_are_named(tmp_path):
         load_checkpoint(tmp_path / "empty_dir")
 
 
+def test_a_pretraining_run_folder_points_to_its_model_folder(tmp_path, model):
+    save_checkpoint(model, tmp_path / "run" / "model")  # clara.pretrain's layout, beside checkpoint.pt
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'run'}: a run's folder, not a checkpoint \(no config.json\); "
+                                              rf"its weights are the checkpoint {tmp_path / 'run' / 'model'}$"):
+        load_checkpoint(tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "model").config == model.config
+
+
 def test_a_bad_stored_config_or_override_names_the_file_once(tmp_path, model):
     save_checkpoint(model, tmp_path / "ckpt")
     config = tmp_path / "ckpt" / "config.json"
