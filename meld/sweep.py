@@ -18,7 +18,7 @@ replaced.
 
 When the study is complete the study folder gets ``best_config.yaml`` (ready for ``python -m
 meld.finetune --config``), ``summary.md`` and ``summary.csv`` (every trial), Optuna's plots, and
-``final/``: the best config re-run with ``final.seeds`` seeds and scored on test, the only time test
+``final/``: the best config re-run with ``final.seeds`` fresh seeds and scored on test, the only time test
 is looked at, reported as mean ± std. The final runs write everything a fine-tune writes (full outputs).
 """
 
@@ -63,12 +63,16 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
 
 def run_final(config: SweepConfig, backend: Backend, study_dir: Path, best: FrozenTrial,
               log: Callable[[str], None]) -> dict | None:
-    """Re-run the best trial's config with ``final.seeds`` seeds; each run is scored once on test."""
+    """Re-run the best trial's config with ``final.seeds`` fresh seeds; each run is scored once on test.
+
+    The seeds follow the trial's own: its run was picked for its dev score, so re-running its seed would
+    bring that luck back into the mean.
+    """
     if config.final.seeds == 0:
         return None
     base = trial_config(config, backend, best.params)
-    first_seed = _dotted(config_lib.to_dict(base), config.final.seed_key)
-    seeds = list(range(first_seed, first_seed + config.final.seeds))
+    trial_seed = _dotted(config_lib.to_dict(base), config.final.seed_key)
+    seeds = list(range(trial_seed + 1, trial_seed + 1 + config.final.seeds))
     final_dir = study_dir / "final" / f"trial-{best.number:04d}"
     documents = []
     with FileLock(study_dir / "final.lock"):  # workers on other machines finishing too wait, then reuse
@@ -124,7 +128,10 @@ def run_sweep(config: SweepConfig, *, backend: Backend | None = None,
 
 def _run_sweep(config: SweepConfig, backend: Backend, log: Callable[[str], None]) -> dict:
     study_dir = Path(config.study.dir).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in its place, no permission
+        raise SweepError(f"study.dir {study_dir}: {err.strerror or err}: {err.filename or study_dir}") from None
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
     check_space(config, backend)
     study = open_study(config, study_dir)

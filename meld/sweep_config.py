@@ -107,7 +107,7 @@ class StudyConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     type: Literal["tpe", "random"] = "tpe"
-    seed: int = 0  # each worker derives its own stream from it (see meld.sweep)
+    seed: int = 0  # each trial samples from a stream of this seed and its number (see meld.sweep_study)
     n_startup_trials: int = 10  # TPE: random trials before it models the results
 
     def __post_init__(self) -> None:
@@ -134,7 +134,7 @@ class PrunerConfig:
 @dataclass(frozen=True)
 class FinalConfig:
     seeds: int = 3  # re-runs of the best config, scored once on test; 0 = none
-    seed_key: str = "train.seed"  # the fine-tune key set to base seed, base seed + 1, ...
+    seed_key: str = "train.seed"  # the fine-tune key set to the best trial's seed + 1, + 2, ... (fresh seeds)
 
     def __post_init__(self) -> None:
         if self.seeds < 0:
@@ -155,11 +155,29 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if not self.space:
             raise ConfigError("space: declare at least one parameter to search")
-        seen: set[str] = set()
+        seen: dict[str, Param] = {}
         for param in self.space:
             if param.key in seen:
                 raise ConfigError(f"space: {param.key} is declared twice")
-            for key in param.only_if:
+            for key, values in param.only_if.items():
                 if key not in seen:
                     raise ConfigError(f"space[{param.key}].only_if: {key} is not an earlier parameter of the space")
-            seen.add(param.key)
+                # A value the earlier parameter never takes (a typo, a quoted number) would silently
+                # leave this parameter unsearched.
+                never = [value for value in values if not _can_take(seen[key], value)]
+                if never:
+                    raise ConfigError(f"space[{param.key}].only_if: {key} never takes {never!r} "
+                                      f"({_values_of(seen[key])})")
+            seen[param.key] = param
+
+
+def _can_take(param: Param, value: Any) -> bool:
+    if param.type == "categorical":
+        return value in param.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
+
+
+def _values_of(param: Param) -> str:
+    if param.type == "categorical":
+        return "choices: " + ", ".join(map(repr, param.choices))
+    return f"range: {param.low} to {param.high}"

@@ -9,6 +9,7 @@ mixing incomparable trials.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -45,13 +46,14 @@ class Backend:
     user_errors: tuple[type[BaseException], ...] = (ConfigError, MeldDataError)
     outputs_key: str = ""  # the config key of a run's output level (full | light); "" = the runs have none
     device_key: str = ""  # the config key of a run's device (auto | cpu | cuda:N); "" = the runs have none
+    seeds_key: str = ""  # the config key of a run's number of seeds; "" = a run is always one seed
 
 
 def finetune_backend() -> Backend:
     from meld import finetune  # imported here: tests drive a stand-in instead
 
     return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs",
-                   device_key="train.device")
+                   device_key="train.device", seeds_key="seeds")
 
 
 # ---- the search space -> fine-tune configs
@@ -76,7 +78,13 @@ def outputs_override(backend: Backend, level: str) -> list[str]:
 def check_space(config: SweepConfig, backend: Backend) -> None:
     """Build the fine-tune config at every bound and choice (and with the final runs' seed key), so a
     misspelt key fails before any trial."""
-    trial_config(config, backend, {}, outputs_override(backend, config.study.trial_outputs))
+    base = trial_config(config, backend, {}, outputs_override(backend, config.study.trial_outputs))
+    runs = functools.reduce(getattr, backend.seeds_key.split("."), base) if backend.seeds_key else 1
+    if runs != 1:
+        # Each seed would report epochs 1, 2, ... again (the pruner keeps only the first report of a
+        # step), and the objective would be the best seed's: the final runs are the sweep's seeds.
+        raise ConfigError(f"base config: {backend.seeds_key}={runs}: a sweep trial is one run; final.seeds "
+                          "re-runs the best config with several seeds")
     for param in config.space:
         values = param.choices if param.type == "categorical" else (param.low, param.high)
         for value in values:
@@ -140,8 +148,11 @@ def open_storage(config: SweepConfig, study_dir: Path) -> optuna.storages.BaseSt
         path = Path(url.removeprefix("journal:")).expanduser()
         if not path.name:
             raise SweepError("storage journal:PATH needs a file path, e.g. journal:runs/sweeps/study.log")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        except OSError as err:  # a folder in its place, no permission, a read-only disk
+            raise SweepError(f"storage {url}: {err.strerror or err}: {err.filename or path}") from None
     if "://" not in url:
         raise SweepError(f"storage {url!r}: expected an RDB URL (sqlite:///FILE, postgresql://...) or journal:PATH")
     # SQLite lets one writer in at a time: workers wait up to a minute for it instead of failing at once.
@@ -195,19 +206,49 @@ def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(config: SweepConfig, worker: int, trials_before: int) -> optuna.samplers.BaseSampler:
-    """A sampler whose stream depends on the seed, the worker and how many trials the study already has.
+class _TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Samples each trial with a sampler seeded by ``sampler.seed`` and the trial's number.
 
-    Workers with the same seed would otherwise propose the same points in parallel, and a resumed run
-    would repeat the random start-up points of the first run.
+    Trial numbers are handed out by the storage, so they are unique across every worker of the study,
+    local or on another machine: no two workers draw the same stream, even when they start together on
+    the same study (a seed per worker or per start would repeat across machines), a resumed run draws
+    fresh points, and a one-worker sweep is reproducible.
     """
-    seed = int(np.random.SeedSequence([config.sampler.seed, worker, trials_before]).generate_state(1)[0])
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._inner = self._make(int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def make_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
     if config.sampler.type == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials)
+        return _TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), config.sampler.seed)
+    startup = config.sampler.n_startup_trials
+    return _TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
+                               config.sampler.seed)
 
 
-def open_study(config: SweepConfig, study_dir: Path, worker: int = 0) -> optuna.Study:
+def open_study(config: SweepConfig, study_dir: Path) -> optuna.Study:
     storage = open_storage(config, study_dir)
     study = optuna.create_study(storage=storage, study_name=config.study.name, direction=config.objective.direction,
                                 pruner=make_pruner(config), load_if_exists=True)
@@ -219,7 +260,7 @@ def open_study(config: SweepConfig, study_dir: Path, worker: int = 0) -> optuna.
         changed = ", ".join(key for key in fingerprint if stored.get(key) != fingerprint[key])
         raise SweepError(f"study {config.study.name!r} in {shown_url(storage_url(config, study_dir))} was made "
                          f"with another {changed}; use a new study.name or --study-dir to search a different space")
-    study.sampler = make_sampler(config, worker, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(config)
     return study
 
 

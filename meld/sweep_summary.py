@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from clara.io_utils import atomic_write_text
 from meld.report import seed_rows, spread_label
 from meld.sweep_config import SweepConfig
+from meld.sweep_worker import FAIL_REASON
 
 
 def _cell(value: Any) -> str:
@@ -29,21 +30,25 @@ def _cell(value: Any) -> str:
 
 
 def trial_rows(trials: Sequence[FrozenTrial], config: SweepConfig) -> tuple[list[str], list[list[str]]]:
-    """The trial table: number, state, value, seconds, epochs reported, each searched key, run folder."""
+    """The trial table: number, state, value, seconds, epochs reported, each searched key, run folder, and
+    why a failed trial failed."""
     keys = [param.key for param in config.space]
-    header = ["trial", "state", f"dev {config.objective.metric}", "seconds", "epochs", *keys, "run_dir"]
+    header = ["trial", "state", f"dev {config.objective.metric}", "seconds", "epochs", *keys, "run_dir", "fail_reason"]
     rows = []
     for trial in sorted(trials, key=lambda t: t.number):
         seconds = f"{trial.duration.total_seconds():.1f}" if trial.duration else ""
         epochs = str(len(trial.intermediate_values)) if trial.intermediate_values else ""
         rows.append([str(trial.number), trial.state.name.lower(), _cell(trial.value), seconds, epochs,
-                     *(_cell(trial.params.get(key)) for key in keys), trial.user_attrs.get("run_dir", "")])
+                     *(_cell(trial.params.get(key)) for key in keys), trial.user_attrs.get("run_dir", ""),
+                     trial.user_attrs.get(FAIL_REASON, "")])
     return header, rows
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    # A failure reason may span lines; a table row may not.
+    return lines + ["| " + " | ".join(" ".join(cell.split("\n")).replace("|", "\\|") for cell in row) + " |"
+                    for row in rows]
 
 
 def _final_lines(final: Mapping) -> list[str]:

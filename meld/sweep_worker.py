@@ -36,6 +36,7 @@ from meld.sweep_study import (
 
 _POLL_S = 1.0  # how often a worker with nothing to start looks again at the other workers' trials
 HEARTBEAT = "heartbeat"  # the trial user attribute a running trial's worker keeps fresh (time.time())
+FAIL_REASON = "fail_reason"  # the trial user attribute saying why it failed
 
 
 @contextmanager
@@ -71,6 +72,12 @@ def fail_stale_trials(study: optuna.Study, grace_period: float, on_stale: Callab
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = max(trial.user_attrs.get(HEARTBEAT, 0.0), trial.datetime_start.timestamp())
         if now - last > grace_period:
+            # Study has no public setter for another worker's trial; the storage's is what Trial uses.
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON,
+                                                   f"its worker stopped: no heartbeat for {grace_period} s")
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # its worker finished it after all
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             on_stale(trial.number)
 
@@ -103,14 +110,14 @@ class FileLock:
 class _Worker:
     """Runs trials until the study has ``n_trials`` finished ones; many may share one storage."""
 
-    def __init__(self, config: SweepConfig, study_dir: Path, backend: Backend, index: int,
-                 log: Callable[[str], None], extra: Sequence[str] = ()) -> None:
+    def __init__(self, config: SweepConfig, study_dir: Path, backend: Backend, log: Callable[[str], None],
+                 extra: Sequence[str] = ()) -> None:
         self.config = config
         self.extra = list(extra)  # overrides for this worker's trials (its GPU, see worker_overrides)
         self.study_dir = study_dir
         self.backend = backend
         self.log = log
-        self.study = open_study(config, study_dir, index)
+        self.study = open_study(config, study_dir)
         self.failures = 0
         self.fatal: BaseException | None = None
         self.last_error = ""
@@ -168,7 +175,7 @@ class _Worker:
                                            [*outputs_override(self.backend, self.config.study.trial_outputs),
                                             *self.extra])
         except ConfigError as err:  # a combination the fine-tune rejects: this point fails, the search goes on
-            self.last_error = str(err)
+            self._failed(trial, str(err))
             raise
 
         def on_epoch(epoch: int, dev_metrics: Mapping) -> None:
@@ -187,10 +194,16 @@ class _Worker:
             raise
         except self.backend.user_errors as err:
             self.fatal = err
+            self._failed(trial, f"{type(err).__name__}: {err}")
             raise
         except Exception as err:
-            self.last_error = f"{type(err).__name__}: {err}"
+            self._failed(trial, f"{type(err).__name__}: {err}")
             raise
+
+    def _failed(self, trial: optuna.Trial, reason: str) -> None:
+        # Optuna only logs why a trial failed; the storage keeps it for the summary and the other workers.
+        self.last_error = reason
+        trial.set_user_attr(FAIL_REASON, reason)
 
     def _report(self, study: optuna.Study, trial: FrozenTrial) -> None:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
@@ -243,8 +256,7 @@ def _worker_process(config: SweepConfig, study_dir: Path, backend: Backend, inde
         sys.modules["torch"].set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        _Worker(config, study_dir, backend, index, lambda line: print(f"[worker {index}] {line}", flush=True),
-                extra).run()
+        _Worker(config, study_dir, backend, lambda line: print(f"[worker {index}] {line}", flush=True), extra).run()
     except (SweepError, *backend.user_errors) as err:
         print(f"error: [worker {index}] {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -256,7 +268,7 @@ def run_workers(config: SweepConfig, study_dir: Path, backend: Backend, log: Cal
     """Run ``study.workers`` workers (processes when more than one) until the study is complete."""
     workers = config.study.workers
     if workers == 1:
-        _Worker(config, study_dir, backend, 0, log).run()
+        _Worker(config, study_dir, backend, log).run()
         return
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     extras = worker_overrides(config, backend, workers)

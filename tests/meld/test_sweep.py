@@ -27,7 +27,9 @@ from clara.config import ConfigError
 from meld.labels import EMOTIONS
 from meld.metrics import classification_metrics
 from meld.sweep import load_sweep_config, main, run_sweep
-from meld.sweep_study import Backend, SweepError, check_space, finetune_backend, open_storage, suggest, trial_config
+from meld.sweep_study import (
+    Backend, SweepError, check_space, finetune_backend, open_storage, open_study, suggest, trial_config,
+)
 from meld.sweep_config import Param, SweepConfig
 from meld.sweep_worker import worker_device
 from tests.meld.tensorboard_helpers import dashboards
@@ -176,6 +178,26 @@ def test_only_if_must_name_an_earlier_parameter():
         config_lib.from_dict(SweepConfig, {"space": space})
 
 
+@pytest.mark.parametrize("earlier, values", [
+    ({"key": "loss", "type": "categorical", "choices": ["ce", "focal"]}, ["Focal"]),
+    ({"key": "loss", "type": "categorical", "choices": [16, 32]}, ["16"]),
+    ({"key": "layers", "type": "int", "low": 1, "high": 4}, [2, 6]),
+])
+def test_only_if_values_the_earlier_parameter_never_takes_are_refused(earlier, values):
+    """Such a condition never holds, so the parameter would silently never be searched."""
+    space = [earlier, {"key": "gamma", "type": "float", "low": 1, "high": 3, "only_if": {earlier["key"]: values}}]
+    with pytest.raises(ConfigError, match=rf"space\[gamma\].only_if: {earlier['key']} never takes"):
+        config_lib.from_dict(SweepConfig, {"space": space})
+
+
+def test_a_base_config_with_several_seeds_is_refused():
+    """Each seed of a trial would report epochs 1, 2, ... again, and the pruner keeps only the first
+    report of a step; the objective would be the best seed's."""
+    config = load_sweep_config(REPO_ROOT / "configs" / "sweep" / "fast.yaml")
+    with pytest.raises(ConfigError, match="base config: seeds=2: a sweep trial is one run"):
+        check_space(replace(config, base_overrides=(*config.base_overrides, "seeds=2")), finetune_backend())
+
+
 def test_suggest_follows_types_and_conditions():
     space = config_lib.from_dict(SweepConfig, {"space": [
         {"key": "train.lr", "type": "float", "low": 1e-4, "high": 1e-1, "log": True},
@@ -231,9 +253,10 @@ def test_sweep_writes_trials_summary_plots_best_config_and_final(tmp_path):
         assert plot.file and (study_dir / plot.file).stat().st_size > 1000, plot
 
     final = json.loads((study_dir / "final.json").read_text())
-    assert final["seeds"] == [0, 1, 2] and final["mean_std"]["runs"] == 3
+    # Fresh seeds: the trials ran with the base seed 0, and the best was picked for that run's dev score.
+    assert final["seeds"] == [1, 2, 3] and final["mean_std"]["runs"] == 3
     assert final["mean_std"]["test"]["macro_f1"]["std"] > 0  # three different seeds
-    for seed in (0, 1, 2):
+    for seed in (1, 2, 3):
         run = study_dir / "final" / f"trial-{best.number:04d}" / f"seed-{seed}"
         assert standin_load_config(str(run / "config.yaml"), []).train.seed == seed
         assert standin_load_config(str(run / "config.yaml"), []).outputs == "full"
@@ -288,6 +311,29 @@ def test_failing_trials_stop_the_worker_with_the_last_error(tmp_path):
     with pytest.raises(SweepError, match="2 trials failed.*the GPU caught fire"):
         run_sweep(config, backend=Backend(standin_load_config, broken), log=_quiet)
     assert states(trials_of(config)) == {"FAIL": 2}
+
+
+def test_a_failed_trial_keeps_its_reason_in_the_study_and_the_summary(tmp_path):
+    def gated_breaks(config, *, out_dir, epoch_callback=None):
+        if config.fusion == "gated":
+            raise RuntimeError("out of memory\nin the gated block")
+        return standin_run(config, out_dir=out_dir, epoch_callback=epoch_callback)
+
+    config = sweep_config(tmp_path / "s", study={"n_trials": 6, "max_failures": 50})
+    run_sweep(config, backend=Backend(standin_load_config, gated_breaks), log=_quiet)
+    trials = trials_of(config)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.params["fusion"] == "gated" for t in failed)
+    assert {t.user_attrs["fail_reason"] for t in failed} == {"RuntimeError: out of memory\nin the gated block"}
+    assert all("fail_reason" not in t.user_attrs for t in trials if t.state == TrialState.COMPLETE)
+    import csv
+
+    with open(tmp_path / "s" / "summary.csv", newline="") as handle:
+        rows = {row["trial"]: row for row in csv.DictReader(handle)}
+    for trial in trials:
+        assert rows[str(trial.number)]["fail_reason"] == trial.user_attrs.get("fail_reason", "")
+    markdown = (tmp_path / "s" / "summary.md").read_text()
+    assert f"| {failed[0].number} | fail |" in markdown and "RuntimeError: out of memory in the gated block" in markdown
 
 
 def test_a_bad_objective_metric_stops_the_sweep(tmp_path):
@@ -350,6 +396,21 @@ def test_two_workers_share_the_study_without_duplicates_or_losses(tmp_path, stor
     assert all((study_dir / d / "metrics.json").is_file() for d in dirs)
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_workers_that_start_together_on_one_study_sample_different_points(tmp_path, sampler):
+    """The same command started at once on two machines (both worker 0, both seeing an empty study)."""
+    config = sweep_config(tmp_path / "s", sampler={"type": sampler})
+    (tmp_path / "s").mkdir()
+    first, second = open_study(config, tmp_path / "s"), open_study(config, tmp_path / "s")
+    points = [suggest(study.ask(), config.space)["train.lr"] for study in (first, second, first, second)]
+    assert len(set(points)) == 4, points
+    # One worker's points still follow from sampler.seed alone.
+    again = sweep_config(tmp_path / "t", sampler={"type": sampler})
+    (tmp_path / "t").mkdir()
+    study = open_study(again, tmp_path / "t")
+    assert [suggest(study.ask(), again.space)["train.lr"] for _ in range(4)] == points
+
+
 def test_worker_device_spreads_auto_over_the_gpus_and_keeps_a_named_device():
     assert [worker_device(i, "auto", 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_device(1, "auto", 1) is None and worker_device(1, "auto", 0) is None  # auto is already right
@@ -410,6 +471,7 @@ def test_a_killed_worker_leaves_a_consistent_study_that_a_rerun_completes(tmp_pa
     assert states(trials) == {"COMPLETE": 6, "FAIL": 1}
     assert next(t for t in trials if t.number == 3).state == TrialState.FAIL
     assert any("trial 3: its worker stopped" in line for line in lines), lines
+    assert next(t for t in trials if t.number == 3).user_attrs["fail_reason"] == "its worker stopped: no heartbeat for 2 s"
     assert len({t.user_attrs["run_dir"] for t in trials}) == 7
 
 
@@ -425,6 +487,19 @@ def test_cli_user_mistakes_give_one_line_and_exit_2(tmp_path, capsys, monkeypatc
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
         assert "secret" not in err
+
+
+def test_unusable_storage_and_study_paths_are_named(tmp_path):
+    (tmp_path / "file").touch()
+    for study, message in (
+        ({"storage": f"journal:{tmp_path}"}, f"storage journal:{tmp_path}: Is a directory: {tmp_path}"),
+        ({"storage": f"journal:{tmp_path / 'file' / 'study.log'}"},
+         f"storage journal:{tmp_path / 'file' / 'study.log'}: File exists: {tmp_path / 'file'}"),
+        ({"dir": str(tmp_path / "file")}, f"study.dir {tmp_path / 'file'}: File exists: {tmp_path / 'file'}"),
+    ):
+        with pytest.raises(SweepError) as caught:
+            run_sweep(sweep_config(tmp_path / "s", study=study), backend=STANDIN, log=_quiet)
+        assert str(caught.value) == message
 
 
 def test_data_and_checkpoint_flags_fix_them_for_every_trial(tmp_path, monkeypatch):
