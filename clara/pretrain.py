@@ -228,11 +228,11 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     data = config.data
     check_clip_fits(data, model.config.audio.max_positions)
     check_model_inputs(model.config)
-    warning = mixing_warning(config)
-    if warning:
-        distributed.main_print(f"warning: {warning}", file=sys.stderr)
     tokenizer = Tokenizer(language=data.language, merges=config.tokenizer_merges, max_length=model.config.text.max_positions)
     train_data = PairDataset(data.train, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
+    warning = mixing_warning(config)  # once the data is known to load: a mistake there is the one message
+    if warning:
+        distributed.main_print(f"warning: {warning}", file=sys.stderr)
     if data.env and config.augment.mix.p > 0:
         env_data = PairDataset(data.env, max_seconds=data.max_seconds, language=data.language, cache_audio=data.cache_audio)
         train_data = EnvMixDataset(train_data, env_data, config.augment.mix, seed=config.train.seed)
