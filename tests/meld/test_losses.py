@@ -107,6 +107,6 @@ def test_focal_loss_of_a_confident_example_has_the_reference_gradient_not_nan(ga
     reference = logits.double().requires_grad_(True)
     expected = _naive_focal(reference, target, gamma, alpha)
     expected.backward()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.isfinite(ours.grad).all()
     assert torch.allclose(ours.grad.double(), reference.grad, atol=1e-6)
