@@ -227,6 +227,20 @@ def _not_a_section(path: list[str], value: Any, set_by: Mapping[tuple[str, ...],
     return f"{dotted} is {value!r} in {source or 'the config'}, not a section"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parse error on one line, where it was found (1-based) first: PyYAML's own text spans
+    several lines, quoting the source with a caret."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        where += f", {context} from line {context_mark.line + 1}, column {context_mark.column + 1}"
+    return where
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
@@ -237,7 +251,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -77,6 +77,21 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         config_lib.load(Outer, bad)
 
 
+@pytest.mark.parametrize("text, where", [
+    ("train:\n  lr: [1, 2\n  epochs: 3\n",
+     "line 3, column 9: expected ',' or ']', but got ':', while parsing a flow sequence from line 2, column 7"),
+    ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
+    ("a:\n\t- x\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+])
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, text, where):
+    # PyYAML's own message quotes the source over several lines; the command line prints one.
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        config_lib.load(Outer, path)
+    assert str(caught.value) == f"{path}: not valid YAML ({where})"
+
+
 def test_replace_and_save_round_trip(tmp_path):
     cfg = config_lib.replace(Outer(), ["inner.steps=3"])
     config_lib.save_yaml(cfg, tmp_path / "resolved.yaml")
