@@ -66,6 +66,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,6 +553,57 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(format_row(row, ceiling, peak))
     print(f"device: {name}" + (f" | MFU against {peak:.1f} TFLOP/s dense bf16" if peak else ""), flush=True)
+    if gpu and args.config == "medium":
+        print(f"\nissue 9's targets (set for an H100; measured on {name}):")
+        for line in target_lines(rows, ceiling, peak):
+            print(f"  {line}", flush=True)
+
+
+# Issue 9's targets for the medium step on an H100 (the issue's numbers; 32 GB is decimal gigabytes).
+# Its "(>= 50% MFU)" beside 1,900 samples/s is against the reference's ceiling (3,840 samples/s, a
+# measured bf16 matmul: the "ceiling" column), where 1,900 is 49.5%: the verdict is on samples/s, and
+# both utilisations are shown.
+TARGET_TRAIN_B64 = 1900.0  # samples/s at batch 64, masks on
+TARGET_B256_BYTES = 32e9  # batch 256 trains within this, without activation checkpointing
+TARGET_INFER = 6000.0  # samples/s, both towers, eval
+
+
+def target_lines(rows: Sequence[dict], ceiling: dict[str, float], peak: float | None) -> list[str]:
+    """Issue 9's targets against the best rows of this run that qualify (medium only; the caller
+    checks): fixed 3 s lengths, and for memory no ``ckpt``/``sac``.  Rows that failed are skipped."""
+    done = [(Variant.parse(row["name"]), row) for row in rows if "note" not in row]
+
+    def best(pick, key):
+        candidates = [row for variant, row in done if pick(variant, row)]
+        return max(candidates, key=key) if candidates else None
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "not met"
+
+    lines = []
+    train = best(lambda v, r: not v.infer and v.lengths == "fixed" and r["batch"] == 64, lambda r: r["samples_s"])
+    if train is None:
+        lines.append("training, batch 64: no row ran")
+    else:
+        share = train["tflops"] / ceiling[Variant.parse(train["name"]).precision]
+        mfu = f"{train['tflops'] / peak:.1%}" if peak else "n/a"
+        lines.append(f"training, batch 64: {train['samples_s']:,.1f} samples/s, {share:.1%} of the ceiling, MFU {mfu} "
+                     f"({train['name']}) against >= {TARGET_TRAIN_B64:,.0f}: "
+                     f"{verdict(train['samples_s'] >= TARGET_TRAIN_B64)}")
+    big = best(lambda v, r: not v.infer and not (v.ckpt or v.sac) and r["batch"] == 256, lambda r: -r["peak_gib"])
+    if big is None:
+        lines.append("training, batch 256 without checkpointing: no row ran")
+    else:
+        used = big["peak_gib"] * 2**30
+        lines.append(f"training, batch 256 without checkpointing: peak {big['peak_gib']:.2f} GiB ({used / 1e9:.1f} GB, "
+                     f"{big['name']}) against <= {TARGET_B256_BYTES / 1e9:.0f} GB: {verdict(used <= TARGET_B256_BYTES)}")
+    infer = best(lambda v, r: v.infer and v.lengths == "fixed", lambda r: r["samples_s"])
+    if infer is None:
+        lines.append("inference: no row ran")
+    else:
+        lines.append(f"inference: {infer['samples_s']:,.1f} samples/s ({infer['name']}) against "
+                     f">= {TARGET_INFER:,.0f}: {verdict(infer['samples_s'] >= TARGET_INFER)}")
+    return lines
 
 
 def format_row(row: dict, ceiling: dict[str, float], peak: float | None) -> str:

@@ -305,3 +305,31 @@ def test_step_graph_trains_as_the_plain_compiled_step_on_cuda(tmp_path):
     # on rounding alone (one of 96 did, by 6e-4 of itself, on an H200), while a wrong step (a
     # gradient added to the last one, an update skipped) changes the whole update.
     assert (graph_update - plain_update).norm() <= 1e-2 * plain_update.norm()
+
+
+def test_issue_9_targets_are_judged_on_the_best_qualifying_rows():
+    def row(name, samples_s, tflops=0.0, peak_gib=0.0, batch=64):
+        return {"name": name, "batch": batch, "samples_s": samples_s, "tflops": tflops, "peak_gib": peak_gib}
+
+    rows = [
+        row("sdpa-bf16", 1500.0, tflops=312.6),
+        row("sdpa-bf16-compile", 1950.0, tflops=406.4),  # 1950 x 208.4 GFLOP = 406.4 TFLOP/s: 41.1% MFU
+        row("sdpa-bf16-compile-varlen", 2500.0, tflops=521.0),  # MELD lengths: not the target's workload
+        {"name": "sdpa-bf16-cudagraphs", "batch": 64, "note": "failed: RuntimeError: x"},
+        row("sdpa-bf16-b256", 1900.0, peak_gib=31.0, batch=256),  # 33.3 GB
+        row("sdpa-bf16-ckpt-b256", 1200.0, peak_gib=12.0, batch=256),  # checkpointing: not the target
+        row("sdpa-bf16-bf16res-b256", 2000.0, peak_gib=29.5, batch=256),  # 31.7 GB
+        row("sdpa-bf16-infer-b512", 6100.0, batch=512),
+    ]
+    ceiling = {"bf16": 798.0}  # TFLOP/s of the bench's bf16 matmul: 406.4 / 798 = 50.9%
+    lines = bench_step.target_lines(rows, ceiling, peak=989.4)
+    assert lines == [
+        "training, batch 64: 1,950.0 samples/s, 50.9% of the ceiling, MFU 41.1% (sdpa-bf16-compile) against >= 1,900: met",
+        "training, batch 256 without checkpointing: peak 29.50 GiB (31.7 GB, sdpa-bf16-bf16res-b256) against <= 32 GB: met",
+        "inference: 6,100.0 samples/s (sdpa-bf16-infer-b512) against >= 6,000: met",
+    ]
+    assert bench_step.target_lines(rows[:1], ceiling, peak=None) == [
+        "training, batch 64: 1,500.0 samples/s, 39.2% of the ceiling, MFU n/a (sdpa-bf16) against >= 1,900: not met",
+        "training, batch 256 without checkpointing: no row ran",
+        "inference: no row ran",
+    ]
