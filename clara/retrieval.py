@@ -4,7 +4,8 @@ Captions may repeat in a held-out set (several clips described alike), so texts 
 ``text_of_audio[i]`` names the text that describes audio ``i``.  Audio -> text: the query's one
 relevant text must rank within the top k.  Text -> audio: any of the audios it describes counts.
 Ties with irrelevant candidates count against the query, so a collapsed model that scores every
-pair alike gets 0, not 1.
+pair alike gets 0, not 1; a NaN score (a diverged model) ranks below every candidate, so it is a miss.
+A text no audio maps to is a candidate for audio -> text but not a text -> audio query.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def first_relevant_rank(similarity: torch.Tensor, relevant: torch.Tensor) -> tor
 
     The rank is the number of irrelevant candidates scoring at least as high as that candidate.
     """
+    # NaN compares false with everything, so a NaN relevant score would outrank all and count as a hit.
+    similarity = similarity.nan_to_num(nan=float("-inf"))
     best = similarity.masked_fill(~relevant, float("-inf")).amax(dim=1)  # [Q]
     return ((similarity >= best[:, None]) & ~relevant).sum(dim=1)
 
@@ -31,6 +34,18 @@ def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, ks: Sequence[i
     has_relevant = relevant.any(dim=1)
     ranks = first_relevant_rank(similarity[has_relevant], relevant[has_relevant])
     return {k: float((ranks < k).float().mean()) if ranks.numel() else 0.0 for k in ks}
+
+
+def _check_text_of_audio(text_of_audio: torch.Tensor, num_audio: int, num_texts: int) -> None:
+    """One error naming ``text_of_audio``: an index out of range would silently drop its audio."""
+    if text_of_audio.dtype.is_floating_point or text_of_audio.dtype == torch.bool:
+        raise ValueError(f"text_of_audio: needs integer text indices, got dtype {text_of_audio.dtype}")
+    if tuple(text_of_audio.shape) != (num_audio,):
+        raise ValueError(f"text_of_audio: shape {tuple(text_of_audio.shape)}, expected ({num_audio},): "
+                         "one text index per audio")
+    if num_audio and (int(text_of_audio.min()) < 0 or int(text_of_audio.max()) >= num_texts):
+        raise ValueError(f"text_of_audio: indices {int(text_of_audio.min())}..{int(text_of_audio.max())} "
+                         f"outside 0..{num_texts - 1} ({num_texts} texts)")
 
 
 def _relevance(text_of_audio: torch.Tensor, num_texts: int) -> torch.Tensor:
@@ -49,8 +64,13 @@ def retrieval_metrics(
     ``text_of_audio [Na]`` (long) maps each audio to its text; None means pairs (audio i <-> text i).
     Keys: ``a2t_R@k`` and ``t2a_R@k``.
     """
+    num_audio, num_texts = audio_embeds.shape[0], text_embeds.shape[0]
     if text_of_audio is None:
-        text_of_audio = torch.arange(audio_embeds.shape[0], device=audio_embeds.device)
+        if num_audio != num_texts:
+            raise ValueError(f"text_of_audio: required when audio_embeds ({num_audio} rows) and text_embeds "
+                             f"({num_texts} rows) are not pairs")
+        text_of_audio = torch.arange(num_audio, device=audio_embeds.device)
+    _check_text_of_audio(text_of_audio, num_audio, num_texts)
     similarity = audio_embeds.float() @ text_embeds.float().T  # [Na, Nt]
     relevant = _relevance(text_of_audio.to(similarity.device), text_embeds.shape[0])
     a2t = recall_at_k(similarity, relevant, ks)
@@ -61,6 +81,7 @@ def retrieval_metrics(
 def chance_levels(text_of_audio: torch.Tensor, num_texts: int, ks: Sequence[int] = KS) -> dict[str, float]:
     """The expected ``retrieval_metrics`` of random rankings, same keys."""
     num_audio = text_of_audio.shape[0]
+    _check_text_of_audio(text_of_audio, num_audio, num_texts)
     counts = torch.bincount(text_of_audio, minlength=num_texts).tolist()  # audios per text
     described = [m for m in counts if m > 0]
     result = {}

@@ -93,3 +93,59 @@ def test_in_batch_top1():
     # rows: 0 -> 0 hit, 1 -> 0 miss, 2 -> 2 hit; columns: 0 -> row 0 hit, 1 -> row 1 hit, 2 -> row 2 hit
     assert float(a2t) == pytest.approx(2 / 3)
     assert float(t2a) == pytest.approx(1.0)
+
+
+def naive_recall(audio, text, text_of_audio, k):
+    """R@k both ways by counting, one query at a time: rank = irrelevant candidates scoring >= the best relevant."""
+    s = (audio @ text.T).tolist()
+    a2t = [sum(s[i][j] >= s[i][t] for j in range(len(text)) if j != t) < k for i, t in enumerate(text_of_audio)]
+    t2a = []
+    for j in set(text_of_audio):
+        best = max(s[i][j] for i, t in enumerate(text_of_audio) if t == j)
+        t2a.append(sum(s[i][j] >= best for i, t in enumerate(text_of_audio) if t != j) < k)
+    return sum(a2t) / len(a2t), sum(t2a) / len(t2a)
+
+
+def test_matches_naive_counting_with_ties_and_shared_captions():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        num_texts = int(torch.randint(1, 6, (1,), generator=g))
+        text_of_audio = torch.randint(0, num_texts, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g)
+        # Small integer coordinates: many exact ties, and most texts describe several audios.
+        audio = torch.randint(-1, 2, (len(text_of_audio), 3), generator=g).float()
+        text = torch.randint(-1, 2, (num_texts, 3), generator=g).float()
+        for k in (1, 2, 4):
+            metrics = retrieval_metrics(audio, text, text_of_audio, ks=(k,))
+            a2t, t2a = naive_recall(audio, text, text_of_audio.tolist(), k)
+            assert (metrics[f"a2t_R@{k}"], metrics[f"t2a_R@{k}"]) == (pytest.approx(a2t), pytest.approx(t2a))
+
+
+def test_nan_scores_are_misses_not_hits():
+    eye = torch.eye(3)
+    broken = eye.clone()
+    broken[1] = float("nan")  # audio 1 diverged; the others still rank their own text first
+    metrics = retrieval_metrics(broken, eye, ks=(1,))
+    assert metrics == {"a2t_R@1": pytest.approx(2 / 3), "t2a_R@1": pytest.approx(2 / 3)}
+    # All NaN: every candidate ties at the bottom and ties count against, as for a collapsed model.
+    everything_nan = retrieval_metrics(torch.full((3, 3), float("nan")), eye, ks=(1, 2))
+    assert everything_nan == {"a2t_R@1": 0.0, "a2t_R@2": 0.0, "t2a_R@1": 0.0, "t2a_R@2": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("audio_rows", "text_of_audio", "message"),
+    [
+        (4, None, r"text_of_audio: required when audio_embeds \(4 rows\) and text_embeds \(3 rows\)"),
+        (3, torch.tensor([0, 1, 3]), r"text_of_audio: indices 0..3 outside 0..2 \(3 texts\)"),
+        (3, torch.tensor([0, -1, 2]), r"text_of_audio: indices -1..2 outside 0..2"),
+        (3, torch.tensor([0, 1]), r"text_of_audio: shape \(2,\), expected \(3,\)"),
+        (3, torch.tensor([0.0, 1.0, 2.0]), "text_of_audio: needs integer text indices"),
+    ],
+)
+def test_bad_text_of_audio_is_one_error_naming_it(audio_rows, text_of_audio, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(torch.eye(4)[:audio_rows, :3], torch.eye(3), text_of_audio)
+
+
+def test_chance_levels_rejects_a_text_index_past_num_texts():
+    with pytest.raises(ValueError, match=r"text_of_audio: indices 0..7 outside 0..2"):
+        chance_levels(torch.tensor([0, 1, 7]), 3)
