@@ -5,7 +5,8 @@
     speaker "Richard\\x92s Date". Each such C1 character is mapped back through its cp1252 byte ("’").
 (b) UTF-8 read as cp1252 or Latin-1. Reading the post-2020 UTF-8 file with the wrong codec gives
     "donâ€™t". Every run of characters that spells a well-formed UTF-8 multi-byte sequence in cp1252
-    (or Latin-1) is re-encoded to those bytes and decoded as UTF-8.
+    (or Latin-1) is re-encoded to those bytes and decoded as UTF-8, but only where that gives a
+    character cp1252 can hold (MELD's text has no other kind), so a clean "JOSÉ’S" stays as it is.
 
 Both repairs work on short spans, never on the whole string, because the old files mix the broken and
 the correct form in one line ("we canâ€™t ... That’s"), and a clean "é" must stay as it is.
@@ -57,9 +58,13 @@ _MAX_PASSES = 3
 def _undo_utf8_misread(match: re.Match[str]) -> str:
     span = match.group()
     try:
-        return bytes(_BYTE_OF[ch] for ch in span).decode("utf-8")
+        decoded = bytes(_BYTE_OF[ch] for ch in span).decode("utf-8")
     except UnicodeDecodeError:
         return span
+    # MELD's text was written in cp1252, so a real misread decodes to a character cp1252 holds (or to the
+    # C1 control that stands for one). Anything else means the span was clean text that happens to spell
+    # a UTF-8 sequence: "JOSÉ’S" would become "JOSɒS", "café…”" a CJK ideograph.
+    return decoded if decoded in _BYTE_OF else span
 
 
 def _undo_c1(match: re.Match[str]) -> str:

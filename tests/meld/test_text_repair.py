@@ -75,3 +75,22 @@ def test_real_utf8_text_is_unchanged(shared_meld_dir):
                     if repair_text(row[field]) != row[field]:
                         changed.append(row[field])
     assert changed == []
+
+
+@pytest.mark.parametrize("clean", ["JOSÉ’S CAFÉ", "“CAFÉ”", "a café…”", "Ñ’s", "¿Qué—”"])
+def test_clean_letter_before_punctuation_is_unchanged(clean):
+    # Each holds a span that spells a UTF-8 sequence in cp1252 ("É’" is C9 92, U+0252 "ɒ"), which no
+    # misread of MELD's cp1252-only text can produce.
+    assert repair_text(clean) == clean
+
+
+def test_no_accented_letter_before_meld_punctuation_is_taken_for_mojibake():
+    # Â, Ã, â (and Å, Æ, Ë, whose pairs spell cp1252's Œ, ƒ, ˆ ...) lead real misreads; the other
+    # lead-byte letters before MELD's punctuation decode only to characters cp1252 lacks.
+    punctuation = sorted(C1_FORMS)
+    pair_leads = [chr(code) for code in range(0xC4, 0xE0) if chr(code) not in "ÅÆË"]
+    triple_leads = [chr(code) for code in range(0xE0, 0xF0) if chr(code) != "â"]
+    changed = [f"{lead}{p}" for lead in pair_leads for p in punctuation if repair_text(f"x{lead}{p}") != f"x{lead}{p}"]
+    changed += [f"{lead}{p}{q}" for lead in triple_leads for p in punctuation for q in punctuation
+                if repair_text(f"x{lead}{p}{q}") != f"x{lead}{p}{q}"]
+    assert changed == []
