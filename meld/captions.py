@@ -39,8 +39,14 @@ class CaptionConfig:
                 raise ConfigError(f"templates: {template!r} is not a valid format string ({err})") from None
             unknown = sorted(names - set(FIELDS))
             if unknown:
-                raise ConfigError(f"templates: {template!r} uses unknown field(s) {', '.join(unknown)}; "
-                                  f"known fields: {', '.join(FIELDS)}")
+                raise ConfigError(f"templates: {template!r} uses unknown field(s) "
+                                  f"{', '.join('{' + name + '}' for name in unknown)}; known fields: {', '.join(FIELDS)}")
+            # Parsing accepts any conversion ("!z") and format spec; they fail only when a caption is
+            # filled, deep in an export or a zero-shot run, so fill the template once here.
+            try:
+                template.format(**{name: name for name in FIELDS})
+            except ValueError as err:
+                raise ConfigError(f"templates: {template!r} cannot be filled ({err})") from None
         for key, labels in (("emotion_words", EMOTIONS), ("sentiment_words", SENTIMENTS)):
             words = getattr(self, key)
             missing = [label for label in labels if not isinstance(words.get(label), str) or not words[label].strip()]

@@ -118,3 +118,15 @@ def test_bad_prompt_sets_are_refused(tmp_path, fields, message):
     path.write_text(yaml.safe_dump(fields))
     with pytest.raises(ConfigError, match=message):
         load_prompts(path)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{emotion!z}", r"'\{emotion!z\}' cannot be filled \(Unknown conversion specifier z\)"),
+    ("{emotion:%%%}", r"'\{emotion:%%%\}' cannot be filled \(Invalid format specifier"),
+    ("{} says {utterance}", r"'\{\} says \{utterance\}' uses unknown field\(s\) \{\}; known fields: utterance"),
+])
+def test_caption_templates_that_fail_only_when_filled_are_refused_at_load(template, message):
+    from meld.captions import CaptionConfig
+
+    with pytest.raises(ConfigError, match=f"templates: {message}"):
+        CaptionConfig(templates=(template,))
