@@ -29,6 +29,17 @@ def hf_text_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, s
     return format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
 
 
+def hf_ids_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]], max_tokens: int) -> list[int]:
+    """The transformers ids of ``utt`` after as many of its latest ``turns`` as fit in ``max_tokens``, as
+    ``meld.dataset.encode_with_context`` does for CLARA's tokens: the tokenizer's own truncation cuts
+    from the right, which would cut the utterance itself and keep the oldest turns."""
+    for start in range(len(turns) + 1):
+        ids = tokenizer(hf_text_with_context(tokenizer, utt, turns[start:]))["input_ids"]
+        if len(ids) <= max_tokens:
+            return ids
+    return tokenizer(utt.text, truncation=True, max_length=max_tokens)["input_ids"]  # the utterance alone is too long
+
+
 class HFTextView(Dataset):
     def __init__(self, base: MeldDataset, tokenizer, *, max_tokens: int) -> None:
         self.base = base
@@ -37,8 +48,7 @@ class HFTextView(Dataset):
         self.ids = []
         for utt in base.utterances:
             turns = base.context[utt.key]  # the same turns as CLARA's text tower reads
-            text = hf_text_with_context(tokenizer, utt, turns)
-            self.ids.append(torch.tensor(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]))
+            self.ids.append(torch.tensor(hf_ids_with_context(tokenizer, utt, turns, max_tokens)))
 
     def __len__(self) -> int:
         return len(self.base)

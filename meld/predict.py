@@ -31,7 +31,7 @@ from clara.tokenizer import Tokenizer
 from meld.classifier_io import load_classifier, spec_file
 from meld.clip_features import silence
 from meld.dataset import DataConfig, encode_with_context
-from meld.finetune_data import Collate, hf_text_with_context
+from meld.finetune_data import Collate, hf_ids_with_context
 from meld.records import Utterance
 
 AUDIO_SUFFIXES = {".mp4", ".m4a", ".wav", ".flac", ".mp3", ".ogg", ".aac", ".webm", ".mkv", ".mov", ".opus"}
@@ -132,9 +132,7 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         ids = encode_with_context(Tokenizer(data.language), utt, turns, data.max_tokens)
         out["tokens"] = torch.tensor(ids, dtype=torch.long)
     if "hf_text" in inputs:
-        ids = hf_tokenizer(hf_text_with_context(hf_tokenizer, utt, turns), truncation=True,
-                           max_length=spec["hf_max_tokens"])["input_ids"]
-        out["hf_ids"] = torch.tensor(ids)
+        out["hf_ids"] = torch.tensor(hf_ids_with_context(hf_tokenizer, utt, turns, spec["hf_max_tokens"]))
     return out
 
 

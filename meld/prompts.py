@@ -48,6 +48,12 @@ class PromptSet:
                 raise ConfigError(f"templates: {template!r} is not a valid format string ({err})") from None
             if names != ["label"]:
                 raise ConfigError(f"templates: {template!r} must hold exactly one field, {{label}}")
+            # Parsing accepts any conversion ("!z") and format spec; they would fail only when the
+            # prompts are built, mid-run, so fill the template once here.
+            try:
+                template.format(label="label")
+            except ValueError as err:
+                raise ConfigError(f"templates: {template!r} cannot be filled ({err})") from None
         labels = TARGETS[self.target]
         if self.classes:
             missing = [label for label in labels if label not in self.classes]

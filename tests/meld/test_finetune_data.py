@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from meld.context import format_with_context
 from meld.dataset import DataConfig, build_datasets
-from meld.finetune_data import HFTextView
+from meld.finetune_data import HFTextView, hf_ids_with_context
 from meld.layout import find_layout
-from meld.records import load_splits
+from meld.records import Utterance, load_splits
 from tests.meld.finetune_helpers import small_demo
 
 
@@ -15,8 +15,9 @@ class CharTokenizer:
 
     sep_token = "</s>"
 
-    def __call__(self, text: str, truncation: bool, max_length: int) -> dict:
-        return {"input_ids": [ord(c) for c in text][:max_length]}
+    def __call__(self, text: str, truncation: bool = False, max_length: int | None = None) -> dict:
+        ids = [ord(c) for c in text]
+        return {"input_ids": ids[:max_length] if truncation else ids}
 
 
 def test_transformers_text_reads_the_same_turns_as_clara_text_even_after_a_dropped_clip():
@@ -41,3 +42,20 @@ def test_transformers_text_reads_the_same_turns_as_clara_text_even_after_a_dropp
                 after_dropped += 1
             dialogue[row.dialogue_id] = row
     assert after_dropped >= 1
+
+
+def test_a_tight_transformers_budget_drops_the_oldest_turns_not_the_utterance():
+    utt = Utterance("train", 0, 2, "Ross", "We were on a break!", "anger", "negative", 3, 15, 1.0, 2.0, 3)
+    turns = [("Rachel", "You slept with her?"), ("Ross", "Yes.")]
+    tokenizer = CharTokenizer()
+    both = "Rachel: You slept with her? </s> Ross: Yes. </s> Ross: We were on a break!"
+    latest = "Ross: Yes. </s> Ross: We were on a break!"
+
+    def text(max_tokens: int) -> str:
+        return "".join(map(chr, hf_ids_with_context(tokenizer, utt, turns, max_tokens)))
+
+    assert text(len(both)) == both
+    assert text(len(both) - 1) == latest  # the oldest turn goes first; the right-hand cut would end "a break"
+    assert text(len(latest)) == latest
+    assert text(len(utt.text)) == utt.text  # no turn fits: the utterance alone, as without context
+    assert text(5) == "We we"  # the utterance alone is too long: only then is it cut

@@ -110,6 +110,8 @@ def test_shipped_prompt_sets():
     ({"target": "sentiment", "classes": {"neutral": ["calm"], "positive": ["happy"], "negative": []}}, "non-empty list"),
     ({"target": "sentiment", "classes": {"neutral": ["a"], "positive": ["b"], "negative": ["c"], "joy": ["d"]}},
      "unknown joy"),
+    ({"templates": ["A {label!z} voice"]}, r"'A \{label!z\} voice' cannot be filled \(Unknown conversion specifier z\)"),
+    ({"templates": ["A {label:%%} voice"]}, r"'A \{label:%%\} voice' cannot be filled \(Invalid format specifier"),
 ])
 def test_bad_prompt_sets_are_refused(tmp_path, fields, message):
     import yaml
