@@ -18,7 +18,9 @@ Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, s
 position in the epoch and every process's python / numpy / torch (and CUDA) RNG state.  The data
 order is a pure function of (seed, epoch), so skipping the batches already seen in the current
 epoch puts the loader where the interrupted run was; datasets with their own per-sample randomness
-get ``set_epoch(epoch)`` before each epoch.
+get ``set_epoch(epoch)`` before each epoch.  An evaluation counts as made once its record is in
+``metrics.jsonl``: a resume runs one due at the checkpoint's step that a Ctrl-C cut short, and a
+finished run given again repeats nothing (``fit`` returns the logged final evaluation).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError
 from clara.compilation import Mode, Recompute, Scope, compile_model
-from clara.io_utils import atomic_path
+from clara.io_utils import atomic_path, remove_leftovers
 from clara.optim import WarmupCosineRestarts, adamw, param_groups
 from clara.precision import Precision, autocast_for, resolve_precision
 
@@ -433,6 +435,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
+        self.logged_evaluations: list[dict[str, float]] = []  # metrics.jsonl's at the resumed step (_start)
         self.writer = None
         self.data_wait = 0.0  # seconds spent waiting for the loader, since the last log
 
@@ -515,22 +518,35 @@ class Trainer:
         (self.history if prefix == "train" else self.evaluations).append(record)
         if not self.env.is_main:
             return
-        for key, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{key}", value, self.step)
-        self.writer.flush()
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        # Both logs take the record, or neither: a resume runs again an evaluation metrics.jsonl lacks,
+        # so a Ctrl-C between the two writes would leave its point in TensorBoard twice.
+        with _interrupts_deferred():
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, self.step)
+            self.writer.flush()
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         self._print(f"[{prefix} step {self.step}/{self.total_steps}] {shown}")
 
-    def _trim_metrics(self, last_kept: int) -> None:
-        """Keep only the ``metrics.jsonl`` records up to step ``last_kept``."""
+    def _trim_metrics(self, last_kept: int) -> list[dict[str, Any]]:
+        """Keep only the ``metrics.jsonl`` records up to step ``last_kept``; returns the evaluation
+        records kept at step ``last_kept`` (on the main process, which writes the file; [] elsewhere)."""
         path = self.out_dir / METRICS_FILE
-        if self.env.is_main and path.is_file():
-            steps = ((line, _record_step(line)) for line in path.read_text(encoding="utf-8").splitlines())
-            kept = [line for line, step in steps if step is not None and step <= last_kept]
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if not (self.env.is_main and path.is_file()):
+            return []
+        steps = [(line, _record_step(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+        kept = [line for line, step in steps if step is not None and step <= last_kept]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        records = (json.loads(line) for line, step in steps if step == last_kept)
+        return [record for record in records if any(key.startswith("eval/") for key in record)]
+
+    def _evaluation_due(self) -> bool:
+        """Whether eval_every or eval_every_epoch asks for an evaluation at the current step."""
+        every_steps = self.config.eval_every and self.step % self.config.eval_every == 0
+        epoch_end = self.config.eval_every_epoch and self.step_in_epoch == self.steps_per_epoch
+        return bool(every_steps or epoch_end)
 
     def evaluate(self) -> dict[str, float]:
         """The task's held-out metrics at the current step (empty if the task has no ``evaluate``, or
@@ -607,12 +623,19 @@ class Trainer:
     def _start(self) -> int | None:
         """Resume or seed, and open the logs; returns the step resumed from (None for a fresh run)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.env.is_main:
+            # A run killed while saving left its staging file, as large as a checkpoint. Only a command
+            # line's own folder is cleared by run_dir.claim; not a fine-tune's seed-N folders, nor a
+            # run folder a sweep or notebook hands over. No one else writes here before training starts.
+            remove_leftovers(self.out_dir)
         resumed = self._resume()
         if not resumed:
             seed_everything(self.config.seed + self.env.rank)
         # Records past the checkpoint were written by the interrupted run; a fresh run drops them all.
         last_kept = self.step if resumed else -1
-        self._trim_metrics(last_kept)
+        # Those of an evaluation at the checkpoint's step say it finished (its record is written once the
+        # task's evaluate returns); every process goes by the main one's file.
+        self.logged_evaluations = distributed.all_gather_object(self._trim_metrics(last_kept))[0]
         if self.env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -643,6 +666,12 @@ class Trainer:
         window_steps, busy = 0, 0.0  # busy: seconds spent in training steps, data loading included
         step_start_rng = rng_state()  # what a checkpoint of the last finished step must hold
         try:
+            # The evaluation due at the checkpoint's step, when the interrupted run saved that step while
+            # evaluating (a Ctrl-C in a large held-out set): the loop goes on from the next step, so it
+            # would never run, and a fine-tune would never weigh that epoch's weights as its best.
+            if resumed_from is not None and self.step < self.total_steps and not self.logged_evaluations \
+                    and self._evaluation_due():
+                self.evaluate()
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.config.accumulation)
                 if hasattr(self.train_data, "set_epoch"):
@@ -677,18 +706,23 @@ class Trainer:
                         self._record("train", means)
                         window, window_steps, busy, self.data_wait = {}, 0, 0.0, 0.0
                     if self.step < self.total_steps:  # the last step is evaluated and saved below
-                        every_steps = self.config.eval_every and self.step % self.config.eval_every == 0
-                        epoch_end = self.config.eval_every_epoch and self.step_in_epoch == self.steps_per_epoch
-                        if every_steps or epoch_end:
+                        if self._evaluation_due():
                             self.evaluate()
                         if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                             self.save()
                 if self.step_in_epoch >= self.steps_per_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
             progress.close()
-            # Inside the handler: a Ctrl-C during the last evaluation (a large held-out set) used to
-            # lose every step since the last checkpoint, the whole run where checkpoint_every is 0.
-            self.evaluate()
+            if self.step == resumed_from and self.logged_evaluations:
+                # A finished run given again: its final evaluation is logged (metrics.jsonl, TensorBoard,
+                # and whatever the task kept, such as a fine-tune's best weights) and is not repeated,
+                # so a rerun leaves the logs as they were; the caller gets the logged records.
+                if self.env.is_main:
+                    self.evaluations.extend(self.logged_evaluations)
+            else:
+                # Inside the handler: a Ctrl-C during the last evaluation (a large held-out set) used to
+                # lose every step since the last checkpoint, the whole run where checkpoint_every is 0.
+                self.evaluate()
             self.save()
         except KeyboardInterrupt:
             # Single process only (under DDP the others may be gone already), stored as if the

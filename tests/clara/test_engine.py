@@ -152,6 +152,17 @@ def test_checkpoint_holds_the_training_state(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no staging files left behind
 
 
+def test_a_resume_deletes_what_a_run_killed_while_saving_left(tmp_path):
+    """A kill during torch.save leaves the checkpoint's staging file; only a command line's own folder
+    was cleared (run_dir.claim), not a fine-tune's seed-N folders or a folder a sweep hands over."""
+    fit(tmp_path, steps=2)
+    (tmp_path / ".checkpoint.pt.k2x_9abc.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".notes.tmp").write_text("mine")
+    resumed, _ = fit(tmp_path, steps=4)
+    assert resumed.resumed_from == 2
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [".notes.tmp"]
+
+
 def test_tensorboard_events_hold_the_logged_tags(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -574,3 +585,114 @@ def test_a_run_continued_to_more_steps_follows_the_longer_runs_schedule(tmp_path
     assert continued.resumed_from == 4
     assert [r["train/lr"] for r in continued.history] == pytest.approx([rates[s] for s in range(5, 11)])
     assert [r["train/lr"] for r in short.history] != pytest.approx([rates[s] for s in range(1, 5)])  # its own shorter cosine
+
+
+# -- rerunning a finished run, and evaluations a Ctrl-C cut short ------------------------------------
+
+
+TIMINGS = ("train/samples_per_s", "train/step_s", "train/data_wait_s")  # differ between two runs of the same steps
+
+
+def logged(out_dir) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+    """metrics.jsonl's records and TensorBoard's scalars (tag -> [(step, value)]) as read back, timings left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = (out_dir / METRICS_FILE).read_text().splitlines()
+    records = [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
+    events = EventAccumulator(str(out_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"]) - set(TIMINGS)
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags}
+    return records, scalars
+
+
+class CountingTask(ToyTask):
+    def __init__(self):
+        super().__init__()
+        self.evaluated_at: list[int] = []
+        self.trainer = None
+
+    def evaluate(self, model):
+        self.evaluated_at.append(self.trainer.step)
+        return super().evaluate(model)
+
+
+def fit_counted(out_dir, task, **overrides):
+    settings = dict(steps=10, batch_size=4, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
+                    log_every=1, eval_every=5, seed=7, out_dir=str(out_dir), device="cpu", progress=False)
+    settings.update(overrides)
+    trainer = task.trainer = Trainer(TrainConfig(**settings), toy_model(), task, ToyData())
+    return trainer.fit()
+
+
+def test_rerunning_a_finished_run_leaves_its_logs_as_they_were(tmp_path):
+    """The checkpoint holds every step: the rerun used to evaluate the last step again and log it a
+    second time (metrics.jsonl and TensorBoard). The caller still gets the final evaluation's record."""
+    first = fit_counted(tmp_path, CountingTask())
+    records, scalars = logged(tmp_path)
+    assert [r["step"] for r in records if "eval/mse" in r] == [0, 5, 10]
+    task = CountingTask()
+    again = fit_counted(tmp_path, task)
+    assert task.evaluated_at == [] and task.calls == 0
+    assert again.resumed_from == 10 and again.step == 10 and again.history == []
+    assert again.evaluations == [first.evaluations[-1]] == [records[-1]]
+    assert logged(tmp_path) == (records, scalars)
+
+
+def test_a_rerun_after_a_ctrl_c_in_the_final_evaluation_runs_it_once(tmp_path):
+    """The checkpoint then holds every step but the final evaluation never finished: it runs, once."""
+    full = fit_counted(tmp_path / "full", CountingTask())
+    with pytest.raises(KeyboardInterrupt):
+        fit_counted(tmp_path / "cut", InterruptedEvaluationTask(step=10))
+    task = CountingTask()
+    resumed = fit_counted(tmp_path / "cut", task)
+    assert task.evaluated_at == [10] and task.calls == 0
+    assert resumed.evaluations == [full.evaluations[-1]]
+    fit_counted(tmp_path / "cut", CountingTask())  # finished now: nothing more
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
+
+
+def test_an_evaluation_a_ctrl_c_cut_short_runs_on_resume(tmp_path):
+    """Saved at step 5 during its evaluation, the run resumed at step 6: the evaluation at 5 was
+    never made (a fine-tune never weighed that epoch's weights as its best)."""
+    fit_counted(tmp_path / "full", CountingTask())
+    with pytest.raises(KeyboardInterrupt):
+        fit_counted(tmp_path / "cut", InterruptedEvaluationTask(step=5))
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["step"] == 5
+    task = CountingTask()
+    resumed = fit_counted(tmp_path / "cut", task)
+    assert task.evaluated_at == [5, 10] and [r["step"] for r in resumed.evaluations] == [5, 10]
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
+    # A run resumed from a step whose evaluation finished does not repeat it.
+    fit_counted(tmp_path / "long", CountingTask(), steps=5, cycle_steps=0)
+    task = CountingTask()
+    fit_counted(tmp_path / "long", task, steps=10, cycle_steps=0)
+    assert task.evaluated_at == [10]
+    assert [r["step"] for r in logged(tmp_path / "long")[0] if "eval/mse" in r] == [0, 5, 10]
+
+
+def test_a_ctrl_c_while_a_record_is_written_leaves_it_in_both_logs_or_neither(tmp_path, monkeypatch):
+    """TensorBoard is written before metrics.jsonl; a Ctrl-C between the two left the final evaluation
+    in TensorBoard only, and the rerun, finding no record in metrics.jsonl, logged it there again."""
+    import os
+    import signal
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    task = CountingTask()
+    flush = SummaryWriter.flush
+
+    def flush_then_ctrl_c(self):
+        flush(self)
+        if task.evaluated_at[-1:] == [10]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(SummaryWriter, "flush", flush_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        fit_counted(tmp_path / "cut", task)
+    monkeypatch.setattr(SummaryWriter, "flush", flush)
+    fit_counted(tmp_path / "full", CountingTask())
+    rerun = CountingTask()
+    fit_counted(tmp_path / "cut", rerun)
+    assert rerun.evaluated_at == []
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
