@@ -73,11 +73,24 @@ def saved_config(path: str | Path, cls: type[T]) -> T | None:
 def same_path(value: Any) -> Any:
     """A path setting as resume compares it: ``./data/`` and ``data`` are one folder.  Comma-separated
     sources (pretraining's ``data.train``) are compared part by part, empty parts left out as the
-    loader leaves them; "" and non-strings as they are.  Spelling only: no symlinks are followed, and
-    an absolute path is not its relative twin."""
+    loader leaves them; "" and non-strings as they are.  A part that exists is compared as the file it
+    is (``os.path.samefile``): through symlinks, ``..`` and relative against absolute spellings; one
+    that does not (a preset name, a folder still to make) by its spelling."""
     if not isinstance(value, str) or not value:
         return value
-    return ",".join(os.path.normpath(part.strip()) for part in value.split(",") if part.strip())
+    return ",".join(_path_key(part.strip()) for part in value.split(",") if part.strip())
+
+
+def _path_key(part: str) -> str:
+    """What compares equal for two spellings of one existing file or folder (the device and inode
+    samefile compares, marked with a NUL, which no path spelling holds); the normalised spelling else.
+    Not the spelling of an existing path: ``link/..`` is the folder above the link's target, which
+    ``os.path.normpath`` would take for the current one."""
+    try:
+        stat = os.stat(part)
+    except (OSError, ValueError):  # ValueError: a NUL in the value
+        return os.path.normpath(part)
+    return f"\0{stat.st_dev}:{stat.st_ino}"
 
 
 def differing_keys(saved: Any, new: Any, may_differ: Collection[str] = (),

@@ -109,9 +109,10 @@ def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_diffe
         check_resumable(run / "config.yaml", Settings(), "demo", (), "--out")
 
 
-def test_resume_compares_path_settings_as_paths(tmp_path):
+def test_resume_compares_path_settings_as_paths(tmp_path, monkeypatch):
     """./runs//a/ and runs/a are one folder, so a resume that spells it differently is the same run;
     another folder is still another setting."""
+    monkeypatch.chdir(tmp_path)  # where none of these exists: compared as spelt
     assert (same_path("./data/"), same_path("a/./b, ./c,"), same_path(""), same_path(3)) == ("data", "a/b,c", "", 3)
     run = tmp_path / "run"
     run.mkdir()
@@ -121,6 +122,32 @@ def test_resume_compares_path_settings_as_paths(tmp_path):
         check_resumable(run, Settings(data="./runs//a/"), "demo", (), "--out")  # compared as typed
     with pytest.raises(OutDirError, match=re.escape("other settings (data)")):
         check_resumable(run, Settings(data="runs/b"), "demo", (), "--out", {"data": same_path})
+
+
+def test_spellings_of_one_existing_folder_are_one_path_setting(tmp_path, monkeypatch):
+    """A symlink, ``a/../b`` and the absolute path of an existing folder name that folder; compared as
+    spelt, each was another setting, and the resume was refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    (tmp_path / "elsewhere" / "inner").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "data").mkdir()
+    (tmp_path / "away").symlink_to(tmp_path / "elsewhere" / "inner")
+    spellings = ("data", "./data/", "link", "other/../data", str(tmp_path / "data"), f"{tmp_path}/link/")
+    assert len({same_path(spelling) for spelling in spellings}) == 1
+    assert same_path("data,other") == same_path(f"link, {tmp_path}/other,") != same_path("other,data")
+    assert same_path("other") != same_path("data")
+    # away/.. is elsewhere/, not this folder: its data is another folder (normpath would say "data").
+    assert same_path("away/../data") == same_path("elsewhere/data") != same_path("data")
+    # A part that does not exist (yet) still compares by spelling, and never equals an existing one.
+    assert (same_path("./new/"), same_path("data,./new")) == ("new", f"{same_path('data')},new")
+    run = tmp_path / "run"
+    run.mkdir()
+    config_lib.save_yaml(Settings(data="data"), run / "config.yaml")
+    check_resumable(run, Settings(data=str(tmp_path / "link")), "demo", (), "--out", {"data": same_path})
+    with pytest.raises(OutDirError, match=re.escape("other settings (data)")):
+        check_resumable(run, Settings(data="other"), "demo", (), "--out", {"data": same_path})
 
 
 def test_model_overrides_may_change_their_execution_switches_only():
