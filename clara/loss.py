@@ -26,6 +26,24 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.gather = gather
 
+    def similarity(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """audio_embeds, text_embeds [B, D] -> the cosine similarities the loss scores, [N, N] (audio
+        rows, text columns, pairs on the diagonal): N = B, or W·B with ``gather`` under W processes,
+        the same matrix in every process.  Also what in-batch accuracy is measured on, so that it
+        counts the candidates the loss does and reads the same for any number of processes."""
+        if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            audio_embeds = gather_with_grad(audio_embeds)
+            text_embeds = gather_with_grad(text_embeds)
+        return audio_embeds @ text_embeds.T
+
+    @staticmethod
+    def from_similarity(similarity: torch.Tensor, audio_scale: torch.Tensor, text_scale: torch.Tensor) -> torch.Tensor:
+        """The loss of a ``similarity`` [N, N] matrix; scales are scalars."""
+        targets = torch.arange(similarity.shape[0], device=similarity.device)
+        audio_loss = F.cross_entropy(audio_scale * similarity, targets)
+        text_loss = F.cross_entropy(text_scale * similarity.T, targets)
+        return (audio_loss + text_loss) / 2
+
     def forward(
         self,
         audio_embeds: torch.Tensor,
@@ -34,11 +52,4 @@ class ContrastiveLoss(nn.Module):
         text_scale: torch.Tensor,
     ) -> torch.Tensor:
         """audio_embeds, text_embeds [B, D] (row i of each is a pair); scales are scalars."""
-        if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            audio_embeds = gather_with_grad(audio_embeds)
-            text_embeds = gather_with_grad(text_embeds)
-        similarity = audio_embeds @ text_embeds.T  # [N, N]: audio rows, text columns
-        targets = torch.arange(similarity.shape[0], device=similarity.device)
-        audio_loss = F.cross_entropy(audio_scale * similarity, targets)
-        text_loss = F.cross_entropy(text_scale * similarity.T, targets)
-        return (audio_loss + text_loss) / 2
+        return self.from_similarity(self.similarity(audio_embeds, text_embeds), audio_scale, text_scale)

@@ -115,8 +115,11 @@ class ContrastiveTask:
         mel, frames = self.frontend(wave, batch["wave_lengths"])  # [B, 80, T], [B]
         mel = self.mel_augment(mel, frames)
         out = model(mel, batch["tokens"], frames, batch["token_lengths"])
-        loss = self.loss(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale)
-        a2t, t2a = in_batch_top1(out.audio_embeds.detach() @ out.text_embeds.detach().T)
+        # [N, N]: N = B, or every process's W·B pairs when negatives are gathered; the in-batch accuracy
+        # is taken over the same candidates as the loss, so one process of W·B logs what W of B do.
+        similarity = self.loss.similarity(out.audio_embeds, out.text_embeds)
+        loss = self.loss.from_similarity(similarity, out.audio_scale, out.text_scale)
+        a2t, t2a = in_batch_top1(similarity.detach())
         logs = {"audio_scale": out.audio_scale.detach(), "text_scale": out.text_scale.detach(), "a2t_top1": a2t, "t2a_top1": t2a}
         return loss, logs
 

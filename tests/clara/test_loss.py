@@ -73,3 +73,79 @@ def test_gathered_loss_on_two_processes_equals_single_process_loss():
         # Each process holds the full loss; DDP averages gradients over the 2 processes, and the
         # gather's backward sums both processes' contributions: together the single-process gradient.
         assert torch.allclose(torch.tensor(grad) / 2, full_audio.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
+
+
+def naive_loss_tensor(audio, text, audio_scale, text_scale):
+    """``naive_loss`` in torch ops, element by element, so that autograd gives reference gradients."""
+    n = audio.shape[0]
+    total = 0.0
+    for k in range(n):
+        a_logits = torch.stack([audio_scale * (audio[k] * text[j]).sum() for j in range(n)])
+        t_logits = torch.stack([text_scale * (text[k] * audio[j]).sum() for j in range(n)])
+        total = total - (a_logits[k] - torch.logsumexp(a_logits, 0)) - (t_logits[k] - torch.logsumexp(t_logits, 0))
+    return total / (2 * n)
+
+
+class Towers(torch.nn.Module):
+    """Two linear towers to unit-norm embeddings and one log-temperature per modality, as in Clara."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio = torch.nn.Linear(5, 4, dtype=torch.float64)
+        self.text = torch.nn.Linear(6, 4, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(0)  # the same weights in every process and the reference
+        with torch.no_grad():
+            for p in (*self.audio.parameters(), *self.text.parameters()):
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64))
+        self.audio_log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
+        self.text_log_scale = torch.nn.Parameter(torch.tensor(math.log(4.0), dtype=torch.float64))
+
+    def forward(self, x_audio, x_text):
+        return (F.normalize(self.audio(x_audio), dim=-1), F.normalize(self.text(x_text), dim=-1),
+                self.audio_log_scale.exp(), self.text_log_scale.exp())
+
+
+def _ddp_worker(rank, world, port, x_audio, x_text, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    per = x_audio.shape[0] // world
+    ddp = torch.nn.parallel.DistributedDataParallel(Towers())
+    loss_fn = ContrastiveLoss(gather=True)
+    local = (x_audio[rank * per:(rank + 1) * per], x_text[rank * per:(rank + 1) * per])
+    # This process's own gradient of the temperatures (no all-reduce): from the full gathered matrix.
+    with ddp.no_sync():
+        loss_fn(*ddp(*local)).backward()
+    own_scales = [ddp.module.audio_log_scale.grad.item(), ddp.module.text_log_scale.grad.item()]
+    ddp.zero_grad()
+    audio, text, audio_scale, text_scale = ddp(*local)
+    similarity = loss_fn.similarity(audio, text)
+    loss = loss_fn.from_similarity(similarity, audio_scale, text_scale)
+    loss.backward()  # DDP all-reduces (averages) the gradients here
+    grads = {name: p.grad.tolist() for name, p in ddp.module.named_parameters()}
+    queue.put((rank, loss.item(), similarity.tolist(), own_scales, grads))  # plain lists: no shared memory
+    queue.close()
+    queue.join_thread()
+    dist.barrier()
+    os._exit(0)  # as in _worker: no gloo teardown after the peer may have gone
+
+
+def test_ddp_with_gathered_negatives_gives_the_global_batch_gradients_of_every_parameter():
+    """Two DDP processes of 4 pairs each against one naive computation on the 8 pairs: every
+    parameter's gradient, both towers and both temperatures, after DDP's averaging; each process's
+    own temperature gradients (before it) are the global ones already, so the average keeps them."""
+    generator = torch.Generator().manual_seed(7)
+    x_audio = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    x_text = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    reference = Towers()
+    audio, text, audio_scale, text_scale = reference(x_audio, x_text)
+    expected = naive_loss_tensor(audio, text, audio_scale, text_scale)
+    expected.backward()
+    results = run_on_two_processes(_ddp_worker, x_audio, x_text)
+    assert results[0][4] == results[1][4]  # the same gradients in both processes, to the bit
+    for rank, value, similarity, own_scales, grads in results:
+        assert value == pytest.approx(expected.item(), rel=1e-12)
+        assert torch.allclose(torch.tensor(similarity, dtype=torch.float64), audio.detach() @ text.detach().T, atol=1e-12)
+        assert own_scales == pytest.approx([reference.audio_log_scale.grad.item(), reference.text_log_scale.grad.item()],
+                                           rel=1e-10)
+        for name, p in reference.named_parameters():
+            assert torch.allclose(torch.tensor(grads[name], dtype=torch.float64), p.grad, rtol=1e-10, atol=1e-12), name

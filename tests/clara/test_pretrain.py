@@ -202,8 +202,10 @@ def test_stop_and_resume_match_an_uninterrupted_run(demo, tmp_path):
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "full"), abs=1e-5)
 
 
-def test_ddp_two_processes_match_one_process_on_the_global_batch(demo, tmp_path):
-    """torchrun with 2 gloo processes of 4 pairs gathers negatives; losses equal one process of 8."""
+def test_ddp_two_processes_match_one_process_on_the_global_batch_and_resume(demo, tmp_path):
+    """torchrun with 2 gloo processes of 4 pairs gathers negatives: every logged number (loss, both
+    temperatures, in-batch top-1, gradient norm) equals one process of 8, also when the torchrun run
+    stops after 2 steps and resumes; only the main process prints."""
     # No randomness inside a step (no dropout, token dropout or augmentation), so both runs see the
     # same computation; only the sum order of the gradient all-reduce differs.
     tiny = (REPO_ROOT / "configs" / "model" / "tiny.yaml").read_text()
@@ -211,26 +213,35 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(demo, tmp_path)
     model_yaml.write_text(tiny.replace("token_keep: 0.5", "token_keep: 1.0").replace("dropout: 0.1", "dropout: 0.0"))
     settings = [
         f"model={model_yaml}", f"data.train={demo.train}", f"data.eval={demo.eval}", "train.device=cpu",
-        "train.steps=4", "train.log_every=1", "train.eval_at_start=false", "train.warmup_steps=1", "train.lr=0.002",
+        "train.log_every=1", "train.eval_at_start=false", "train.warmup_steps=1", "train.lr=0.002", "train.progress=false",
         *(f"augment.{name}.p=0" for name in ("pitch", "reverb", "clipping", "masking", "mix")),
     ]  # fmt: skip
     single = tmp_path / "single"
-    run(load_config(None, [*settings, "train.batch_size=8", f"train.out_dir={single}"]))
+    run(load_config(None, [*settings, "train.steps=4", "train.batch_size=8", f"train.out_dir={single}"]))
     double = tmp_path / "double"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "clara.pretrain", *settings, "train.batch_size=4", f"train.out_dir={double}"]  # fmt: skip
-    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    outputs = []
+    for steps in (2, 4):  # the second run resumes from the first one's checkpoint
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                   "clara.pretrain", *settings, f"train.steps={steps}", "train.batch_size=4", f"train.out_dir={double}"]  # fmt: skip
+        finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        outputs.append(finished.stdout)
 
-    def losses(out_dir):
+    def logs(out_dir):
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        return [record["train/loss"] for record in records if "train/loss" in record]
+        keys = ("loss", "audio_scale", "text_scale", "a2t_top1", "t2a_top1", "grad_norm", "lr")
+        return [{key: record[f"train/{key}"] for key in keys} for record in records if "train/loss" in record]
 
-    assert len(losses(double)) == 4
-    assert losses(double) == pytest.approx(losses(single), abs=2e-4)
+    assert len(logs(double)) == 4
+    for got, expected in zip(logs(double), logs(single)):
+        assert got == pytest.approx(expected, abs=2e-4)
+    assert "resumed from" in outputs[1]
+    for output, steps in zip(outputs, (2, 4)):  # each line once: the other process prints nothing
+        assert output.count(f"training {steps} steps") == output.count(f"pretrained {steps} steps") == 1, output
     state = torch.load(double / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per process
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seeded apart: augmentations differ
 
 
 @pytest.mark.slow
