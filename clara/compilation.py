@@ -41,7 +41,7 @@ the last call's choice holds.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
@@ -84,14 +84,15 @@ def set_tuning(tune: bool) -> None:
 
 
 def compile_model(model: nn.Module, scope: Scope = "model", mode: Mode = "default", *, dynamic: bool | None = None,
-                  recompute: Recompute = "default", tune: bool = False, backend: str = "inductor") -> nn.Module:  # fmt: skip
+                  recompute: Recompute = "default", tune: bool = False, backend: str | Callable = "inductor") -> nn.Module:  # fmt: skip
     """Compile ``model`` in place as ``scope`` says and return it.
 
     ``dynamic=None`` lets torch.compile specialise on the first shapes and recompile once with
     dynamic sizes when they change (variable clip and text lengths); ``True`` starts dynamic.
     ``recompute``, ``tune``: see the module docstring (with ``scope="off"`` they are ignored).
-    ``backend``: torch.compile's; another than inductor (``"aot_eager_decomp_partition"``: the same
-    decompositions and partitioner, no generated kernels) takes no ``mode``.
+    ``backend``: torch.compile's, a name or a callable (a test's compile counter); another than
+    ``"inductor"`` (``"aot_eager_decomp_partition"``: the same decompositions and partitioner, no
+    generated kernels) takes no ``mode``.
     """
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r}: expected one of {', '.join(SCOPES)}")

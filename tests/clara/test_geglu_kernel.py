@@ -53,8 +53,12 @@ import torch
 from clara import geglu_kernel as gk
 
 torch.manual_seed(0)
-# Neither size a multiple of the 64 x 128 tiles: the masked edges are exercised.
-for dtype, shape in ((torch.float32, (3, 50, 200)), (torch.bfloat16, (130, 257))):
+# No size a multiple of the 64 x 128 tiles, so the masked edges are exercised: several row and column
+# tiles with partial last ones, and (fp16) a single partial tile in both directions.  Every dtype the
+# kernels take (KERNEL_DTYPES), with fp32 biases, as under autocast.
+CASES = ((torch.float32, (3, 50, 200)), (torch.bfloat16, (130, 257)), (torch.float16, (2, 5, 70)))
+assert {dtype for dtype, _ in CASES} == set(gk.KERNEL_DTYPES)
+for dtype, shape in CASES:
     a, g, dh = (torch.randn(shape, dtype=dtype) for _ in range(3))
     bias_a, bias_g = torch.randn(shape[-1]), torch.randn(shape[-1])
     blocks = {"BLOCK_M": gk.BLOCK_M, "BLOCK_F": gk.BLOCK_F, "num_warps": gk.NUM_WARPS}
@@ -67,7 +71,7 @@ for dtype, shape in ((torch.float32, (3, 50, 200)), (torch.bfloat16, (130, 257))
     for got, want in pairs:
         assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
         error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        # fp32: erf implementations differ in the last bits; bf16: one or two roundings of the output.
+        # fp32: erf implementations differ in the last bits; bf16, fp16: one or two roundings of the output.
         assert error < (1e-6 if got.dtype == torch.float32 else 1e-2), (dtype, shape, error)
 print("ok")
 """

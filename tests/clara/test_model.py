@@ -183,6 +183,29 @@ def test_sdpa_matches_eager_attention(with_mask):
     assert (attention(q, k, v, key_mask=mask, backend="flash_attn") - eager).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn", "flash_attn"])
+def test_fast_attention_gradients_match_eager_and_skip_padded_keys(backend):
+    """The fused kernels' backward against the eager reference's, through a padded key mask: q, k, v
+    gradients within 1e-5, and exactly zero for every padded key and value (those positions take no
+    part in the softmax, so nothing may flow back into them).  flash_attn runs as sdpa on the CPU."""
+    lengths = torch.tensor([13, 5, 1])
+    mask = torch.arange(13)[None] < lengths[:, None]  # [B, Lk]
+    q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 13, 16), torch.randn(3, 4, 13, 16)
+    grad_out = torch.randn(3, 4, 7, 16)
+    results = []
+    for name in ("eager", backend):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, key_mask=mask, backend=name)
+        out.backward(grad_out)
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for dq, dk, dv in (results[0][1:], results[1][1:]):
+        assert dk[~mask[:, None, :, None].expand_as(dk)].abs().max() == 0
+        assert dv[~mask[:, None, :, None].expand_as(dv)].abs().max() == 0
+        assert dk[1, :, :5].abs().max() > 0  # real keys do get gradients
+
+
 @pytest.mark.parametrize("backend, cudnn", [("sdpa", False), ("sdpa_cudnn", True)])
 def test_sdpa_leaves_cudnn_out_and_sdpa_cudnn_does_not(sdpa_calls, backend, cudnn):
     # cuDNN's attention builds a plan per new shape, so `sdpa` must call PyTorch's kernel with it
@@ -304,34 +327,103 @@ def test_default_config_is_medium():
     assert load_model_config("medium") == ClaraConfig()
 
 
-@pytest.mark.parametrize("option", ["activation_checkpointing=true", "selective_recompute=true", "audio.latent_qkv=split"])
-def test_recomputation_and_layout_options_give_the_same_gradients(option):
-    """Each option changes what is kept for backward or how Q, K, V are computed, not the numbers:
-    the same weights give the same embeddings and gradients (fp32)."""
-    torch.manual_seed(0)
+def embeds_and_gradients(model: Clara, *inputs: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward of a contrastive-like objective from a fixed RNG state:
+    (audio embeds [B, out], text embeds [B, out], {parameter name: gradient})."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(*inputs)
+    (out.audio_embeds @ out.text_embeds.T).logsumexp(-1).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.audio_embeds.detach(), out.text_embeds.detach(), grads
+
+
+# Every ClaraConfig setting that exists for speed (clara.model_config.EXECUTION_KEYS), alone and as
+# the bench's fastest rows stack them.  On the CPU flash_attn runs as sdpa, and geglu_kernel=triton as
+# its closed forms (the kernels themselves: test_geglu_kernel's interpreter test).
+SPEED_OPTIONS = [
+    ["attention=sdpa"], ["attention=sdpa_cudnn"], ["attention=flash_attn"],
+    ["activation_checkpointing=true"], ["selective_recompute=true"], ["audio.latent_qkv=split"],
+    ["audio.geglu_kernel=triton"],
+    ["attention=sdpa_cudnn", "selective_recompute=true", "audio.latent_qkv=split", "audio.geglu_kernel=triton"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", SPEED_OPTIONS, ids=lambda options: ",".join(options))
+def test_speed_options_match_the_eager_fp32_reference(options):
+    """Each option changes the kernels, what is kept for backward or how Q, K, V are computed, not the
+    numbers: from the same weights, on a padded batch of varied lengths with masks on, embeddings and
+    every gradient equal the eager-attention fp32 model's (embeddings rtol 1e-5 / atol 1e-6, gradients
+    rtol 1e-5 / atol 1e-6).  Dropout and token dropout off: the fused kernels draw their own masks."""
     overrides = ["audio.token_keep=1.0", "text.dropout=0.0"]
-    plain = Clara(load_model_config("tiny", overrides)).train()
-    recomputed = Clara(load_model_config("tiny", [*overrides, option])).train()
+    torch.manual_seed(0)
+    reference = Clara(load_model_config("tiny", [*overrides, "attention=eager"])).train()
+    fast = Clara(load_model_config("tiny", [*overrides, *options])).train()
+    fast.load_state_dict(reference.state_dict())
+    if "selective_recompute=true" in options:
+        assert all(block.selective_recompute for block in fast.audio.perceiver.layers)
+    if "audio.latent_qkv=split" in options:
+        assert all(block.attn.split for block in fast.audio.perceiver.layers)
+    inputs = (torch.randn(3, 80, 50), torch.randint(1, 1000, (3, 7)), torch.tensor([50, 31, 12]), torch.tensor([7, 3, 5]))
+    want_audio, want_text, want_grads = embeds_and_gradients(reference, *inputs)
+    got_audio, got_text, got_grads = embeds_and_gradients(fast, *inputs)
+    torch.testing.assert_close(got_audio, want_audio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_text, want_text, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()  # the temperatures are not in this objective
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(want_grads) > 50
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing=true", "selective_recompute=true"])
+def test_recomputation_replays_dropout_and_token_dropout(option):
+    """Recomputing blocks in the backward pass must draw the same random numbers as their forward
+    pass did (text dropout 0.1 inside the checkpointed text layers, audio token dropout before the
+    Perceiver): from one seed, embeddings and gradients equal the plain model's bit for bit, and
+    the run leaves the global RNG where the plain run leaves it."""
+    torch.manual_seed(0)
+    plain = Clara(load_model_config("tiny", ["attention=eager"])).train()
+    assert plain.config.text.dropout > 0 and plain.config.audio.token_keep < 1
+    recomputed = Clara(load_model_config("tiny", ["attention=eager", option])).train()
     recomputed.load_state_dict(plain.state_dict())
-    if option.startswith("selective"):
-        assert all(block.selective_recompute for block in recomputed.audio.perceiver.layers)
-    if option.startswith("audio.latent_qkv"):
-        assert all(block.attn.split for block in recomputed.audio.perceiver.layers)
-    mel, tokens = torch.randn(3, 80, 50), torch.randint(1, 1000, (3, 7))
-    lengths, token_lengths = torch.tensor([50, 31, 12]), torch.tensor([7, 3, 5])
-    embeds = []
-    for model in (plain, recomputed):
-        out = model(mel, tokens, lengths, token_lengths)
-        (out.audio_embeds @ out.text_embeds.T).logsumexp(-1).sum().backward()
-        embeds.append(out.audio_embeds.detach())
-    torch.testing.assert_close(embeds[1], embeds[0], rtol=1e-5, atol=1e-6)
-    compared = 0
-    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
-        assert (a.grad is None) == (b.grad is None), name  # the temperatures are not in this objective
-        if a.grad is not None:
-            assert torch.allclose(a.grad, b.grad, atol=1e-6), name
-            compared += 1
-    assert compared > 50
+    inputs = (torch.randn(3, 80, 50), torch.randint(1, 1000, (3, 7)), torch.tensor([50, 31, 12]), torch.tensor([7, 3, 5]))
+    # Each run: (audio embeds, text embeds, gradients, the next random draw after its backward).
+    (audio, text, grads, after), (audio_r, text_r, grads_r, after_r) = (
+        (*embeds_and_gradients(model, *inputs), torch.rand(4)) for model in (plain, recomputed))  # fmt: skip
+    assert torch.equal(audio_r, audio) and torch.equal(text_r, text) and torch.equal(after_r, after)
+    assert grads_r.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grads_r[name], grad), name
+    # The control: another seed gives other dropout masks, so the comparison above can fail.
+    assert not torch.equal(embeds_and_gradients(plain, *inputs, seed=2)[1], text)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_padded_items_get_the_gradients_of_the_item_alone(tiny_model, backend):
+    """The masks exclude padding in the backward pass too: a loss on one item of a padded batch
+    gives every parameter the gradient that item gives alone (rtol 1e-5, atol 1e-6), and the
+    padding token's embedding row, used only at padded positions, gets none."""
+    tiny_model.set_attention(backend)
+    frames, words = [37, 120, 81], [3, 11, 6]
+    mels = [torch.randn(80, n) for n in frames]
+    texts = [torch.randint(1, 50373, (n,)) for n in words]
+    mel = torch.stack([torch.nn.functional.pad(m, (0, max(frames) - m.shape[1])) for m in mels])  # [B, 80, T]
+    tokens = torch.stack([torch.nn.functional.pad(t, (0, max(words) - len(t))) for t in texts])  # [B, L], pad id 0
+    weights = torch.linspace(-1, 1, tiny_model.config.output_dim)
+
+    def gradients(mel, tokens, lengths, token_lengths, item):
+        tiny_model.zero_grad()
+        out = tiny_model(mel, tokens, lengths, token_lengths)
+        ((out.audio_embeds[item] + out.text_embeds[item]) * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}
+
+    for item in (0, 2):  # both padded in audio and in text (item 1 is the longest of each)
+        batched = gradients(mel, tokens, torch.tensor(frames), torch.tensor(words), item)
+        alone = gradients(mels[item][None], texts[item][None], None, None, item=0)
+        assert batched.keys() == alone.keys()
+        for name, grad in alone.items():
+            torch.testing.assert_close(batched[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert batched["text.token_embedding.weight"][0].abs().max() == 0
 
 
 @pytest.mark.parametrize("stream", ["autocast", "fp32"])
