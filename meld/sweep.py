@@ -42,6 +42,7 @@ from clara import config as config_lib
 from clara.config import ConfigError
 from clara.io_utils import atomic_write_text
 from clara.model_config import CONFIG_ROOT
+from clara.run_dir import claim
 from meld.errors import MeldDataError
 from meld.metrics import mean_std
 from meld.report import seed_cell, spread_label
@@ -126,14 +127,27 @@ def run_sweep(config: SweepConfig, *, backend: Backend | None = None,
         raise SweepError(str(err)) from err
 
 
+# What a study folder holds from its first moments: the default SQLite storage, or the lock every
+# worker takes before its first trial (with a storage elsewhere); then trials and reports.
+STUDY_FILES = ("study.db", "ask.lock", "trials", "final.json", "summary.md", "best_config.yaml")
+
+
+def holds_study(path: Path) -> bool:
+    """Whether ``path`` is a sweep's study folder (to resume or join), by the files a sweep writes."""
+    return any((path / name).exists() for name in STUDY_FILES)
+
+
 def _run_sweep(config: SweepConfig, backend: Backend, log: Callable[[str], None]) -> dict:
     study_dir = Path(config.study.dir).resolve()
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file in its place, no permission
-        raise SweepError(f"study.dir {study_dir}: {err.strerror or err}: {err.filename or study_dir}") from None
+    # Before anything is written: a folder holding something else is refused (a sweep would mix its
+    # trials, plots and reports in), and a mistake in the space leaves no study folder behind.
+    claim(study_dir, "meld.sweep", holds_study)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
     check_space(config, backend)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # no permission, a read-only disk
+        raise SweepError(f"study.dir {study_dir}: {err.strerror or err}: {err.filename or study_dir}") from None
     study = open_study(config, study_dir)
     check_trial_dirs(study, study_dir)
     states = Counter(t.state for t in study.get_trials(deepcopy=False))

@@ -495,11 +495,23 @@ def test_unusable_storage_and_study_paths_are_named(tmp_path):
         ({"storage": f"journal:{tmp_path}"}, f"storage journal:{tmp_path}: Is a directory: {tmp_path}"),
         ({"storage": f"journal:{tmp_path / 'file' / 'study.log'}"},
          f"storage journal:{tmp_path / 'file' / 'study.log'}: File exists: {tmp_path / 'file'}"),
-        ({"dir": str(tmp_path / "file")}, f"study.dir {tmp_path / 'file'}: File exists: {tmp_path / 'file'}"),
+        ({"dir": str(tmp_path / "file")}, f"{tmp_path / 'file'}: exists and is not a folder"),
     ):
-        with pytest.raises(SweepError) as caught:
+        with pytest.raises((SweepError, ConfigError)) as caught:
             run_sweep(sweep_config(tmp_path / "s", study=study), backend=STANDIN, log=_quiet)
         assert str(caught.value) == message
+
+
+def test_a_study_folder_holding_something_else_is_refused_untouched(tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["--study-dir", str(busy), "--trials", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {busy} exists and is not a meld.sweep run; give an empty or new folder\n"
+    assert sorted(path.name for path in busy.iterdir()) == ["notes.txt"]
+    # A mistake in the space is found before the folder is made.
+    assert main(["--study-dir", str(tmp_path / "new"), "base_overrides=[trian.lr=0.1]"]) == 2
+    assert "trian" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_data_and_checkpoint_flags_fix_them_for_every_trial(tmp_path, monkeypatch):
