@@ -263,6 +263,18 @@ def _shared_tokenizer(language: str) -> Tokenizer:
     return Tokenizer(language)
 
 
+def _no_features(root: Path, split: str, cache_dir: Path, cache_root: str | Path | None) -> str:
+    """Why a split has no audio features, and what to do: prepare them, or, for a folder of the CSVs
+    alone, know that there is nothing to prepare (prepare would only fail on the missing clips)."""
+    try:
+        find_layout(root, (split,), need_clips=True)
+    except MeldDataError as err:
+        return f"no audio features for the {split} split, and no clips to prepare them from: {err}; the CSVs alone serve text only"
+    cache = f" --cache {cache_root}" if cache_root is not None else ""
+    return (f"no audio features for the {split} split in {cache_dir}: run "
+            f"`python -m meld.prepare --data {root}{cache}` with the same audio settings first")
+
+
 def build_datasets(
     data_root: str | Path | None = None,
     config: DataConfig = DataConfig(),
@@ -284,12 +296,7 @@ def build_datasets(
         for split in splits:
             path = store_path(cache_dir, split)
             if not path.is_file():
-                cache = f" --cache {cache_root}" if cache_root is not None else ""
-                raise MeldDataError(
-                    f"no audio features for the {split} split in {cache_dir}: run "
-                    f"`python -m meld.prepare --data {root}{cache}` with the same audio settings first, "
-                    "or use modality text"
-                )
+                raise MeldDataError(_no_features(root, split, cache_dir, cache_root))
             stores[split] = SplitStore(path)
     if config.uses_text and tokenizer is None:
         tokenizer = _shared_tokenizer(config.language)

@@ -413,3 +413,15 @@ def test_a_rerun_on_fewer_splits_leaves_no_plot_of_the_split_it_dropped(setup, r
     assert (out / "confusion_dev.png").is_file() and not (out / "confusion_test.png").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert "dev" in metrics and "test" not in metrics
+
+
+def test_a_folder_of_csvs_alone_says_there_are_no_clips_not_to_run_prepare(setup, tmp_path, capsys):
+    root, checkpoint, _ = setup
+    csvs = tmp_path / "csvs"
+    csvs.mkdir()
+    for csv_file in root.rglob("*_sent_emo.csv"):
+        shutil.copy(csv_file, csvs / csv_file.name)
+    assert main(["--data", str(csvs), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no audio features for the train split, and no clips to prepare them from: ")
+    assert "python -m meld.prepare" not in err and err.count("\n") == 1
