@@ -38,6 +38,7 @@ import av
 import numpy as np
 
 from clara.io_utils import atomic_write_text, user_cache_dir
+from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
 from meld.labels import EMOTIONS
@@ -397,6 +398,16 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _check_is_a_demo_folder(out: Path) -> None:
+    """Refuse a folder holding anything but a demo build (its tree, manifest, lock and a killed build's
+    staging folder): the demo would be written in among someone's files."""
+    ours = {ROOT_NAME, MANIFEST_NAME, ".demo.lock"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(f".{ROOT_NAME}."))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(f"{out} holds other files ({shown}), not a demo build; give a new or empty folder")
+
+
 def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force: bool = False,
               workers: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Build the demo under ``out`` and return its MELD root, ``out/MELD.Raw``.
@@ -411,6 +422,7 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
     log = log or (lambda message: None)
     _check(size, seed)
     out.mkdir(parents=True, exist_ok=True)
+    _check_is_a_demo_folder(out)
     with _locked(out / ".demo.lock"):
         if not force and _is_complete(out, size, seed):
             log(f"{root} already holds the demo of size {size}, seed {seed}: nothing rewritten")
@@ -465,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or default_demo_root()
     try:
+        check_folder_path(out)
         root = make_demo(out, size=args.size, seed=args.seed, force=args.force, log=print)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, OutDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(root, read_manifest(out)))

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clara.config import ConfigError, load
+from clara.run_dir import check_folder_path
 from meld.clip_features import ClipTask, run_clips
 from meld.dataset import DataConfig
 from meld.demo import ensure_demo
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = audio_config(args)
+        if args.cache:
+            check_folder_path(args.cache)
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {args.workers}")
         root = Path(args.data) if args.data is not None else ensure_demo(log=print)

@@ -377,3 +377,12 @@ def test_audio_adds_to_the_text(probe_set):
             inputs(held_out))
     # Measured 0.74 against 0.41 for the text alone.
     assert f1_score(labels, predicted, average="macro") > 0.55
+
+
+def test_a_folder_holding_other_files_is_refused_untouched(tmp_path, stub_writer, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds other files \(notes.txt\), not a demo build"):
+        demo.make_demo(tmp_path, size=30)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and stub_writer == []
+    assert demo.main(["--out", str(tmp_path / "notes.txt")]) == 2  # a file where the folder would be
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: exists and is not a folder\n"

@@ -314,6 +314,7 @@ def write_csv_only(root: Path) -> None:
     ("infinite cap in the config", ["--data", "{tmp}/empty", "--set", "audio.max_seconds=.inf"],
      "audio.max_seconds: expected a finite number, got inf"),
     ("binary config", ["--data", "{tmp}/empty", "--config", "{tmp}/binary.yaml"], "binary.yaml: not UTF-8 text"),
+    ("cache is a file", ["--data", "{tmp}/empty", "--cache", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a folder"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, case, args, message):
     (tmp_path / "empty").mkdir()
