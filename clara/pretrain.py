@@ -30,6 +30,7 @@ from clara.audio_frontend import N_MELS, SAMPLE_RATE, LogMel, num_frames
 from clara.audio_io import AudioDecodeError
 from clara.augment import AugmentConfig, MelAugment, WaveAugment, check_config
 from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from clara.cli import describe
 from clara.demo_pairs import build_demo
 from clara.engine import TrainConfig, Trainer, init_env, seed_everything
 from clara.loss import ContrastiveLoss
@@ -283,7 +284,7 @@ def _print_summary(summary: dict[str, Any], train_size: int, eval_data: PairData
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clara.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clara.pretrain", description=describe(__doc__))
     parser.add_argument("--config", help=f"a pretraining YAML (default: {DEMO_CONFIG.relative_to(CONFIG_ROOT.parent)})")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 augment.reverb.p=0.5")
     args = parser.parse_args(argv)

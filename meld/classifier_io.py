@@ -111,6 +111,8 @@ def load_classifier(path: str | Path) -> tuple[MeldClassifier, dict, Any]:
     path = Path(path)
     spec_path = spec_file(path)
     folder = spec_path.parent
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; give the --out folder of a finished `python -m meld.finetune`")
     if not spec_path.is_file():
         raise CheckpointError(f"{path}: not a fine-tune run directory (no model/{SPEC_FILE}); "
                               "give the --out folder of a finished `python -m meld.finetune`")

@@ -37,6 +37,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from clara.cli import describe
 from clara.io_utils import atomic_write_text, user_cache_dir
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
@@ -460,19 +461,19 @@ def summary(root: Path, manifest: dict) -> str:
     counts = manifest["counts"]
     splits = ", ".join(f"{s} {c['utterances']} utterances in {c['dialogues']} dialogues" for s, c in counts.items())
     classes = ", ".join(f"{e} " + "/".join(str(counts[s]["emotions"][e]) for s in counts) for e in EMOTIONS)
-    return (f"Demo MELD at {root} (size {manifest['size']}, seed {manifest['seed']}, built in "
+    return (f"Demo MELD at {root} (size {manifest['size']}, seed {manifest['seed']}, its build took "
             f"{manifest['seconds']} s): {splits}. Emotions ({'/'.join(counts)}): {classes}. "
             f"{len(manifest['defects'])} planted defects for the data checks to find: "
             f"{'; '.join(manifest['defects'])} (details in {root / DEFECTS_NAME}).")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meld.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meld.demo", description=describe(__doc__))
     parser.add_argument("--out", type=Path, default=None,
                         help="folder to build the demo in (MELD root: OUT/MELD.Raw); default: the demo the "
                              f"other commands use without --data, {default_demo_root()}")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="utterances over all splits")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"utterances over all splits (default {DEFAULT_SIZE})")
+    parser.add_argument("--seed", type=int, default=0, help="the seed the whole tree follows (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this demo already")
     args = parser.parse_args(argv)
     out = args.out or default_demo_root()

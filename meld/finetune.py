@@ -38,6 +38,7 @@ from clara import config as config_lib
 from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
+from clara.cli import describe
 from clara.engine import Trainer, check_fits, init_env, seed_everything
 from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
 from clara.masking import round_up
@@ -100,6 +101,9 @@ def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
         resolved = PRESET_DIR / f"{path}.yaml"
     else:
         resolved = Path(path)
+        if not resolved.exists():
+            presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+            raise config_lib.ConfigError(f"{path}: no such config file, nor a preset ({presets})")
     return config_lib.load(FinetuneConfig, resolved, list(overrides))
 
 
@@ -364,13 +368,14 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meld.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meld.finetune", description=describe(__doc__))
     parser.add_argument("--config", help="a fine-tune YAML or preset name (linear_probe, full, text_only); default: demo")
     parser.add_argument("--data", help="MELD root (MELD.Raw, or the CSVs alone for --modality text); default: the demo")
     parser.add_argument("--checkpoint", help="a CLARA checkpoint (our folder or the reference .ckpt); default: "
                         "a tiny CLARA from scratch")
-    parser.add_argument("--modality", choices=("audio", "text", "both"))
-    parser.add_argument("--seeds", type=int, help="train N seeds and report mean ± std")
+    parser.add_argument("--modality", choices=("audio", "text", "both"),
+                        help="data.modality: the inputs to classify (default: the config's, both in every preset but text_only)")
+    parser.add_argument("--seeds", type=int, help="train N seeds and report mean ± std (default: the config's seeds, 1)")
     parser.add_argument("--out", help="run directory (default runs/finetune-<timestamp>); an existing one resumes")
     parser.add_argument("--cache", help="meld.prepare's --cache for the audio features")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. strategy.name=linear_probe loss.name=focal")

@@ -26,6 +26,7 @@ import torch
 
 from clara.audio_io import AudioDecodeError, load_audio
 from clara.checkpoint import CheckpointError
+from clara.cli import describe
 from clara.config import ConfigError, from_dict
 from clara.tokenizer import Tokenizer
 from meld.classifier_io import load_classifier, spec_file
@@ -157,7 +158,7 @@ def predict(run: str | Path, item: str, text: str | None = None, *, context: Seq
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meld.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meld.predict", description=describe(__doc__))
     parser.add_argument("--run", required=True, help="a finished `python -m meld.finetune` run directory (its --out)")
     parser.add_argument("item", help="an audio/video file, or a quoted text")
     parser.add_argument("--text", help="the transcript, for runs on audio and text")

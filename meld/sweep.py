@@ -39,6 +39,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from clara import config as config_lib
+from clara.cli import describe
 from clara.config import ConfigError
 from clara.io_utils import atomic_write_text
 from clara.model_config import CONFIG_ROOT
@@ -194,13 +195,14 @@ def _print_result(result: dict, config: SweepConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meld.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meld.sweep", description=describe(__doc__))
     parser.add_argument("--config", help=f"a sweep YAML (default: {DEFAULT_CONFIG.relative_to(CONFIG_ROOT.parent)})")
-    parser.add_argument("--study-dir", help="the study folder (study.dir): trials/, study.db, summary, plots")
+    parser.add_argument("--study-dir", help="the study folder (study.dir): trials/, study.db, summary, plots "
+                        "(default: the config's, runs/sweeps/fast-demo for the demo)")
     parser.add_argument("--storage", help="study.storage: an Optuna RDB URL or journal:PATH "
                         "(default: STUDY_DIR/study.db)")
-    parser.add_argument("--workers", type=int, help="study.workers: local worker processes")
-    parser.add_argument("--trials", type=int, help="study.n_trials: finished trials to reach")
+    parser.add_argument("--workers", type=int, help="study.workers: local worker processes (default: the config's, 1)")
+    parser.add_argument("--trials", type=int, help="study.n_trials: finished trials to reach (default: the config's, 50)")
     parser.add_argument("--data", help="a MELD folder for every trial (adds data_root=DATA to base_overrides)")
     parser.add_argument("--checkpoint", help="a CLARA checkpoint for every trial (adds model.checkpoint=CKPT)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. pruner.type=hyperband final.seeds=5")

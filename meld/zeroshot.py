@@ -33,6 +33,7 @@ import torch
 from clara import config as config_lib
 from clara import distributed
 from clara.checkpoint import CheckpointError, load_checkpoint
+from clara.cli import describe
 from clara.config import ConfigError
 from clara.engine import check_device
 from clara.model import Clara
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meld.zeroshot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m meld.zeroshot", description=describe(__doc__))
     parser.add_argument("--data", help="MELD root, prepared with meld.prepare (default: the built-in demo)")
     parser.add_argument("--checkpoint", help="CLARA weights: a meld-clara folder or the reference .ckpt "
                         "(default on the demo: the demo-pretrained tiny CLARA, built on first use)")
@@ -282,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     add_audio_arguments(parser)  # as given to meld.prepare: they name its cache
     parser.add_argument("--prompts", help="prompt set YAML (default: configs/prompts/emotion.yaml)")
     parser.add_argument("--captions", help="caption YAML for retrieval (default: configs/captions/meld.yaml)")
-    parser.add_argument("--split", choices=("dev", "test", "both"), default="both", help="split(s) to score")
+    parser.add_argument("--split", choices=("dev", "test", "both"), default="both", help="split(s) to score (default both)")
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="prior",
                         help="the headline's calibration (all are reported side by side; default prior)")
     parser.add_argument("--out", help="run folder (default runs/zeroshot-<timestamp>)")
-    parser.add_argument("--batch-size", type=int, default=64, help="clips per inference batch")
+    parser.add_argument("--batch-size", type=int, default=64, help="clips per inference batch (default 64)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the encoders' autocast on a GPU (auto: bf16, or fp16 where bf16 is missing); "

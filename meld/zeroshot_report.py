@@ -148,5 +148,6 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
           f"{_CALIBRATION_NAMES[calibration]}\n{format_table(metrics, labels, headline)}\n\n"
           f"each template alone and the ensemble ({headline}, percent):\n{_text(header, rows)}\n\n"
           f"audio-text retrieval (chance in brackets):\n{_text(r_header, r_rows)}\n\n"
-          f"outputs in {out}: metrics.json report.md predictions.csv tensorboard/ ({run_info['seconds']} s)")
+          f"outputs in {out}: metrics.json report.md predictions.csv "
+          f"{' '.join(f'confusion_{split}.png' for split in splits)} tensorboard/ ({run_info['seconds']} s)")
     return metrics

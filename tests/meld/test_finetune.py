@@ -202,6 +202,9 @@ def test_config_presets_load():
     for name in ("demo", "linear_probe", "full", "text_only"):
         assert isinstance(load_config(name, []), FinetuneConfig)
     assert load_config("linear_probe", ["strategy.name=full"]).strategy.name == "full"
+    with pytest.raises(config_lib.ConfigError) as caught:
+        load_config("linear_prob", [])
+    assert str(caught.value) == "linear_prob: no such config file, nor a preset (demo, full, linear_probe, text_only)"
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:

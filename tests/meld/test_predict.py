@@ -136,6 +136,7 @@ def _assert_one_error(capsys, argv, fragment):
 
 def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     _assert_one_error(capsys, ["--run", str(tmp_path), "hello"], "not a fine-tune run directory")
+    _assert_one_error(capsys, ["--run", str(tmp_path / "nowhere"), "hello"], f"{tmp_path / 'nowhere'}: no such folder")
     _assert_one_error(capsys, ["--run", str(audio_run), "hello there"], "give an mp4 or wav file")
     _assert_one_error(capsys, ["--run", str(audio_run), str(tmp_path / "missing.wav")], "file not found")
     # A path with a suffix that is not an audio one, or a bare name like a file's, is still a missing file.
