@@ -50,15 +50,19 @@ def both_run(tmp_path_factory) -> Path:
     return demo_run(tmp_path_factory, "both")
 
 
-def _wav(path: Path, seconds: float = 1.0, rate: int = 16_000, amplitude: float = 0.3) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = np.round(amplitude * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """Mono 16-bit PCM of ``samples`` (int16 [N])."""
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(1)
         handle.setsampwidth(2)
         handle.setframerate(rate)
-        handle.writeframes(samples.tobytes())
+        handle.writeframes(samples.astype("<i2").tobytes())
     return path
+
+
+def _wav(path: Path, seconds: float = 1.0, rate: int = 16_000, amplitude: float = 0.3) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    return _write_wav(path, np.round(amplitude * np.sin(2 * np.pi * 220 * t) * 32767), rate)
 
 
 def test_text_prediction_prints_label_and_probabilities(text_run, capsys):
@@ -228,18 +232,10 @@ def test_a_clip_over_the_runs_cap_is_classified_on_its_first_seconds_with_a_warn
     rate, seconds = 48_000, 31.0
     t = np.arange(int(seconds * rate)) / rate
     tone = np.where(t < 30.0, np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 3_000 * t))  # the end differs
-    samples = np.round(0.3 * tone * 32767).astype("<i2")
+    samples = np.round(0.3 * tone * 32767)
 
-    def write(path: Path, data: np.ndarray) -> Path:
-        with wave.open(str(path), "wb") as handle:
-            handle.setnchannels(1)
-            handle.setsampwidth(2)
-            handle.setframerate(rate)
-            handle.writeframes(data.tobytes())
-        return path
-
-    long = write(tmp_path / "long.wav", samples)
-    first = write(tmp_path / "first30.wav", samples[: 30 * rate])
+    long = _write_wav(tmp_path / "long.wav", samples, rate)
+    first = _write_wav(tmp_path / "first30.wav", samples[: 30 * rate], rate)
     expected = predict(audio_run, str(first))
     assert expected["warnings"] == []  # a clip exactly at the cap is whole
     assert main(["--run", str(audio_run), str(long), "--json"]) == 0
