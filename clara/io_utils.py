@@ -65,10 +65,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path.chmod(_default_mode(0o666))
     try:
         yield tmp_path
+        _sync(tmp_path)
         os.replace(tmp_path, path)
+        _sync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk.  Before the rename: after a power
+    cut the new name must not point at data still in the page cache, an empty file in place of the
+    checkpoint it replaced.  After it, for the folder: so the rename itself survives."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading (some platforms): nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem without fsync for folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -99,6 +117,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     staging.chmod(_default_mode(0o777))
     try:
         yield staging
+        for entry in (*staging.rglob("*"), staging):  # on the disk before the swap (see _sync)
+            _sync(entry)
         if path.exists():
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(path, backup)
@@ -110,6 +130,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, path)
+        _sync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

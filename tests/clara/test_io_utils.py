@@ -77,3 +77,25 @@ def test_a_folder_swap_that_fails_or_is_killed_midway_keeps_the_old_folder(tmp_p
             assert (target / "weights").read_text() == "old"  # put back before the new one is written
             raise RuntimeError("stopped")
     assert (target / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the synced files from /proc")
+def test_writes_reach_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    # A power cut must find the old result or the new one whole: the data is flushed before the new
+    # name points at it, and the folder's entry after the rename.
+    from clara import io_utils
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(io_utils.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                           real_fsync(fd)))
+    monkeypatch.setattr(io_utils.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
+    events.clear()
+    with atomic_directory(tmp_path / "board") as staging:
+        (staging / "events").write_text("x")
+    synced = [target for kind, target in events if kind == "fsync"]
+    assert synced[:2] == [str(staging / "events"), str(staging)] and synced[-1] == str(tmp_path)
+    assert ("replace", str(tmp_path / "board")) in events and (tmp_path / "board" / "events").read_text() == "x"
