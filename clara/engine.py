@@ -496,7 +496,6 @@ class Trainer:
         rates = self.scheduler.get_lr()  # at the resumed step; the optimiser state held the old schedule's
         for group, rate in zip(self.optimizer.param_groups, rates):
             group["lr"] = rate
-        self.scheduler._last_lr = rates
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
@@ -616,7 +615,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step used (the scheduler set it)
         self.scheduler.step()
         return lr
 
