@@ -12,7 +12,16 @@ from typing import Any, Literal, Mapping, Sequence
 
 from clara import config as config_lib
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_root() -> Path:
+    """The YAML presets: ``clara/configs/`` in an installed wheel (package data, see pyproject.toml),
+    else the ``configs/`` folder of the source checkout (a clone, an editable install)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "configs"
+    return shipped if shipped.is_dir() else package.parent / "configs"
+
+
+CONFIG_ROOT = _config_root()
 PRESET_DIR = CONFIG_ROOT / "model"
 PRESETS = ("tiny", "small", "medium", "large")
 

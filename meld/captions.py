@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clara.config import ConfigError, load
+from clara.model_config import CONFIG_ROOT
 from meld.labels import EMOTIONS, SENTIMENTS
 from meld.records import Utterance
 
-DEFAULT_CAPTIONS = Path(__file__).resolve().parent.parent / "configs" / "captions" / "meld.yaml"
+DEFAULT_CAPTIONS = CONFIG_ROOT / "captions" / "meld.yaml"
 FIELDS = ("utterance", "speaker", "emotion", "emotion_label", "sentiment")
 
 

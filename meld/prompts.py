@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 from clara.config import ConfigError, load
 from clara.model import Clara
+from clara.model_config import CONFIG_ROOT
 from clara.tokenizer import Tokenizer
 from meld.labels import TARGETS
 
-PROMPT_ROOT = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+PROMPT_ROOT = CONFIG_ROOT / "prompts"
 SEED_TEMPLATE = "A person talking in a {label} voice"
 
 
