@@ -85,6 +85,7 @@ class TrainConfig:
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; true: must; false: start over
     find_unused_parameters: bool = False  # DDP, for models whose steps leave some parameters unused
     progress: bool = True  # tqdm bar (shown only on a terminal, main process)
+    print_logs: bool = True  # print each train and eval record as a line (metrics.jsonl and TensorBoard get them anyway)
     # torch.compile of the model (clara.compilation): "blocks" compiles each repeated block, a quick
     # cold start that tolerates varying shapes and any batch structure; "model" the whole forward.
     compile: Scope = "off"
@@ -525,8 +526,9 @@ class Trainer:
             self.writer.flush()
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        self._print(f"[{prefix} step {self.step}/{self.total_steps}] {shown}")
+        if self.config.print_logs:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            self._print(f"[{prefix} step {self.step}/{self.total_steps}] {shown}")
 
     def _trim_metrics(self, last_kept: int) -> list[dict[str, Any]]:
         """Keep only the ``metrics.jsonl`` records up to step ``last_kept``; returns the evaluation

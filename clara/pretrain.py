@@ -49,7 +49,7 @@ KIND = "clara.pretrain"
 # folder is; not what it computes. train.steps and train.epochs are here too: a run given more steps
 # continues from its checkpoint (how the tests interrupt a run and resume it).
 MAY_DIFFER_ON_RESUME = frozenset({
-    "train.steps", "train.epochs", "train.progress", "train.log_every", "train.num_workers", "train.device",
+    "train.steps", "train.epochs", "train.progress", "train.print_logs", "train.log_every", "train.num_workers", "train.device",
     "train.resume", "train.checkpoint_every", "train.out_dir", "train.eval_every", "train.eval_every_epoch",
     "train.eval_at_start", "train.compile", "train.compile_mode", "train.compile_recompute",
     "train.compile_tuning", "train.find_unused_parameters", "data.eval_batch_size", "data.cache_audio", "init_allow_pickle",

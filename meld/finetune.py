@@ -80,7 +80,7 @@ KIND = "meld.finetune"
 MAY_DIFFER_ON_RESUME = frozenset({
     "threads", "tensorboard_extras", "outputs", "prepare", "cache_root", "data.batch_size", "data.num_workers",
     "model.allow_pickle",
-    "strategy.embed_batch_size", "train.steps", "train.epochs", "train.progress", "train.log_every",
+    "strategy.embed_batch_size", "train.steps", "train.epochs", "train.progress", "train.print_logs", "train.log_every",
     "train.num_workers", "train.device", "train.resume", "train.checkpoint_every", "train.out_dir",
     "train.compile", "train.compile_mode", "train.compile_recompute", "train.compile_tuning",
     "train.find_unused_parameters",

@@ -175,6 +175,17 @@ def test_tensorboard_events_hold_the_logged_tags(tmp_path):
     assert [event.step for event in events.Scalars("eval/mse")] == [0, 4]
 
 
+@pytest.mark.parametrize("print_logs", [True, False])
+def test_print_logs_only_silences_the_record_lines(tmp_path, capsys, print_logs):
+    result, _ = fit(tmp_path, steps=4, log_every=2, print_logs=print_logs)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    expected = ["[eval step 0/4]", "[train step 2/4]", "[train step 4/4]", "[eval step 4/4]"] if print_logs else []
+    assert [line.split("]")[0] + "]" for line in printed] == expected
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [record["step"] for record in records] == [0, 2, 4, 4]  # the log files get every record either way
+    assert len(result.history) == 2 and len(result.evaluations) == 2
+
+
 def test_eval_every_epoch_evaluates_at_each_epoch_end_once(tmp_path):
     # 6 steps per epoch, 20 steps: epoch ends at 6, 12, 18; eval_every 6 lands on the same steps.
     result, _ = fit(tmp_path / "epochs", steps=20, eval_every_epoch=True, eval_every=0, eval_at_start=False)
