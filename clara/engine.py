@@ -308,12 +308,17 @@ def _check(config: TrainConfig) -> None:
         raise config_lib.ConfigError(f"train: warmup_steps ({config.warmup_steps}) must be below steps ({config.steps})")
 
 
+class BatchDoesNotFit(config_lib.ConfigError):
+    """The training set makes no full step of this batch: a setting that fails for this data only (a
+    sweep fails that trial and searches on)."""
+
+
 def check_fits(config: TrainConfig, train_size: int, world_size: int = 1) -> None:
-    """Raise ConfigError unless ``train_size`` samples make one full step (batch_size x accumulation
+    """Raise BatchDoesNotFit (a ConfigError) unless ``train_size`` samples make one full step (batch_size x accumulation
     x processes): the Trainer's own check, which a driver can run before it writes its run folder
     (a folder holding config.yaml would then refuse the corrected settings as another run's)."""
     if train_size < config.batch_size * config.accumulation * world_size:
-        raise config_lib.ConfigError(
+        raise BatchDoesNotFit(
             f"train: {train_size} training samples make no full step of batch_size {config.batch_size} "
             f"x accumulation {config.accumulation} x {world_size} process(es); lower batch_size"
         )

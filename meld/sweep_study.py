@@ -39,6 +39,8 @@ class Backend:
 
     ``user_errors``: exceptions a run raises for the user's inputs (missing data, a bad checkpoint);
     every trial would hit them again, so the sweep stops at the first with its message.
+    ``point_errors``: those among them that only some points of the space meet (a batch larger than
+    the training set): that trial fails with its reason, and the search goes on.
     """
 
     load_config: Callable[[str | None, Sequence[str]], Any]
@@ -47,13 +49,15 @@ class Backend:
     outputs_key: str = ""  # the config key of a run's output level (full | light); "" = the runs have none
     device_key: str = ""  # the config key of a run's device (auto | cpu | cuda:N); "" = the runs have none
     seeds_key: str = ""  # the config key of a run's number of seeds; "" = a run is always one seed
+    point_errors: tuple[type[BaseException], ...] = ()
 
 
 def finetune_backend() -> Backend:
+    from clara.engine import BatchDoesNotFit
     from meld import finetune  # imported here: tests drive a stand-in instead
 
     return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs",
-                   device_key="train.device", seeds_key="seeds")
+                   device_key="train.device", seeds_key="seeds", point_errors=(BatchDoesNotFit,))
 
 
 # ---- the search space -> fine-tune configs

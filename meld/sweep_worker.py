@@ -192,6 +192,9 @@ class _Worker:
             return metric_value(document["dev"], metric)
         except optuna.TrialPruned:
             raise
+        except self.backend.point_errors as err:  # this point's settings do not fit the data: it fails alone
+            self._failed(trial, f"{type(err).__name__}: {err}")
+            raise
         except self.backend.user_errors as err:
             self.fatal = err
             self._failed(trial, f"{type(err).__name__}: {err}")

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from clara import config as config_lib
 from clara.config import ConfigError
+from clara.engine import BatchDoesNotFit, TrainConfig, check_fits
 from meld.labels import EMOTIONS
 from meld.metrics import classification_metrics
 from meld.sweep import load_sweep_config, main, run_sweep
@@ -334,6 +335,29 @@ def test_a_failed_trial_keeps_its_reason_in_the_study_and_the_summary(tmp_path):
         assert rows[str(trial.number)]["fail_reason"] == trial.user_attrs.get("fail_reason", "")
     markdown = (tmp_path / "s" / "summary.md").read_text()
     assert f"| {failed[0].number} | fail |" in markdown and "RuntimeError: out of memory in the gated block" in markdown
+
+
+def test_a_point_whose_batch_the_data_cannot_fill_fails_alone(tmp_path):
+    # A searched batch_size above a small training set: that trial fails with the reason; the others run.
+    def gated_does_not_fit(config, *, out_dir, epoch_callback=None):
+        if config.fusion == "gated":
+            check_fits(TrainConfig(batch_size=64), train_size=40)
+        return standin_run(config, out_dir=out_dir, epoch_callback=epoch_callback)
+
+    config = sweep_config(tmp_path / "s", study={"n_trials": 6, "max_failures": 50})
+    backend = Backend(standin_load_config, gated_does_not_fit, point_errors=(BatchDoesNotFit,))
+    run_sweep(config, backend=backend, log=_quiet)
+    trials = trials_of(config)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and {t.params["fusion"] for t in failed} == {"gated"}
+    assert {t.user_attrs["fail_reason"] for t in failed} == {
+        "BatchDoesNotFit: train: 40 training samples make no full step of batch_size 64 x accumulation 1 x 1 "
+        "process(es); lower batch_size"}
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+    # Without point_errors the same error is the user's mistake: the sweep stops at it.
+    with pytest.raises(SweepError, match="no full step of batch_size 64"):
+        run_sweep(sweep_config(tmp_path / "t"), backend=Backend(standin_load_config, gated_does_not_fit), log=_quiet)
+    assert finetune_backend().point_errors == (BatchDoesNotFit,)
 
 
 def test_a_bad_objective_metric_stops_the_sweep(tmp_path):
