@@ -9,6 +9,7 @@ degrades to the single-process answer.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,19 @@ def main_print(*args: Any, **kwargs: Any) -> None:
     """``print`` on the main process only: under torchrun every process runs the same driver."""
     if is_main():
         print(*args, **kwargs)
+
+
+def print_error(err: BaseException, *, same_everywhere: bool) -> None:
+    """A user error as one ``error:`` line on stderr.  Under torchrun every process meets an error in
+    the settings (``same_everywhere``), so the main process alone says it; one that may be a single
+    process's own (a clip in its shard that does not decode) is said by each process that meets it,
+    with its rank."""
+    if same_everywhere:
+        main_print(f"error: {err}", file=sys.stderr)
+        return
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else _env_int("RANK", 0)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    print(f"error: {f'(rank {rank}) ' if world > 1 else ''}{err}", file=sys.stderr)
 
 
 def barrier() -> None:

@@ -293,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         claim(config.train.out_dir, KIND, holds_run)  # a folder with the user's files in it is not ours to write into
         run(config)
-    except (config_lib.ConfigError, DataError, CheckpointError, AudioDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except config_lib.ConfigError as err:
+        distributed.print_error(err, same_everywhere=True)
+        return 2
+    except (DataError, CheckpointError, AudioDecodeError) as err:
+        distributed.print_error(err, same_everywhere=False)
         return 2
     except KeyboardInterrupt:
         # The engine saved the last finished step to out_dir/checkpoint.pt, if training had started.

@@ -389,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         claim(out_dir, KIND, holds_run)  # a folder with the user's files in it is not ours to write into
         doc = run_finetune(config, out_dir=out_dir)
+    except config_lib.ConfigError as err:
+        distributed.print_error(err, same_everywhere=True)
+        return 2
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        distributed.print_error(err, same_everywhere=False)
         return 2
     except KeyboardInterrupt:
         distributed.main_print(f"interrupted: run the same command with --out {out_dir} to resume", file=sys.stderr)

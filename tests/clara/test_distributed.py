@@ -78,3 +78,17 @@ def test_main_print_prints_on_the_main_process_only(monkeypatch, capsys, rank, p
     monkeypatch.setenv("RANK", rank)
     distributed.main_print("hello")
     assert capsys.readouterr().out == printed
+
+
+def test_errors_in_the_settings_are_said_once_and_a_process_s_own_with_its_rank(monkeypatch, capsys):
+    err = ValueError("data.train: shard.tar#k.wav: cannot decode audio")
+    for rank, world, same, expected in [
+        ("0", "1", False, "error: data.train: shard.tar#k.wav: cannot decode audio\n"),
+        ("0", "2", True, "error: data.train: shard.tar#k.wav: cannot decode audio\n"),
+        ("1", "2", True, ""),  # torchrun's other process met the same settings error: the main one said it
+        ("1", "2", False, "error: (rank 1) data.train: shard.tar#k.wav: cannot decode audio\n"),
+    ]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        distributed.print_error(err, same_everywhere=same)
+        assert capsys.readouterr().err == expected, (rank, world, same)

@@ -486,3 +486,8 @@ def test_torchrun_with_two_processes_matches_one_process_and_writes_once(csv_roo
     assert two["selection"]["epoch"] == one["selection"]["epoch"]
     assert json.loads((double / "status.json").read_text())["status"] == "complete"
     assert not list(double.glob(".*.tmp"))
+    # A mistake in the settings meets both processes: it is said once.
+    refused = subprocess.run([*command, "train.epochs=many"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=240)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode != 0 and len(errors) == 1 and "train.epochs" in errors[0], refused.stderr[-2000:]
