@@ -18,7 +18,7 @@ import yaml
 from clara import config as config_lib
 from clara import distributed
 from clara.config import ConfigError
-from clara.io_utils import remove_leftovers
+from clara.io_utils import is_leftover, remove_leftovers
 
 CONFIG_FILE = "config.yaml"  # a run's resolved settings, as config_lib.save_yaml writes them
 T = TypeVar("T")
@@ -51,7 +51,9 @@ def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool]) -> boo
     # the others come here too, while the main one may already be writing).
     if path.is_dir() and distributed.is_main():
         remove_leftovers(path)
-    if not path.is_dir() or not any(path.iterdir()):
+    # Leftovers do not count: under torchrun the other processes may look before the main one has
+    # cleared them, and a folder holding only one would read as someone else's.
+    if not path.is_dir() or all(is_leftover(entry) for entry in path.iterdir()):
         return False
     if holds_run(path):
         return True

@@ -91,6 +91,11 @@ def test_claim_clears_what_a_killed_atomic_write_left_and_nothing_else(tmp_path,
     with pytest.raises(OutDirError):
         claim(run, "demo.kind", lambda path: False)
     assert sorted(p.name for p in run.iterdir()) == [".config.yaml.abcdefgh.tmp", ".env", ".notes.tmp"]
+    # A process other than the main one, looking before it has cleared them: leftovers alone are a new folder.
+    (run / ".notes.tmp").unlink()
+    (run / ".env").unlink()
+    assert claim(run, "demo.kind", lambda path: False) is False
+    assert [p.name for p in run.iterdir()] == [".config.yaml.abcdefgh.tmp"]  # left for the main process
 
 
 def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_differs(tmp_path):
