@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clara import config as config_lib
-from clara.io_utils import atomic_directory, save_tensors
+from clara.io_utils import atomic_directory
 from clara.model import Clara
 from clara.model_config import ClaraConfig, from_reference_hparams
 from clara.reference_keys import PREFIX, reference_key_map
@@ -44,7 +44,7 @@ def save_checkpoint(model: Clara, path: str | Path) -> Path:
     path = Path(path)
     with atomic_directory(path) as staging:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_tensors(tensors, staging / WEIGHTS_FILE, metadata={"format": "meld-clara"})
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "meld-clara"})
         (staging / CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model.config), indent=2), encoding="utf-8")
     return path
 

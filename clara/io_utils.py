@@ -10,9 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from safetensors.torch import save_file
-
 
 CACHE_ENV = "MELD_CLARA_CACHE"
 
@@ -62,9 +59,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=STAGING_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(_default_mode(0o666))
     try:
         yield tmp_path
+        # After the writer, whatever it did: tempfile makes the file private, and so do writers that
+        # replace it with their own (safetensors).
+        tmp_path.chmod(_default_mode(0o666))
         _sync(tmp_path)
         os.replace(tmp_path, path)
         _sync(path.parent)
@@ -117,8 +116,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     staging.chmod(_default_mode(0o777))
     try:
         yield staging
-        for entry in (*staging.rglob("*"), staging):  # on the disk before the swap (see _sync)
-            _sync(entry)
+        for entry in (*staging.rglob("*"), staging):
+            if entry.is_file():  # as a plain write leaves it: safetensors writes its files private
+                entry.chmod(_default_mode(0o666))
+            _sync(entry)  # on the disk before the swap (see _sync)
         if path.exists():
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(path, backup)
@@ -133,16 +134,3 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         _sync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' ``save_file``, leaving the file with the umask's mode: safetensors writes its
-    files private (0o600), as tempfile does.  ``path`` is usually an atomic write's temporary."""
-    save_file(tensors, str(path), metadata=metadata)
-    give_umask_mode(path)
-
-
-def give_umask_mode(path: str | Path) -> None:
-    """Set file ``path`` to the mode a plain open gives (0o644 under umask 022), for writers that
-    make their files private."""
-    Path(path).chmod(_default_mode(0o666))

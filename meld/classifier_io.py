@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clara import config as config_lib
 from clara.checkpoint import CheckpointError
-from clara.io_utils import atomic_directory, save_tensors
+from clara.io_utils import atomic_directory
 from clara.model import Clara
 from clara.model_config import ClaraConfig
 from meld.classifier import MeldClassifier
@@ -42,7 +42,7 @@ def classifier_spec(classifier: MeldClassifier, *, target: str, class_names: tup
 def save_classifier(path: Path, classifier: MeldClassifier, spec: dict, hf_tokenizer=None) -> Path:
     with atomic_directory(path) as staging:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in classifier.state_dict().items()}
-        save_tensors(tensors, staging / WEIGHTS_FILE, metadata={"format": FORMAT})
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
         if classifier.hf_text is not None:
             classifier.hf_text.model.config.save_pretrained(staging / HF_DIR)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from clara.io_utils import atomic_path, save_tensors
+from clara.io_utils import atomic_path
 from meld.labels import label_index
 
 
@@ -57,7 +57,7 @@ def load_or_encode(path: Path, encode: Callable[[], dict[str, dict[str, torch.Te
     nested = encode()
     flat = {f"{split}/{name}": tensor.contiguous() for split, values in nested.items() for name, tensor in values.items()}
     with atomic_path(path) as tmp:
-        save_tensors(flat, tmp, metadata={"format": "meld-clara-embeddings/1"})
+        save_file(flat, str(tmp), metadata={"format": "meld-clara-embeddings/1"})
     return nested, False
 
 

@@ -41,7 +41,7 @@ from safetensors.numpy import save_file
 
 from clara.audio_frontend import SAMPLE_RATE, LogMel, empty_mel_bands
 from clara.config import ConfigError, to_dict
-from clara.io_utils import atomic_path, atomic_write_text, give_umask_mode, user_cache_dir
+from clara.io_utils import atomic_path, atomic_write_text, user_cache_dir
 from meld.errors import MeldDataError
 
 CACHE_FORMAT = 1
@@ -300,7 +300,6 @@ def write_store(path: Path, settings: AudioSettings, clips: Sequence[CachedClip]
     meta = {"format": CACHE_FORMAT, "settings": to_dict(settings), "records": [asdict(c.record) for c in clips]}
     with atomic_path(path) as tmp:
         save_file({"mel": mel}, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-        give_umask_mode(tmp)  # safetensors writes its files private
 
 
 class Journal:

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from clara.checkpoint import CheckpointError
-from clara.io_utils import atomic_path, atomic_write_text, save_tensors
+from clara.io_utils import atomic_path, atomic_write_text
 from meld.inference import forward_all
 from meld.labels import label_index
 from meld.metrics import SCALARS, classification_metrics
@@ -135,7 +136,7 @@ class ClassificationTask:
             self.best = {"epoch": epoch, "step": trainer.step, "macro_f1": metrics["macro_f1"]}
             tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
             with atomic_path(self.out_dir / BEST_WEIGHTS) as tmp:
-                save_tensors(tensors, tmp, metadata={_SELECTION_KEY: json.dumps(self.best)})
+                save_file(tensors, str(tmp), metadata={_SELECTION_KEY: json.dumps(self.best)})
             atomic_write_text(self.out_dir / BEST_STATE, _state_text(self.best))
             # Drawn at each new best only: a figure costs more than a linear-probe epoch, and the
             # selected checkpoint's matrix is the one worth seeing.

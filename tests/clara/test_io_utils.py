@@ -7,9 +7,9 @@ import stat
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from clara.io_utils import atomic_directory, atomic_path, atomic_write_text, save_tensors
+from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
 
 
 @pytest.fixture
@@ -27,11 +27,14 @@ def test_atomic_files_and_folders_get_the_umasks_modes_not_tempfiles_private_one
         (staging / "events").write_text("x")
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "tensorboard").stat().st_mode) == 0o755
-    # safetensors makes its files private too: weights, best.safetensors and caches go through save_tensors.
+    # safetensors makes its files private too: weights, best.safetensors and caches, in a file or a folder.
     with atomic_path(tmp_path / "model.safetensors") as tmp:
-        save_tensors({"w": torch.zeros(2)}, tmp, metadata={"format": "test"})
+        save_file({"w": torch.zeros(2)}, str(tmp), metadata={"format": "test"})
     assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
     assert load_file(tmp_path / "model.safetensors")["w"].tolist() == [0.0, 0.0]
+    with atomic_directory(tmp_path / "model") as staging:
+        save_file({"w": torch.zeros(2)}, str(staging / "model.safetensors"))
+    assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o644
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
