@@ -17,7 +17,7 @@ from clara.checkpoint import load_checkpoint
 from clara.config import ConfigError
 from clara.demo_pairs import build_demo
 from clara.model import Clara
-from clara.pretrain import ContrastiveTask, load_config, main, mixing_warning, run
+from clara.pretrain import load_config, main, mixing_warning, run
 from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 from clara.pretrain_data import DataConfig, DataError, PairDataset, read_manifest
 from clara.run_dir import OutDirError
