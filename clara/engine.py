@@ -729,7 +729,8 @@ class Trainer:
                 # Inside the handler: a Ctrl-C during the last evaluation (a large held-out set) used to
                 # lose every step since the last checkpoint, the whole run where checkpoint_every is 0.
                 self.evaluate()
-            self.save()
+            if self.step != resumed_from:  # else the checkpoint it resumed from holds this very state
+                self.save()
         except KeyboardInterrupt:
             # Single process only (under DDP the others may be gone already), stored as if the
             # unfinished step had never started.
