@@ -22,6 +22,20 @@ from clara.engine import (
 WEIGHTS = torch.tensor([1.5, -2.0, 0.5, 3.0])
 
 
+@pytest.fixture(autouse=True)
+def event_files_in_creation_order(monkeypatch):
+    """TensorBoard reads a folder's event files in name order: "events.out.tfevents.<second>.<host>.
+    <pid>.<counter>".  A run and its resume in one process within one second (only in tests) can then
+    sort counter 10 before 9 and drop the first file's points as a restart's; zero-padded counters
+    keep creation order."""
+    from itertools import count
+
+    from tensorboard.summary.writer import event_file_writer
+
+    numbers = count()
+    monkeypatch.setattr(event_file_writer, "_global_uid", type("Uid", (), {"get": lambda self: f"{next(numbers):06d}"})())
+
+
 class ToyData(Dataset):
     """y = x · w plus per-(epoch, index) noise, like a dataset with its own augmentation."""
 
@@ -642,8 +656,10 @@ def test_rerunning_a_finished_run_leaves_its_logs_as_they_were(tmp_path):
     first = fit_counted(tmp_path, CountingTask())
     records, scalars = logged(tmp_path)
     assert [r["step"] for r in records if "eval/mse" in r] == [0, 5, 10]
+    saved = (tmp_path / CHECKPOINT_FILE).stat().st_mtime_ns
     task = CountingTask()
     again = fit_counted(tmp_path, task)
+    assert (tmp_path / CHECKPOINT_FILE).stat().st_mtime_ns == saved  # nothing trained: not written again
     assert task.evaluated_at == [] and task.calls == 0
     assert again.resumed_from == 10 and again.step == 10 and again.history == []
     assert again.evaluations == [first.evaluations[-1]] == [records[-1]]
