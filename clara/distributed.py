@@ -67,12 +67,18 @@ def is_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes: the process group's, else torchrun's ``RANK``
+    and ``WORLD_SIZE`` (before ``init``, after ``shutdown``), else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
 def is_main() -> bool:
     """Whether this process is the main one (rank 0, or the only one): the one that prints and writes
     a driver's files.  Answers before ``init`` and after ``shutdown`` too, from torchrun's ``RANK``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return _env_int("RANK", 0) == 0
+    return _rank_and_world()[0] == 0
 
 
 def main_print(*args: Any, **kwargs: Any) -> None:
@@ -89,8 +95,7 @@ def print_error(err: BaseException, *, same_everywhere: bool) -> None:
     if same_everywhere:
         main_print(f"error: {err}", file=sys.stderr)
         return
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else _env_int("RANK", 0)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    rank, world = _rank_and_world()
     print(f"error: {f'(rank {rank}) ' if world > 1 else ''}{err}", file=sys.stderr)
 
 
