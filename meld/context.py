@@ -7,7 +7,9 @@ past and future turns), so the text input of an utterance is built as::
     format_with_context(utt, context[utt.key])
     -> "Monica: text1 </s> Joey: text2 </s> Ross: current"
 
-Only past turns are used, so a model can run on a conversation as it happens.
+Only past turns are used, so a model can run on a conversation as it happens. A dialogue's first
+utterance, with no turn before it, is still read as ``"Ross: current"``: a model with context sees
+every utterance in one form, so the speaker name is never a sign of a later turn.
 """
 
 from __future__ import annotations

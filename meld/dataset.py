@@ -82,10 +82,15 @@ class DataConfig:
         return self.modality in ("text", "both")
 
 
-def encode_with_context(tokenizer: Tokenizer, utt: Utterance, context: Sequence[tuple[str, str]],
+def encode_with_context(tokenizer: Tokenizer, utt: Utterance, context: Sequence[tuple[str, str]] | None,
                         max_tokens: int) -> list[int]:
-    """Token ids of the utterance after as many of its latest context turns as fit in ``max_tokens``."""
-    if not context:
+    """Token ids of the utterance after as many of its latest context turns as fit in ``max_tokens``.
+
+    ``context`` None: the run reads text without context, so the utterance alone. A list, even an
+    empty one (a dialogue's first turn), is read as ``Speaker: text``, after the turns that fit: a
+    model with context sees every utterance in the same form, whether or not turns precede it.
+    """
+    if context is None:
         return tokenizer.encode(utt.text)[:max_tokens]
     for start in range(len(context) + 1):
         ids = tokenizer.encode(format_with_context(utt, context[start:]))
@@ -121,10 +126,11 @@ class MeldDataset(Dataset):
         # key -> up to context_turns previous (speaker, text), from every row of the split, also those
         # dropped for lack of audio: what was said before does not depend on which clips decoded.
         self.context = dialogue_context(utterances, context_turns)
+        self.context_turns = context_turns
         self.tokens: list[torch.Tensor] | None = None
         if tokenizer is not None:
             self.tokens = [
-                torch.tensor(encode_with_context(tokenizer, utt, self.context[utt.key], max_tokens), dtype=torch.long)
+                torch.tensor(encode_with_context(tokenizer, utt, self.turns(utt), max_tokens), dtype=torch.long)
                 for utt in self.utterances
             ]
         if store is not None:
@@ -132,6 +138,11 @@ class MeldDataset(Dataset):
             self.lengths = [frames[utt.key] for utt in self.utterances]
         else:
             self.lengths = [len(ids) for ids in self.tokens]
+
+    def turns(self, utt: Utterance) -> list[tuple[str, str]] | None:
+        """The (speaker, text) turns read before ``utt``, oldest first; None when the text is read
+        without context (``context_turns`` 0), which also leaves out the utterance's own speaker."""
+        return self.context[utt.key] if self.context_turns else None
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -154,9 +165,10 @@ class MeldDataset(Dataset):
 
     def content_digest(self) -> str:
         """SHA-256 of what this split feeds a model: every utterance's key, speaker, text and dialogue
-        context, and the feature store's digest (each clip's source file and frames).  Keys alone would
-        let an embedding cache outlive a transcript edited in place or a clip replaced and prepared again."""
-        rows = [(utt.key, utt.speaker, utt.text, self.context[utt.key]) for utt in self.utterances]
+        context (with whether context is read at all: it adds the utterance's own speaker), and the feature
+        store's digest (each clip's source file and frames).  Keys alone would let an embedding cache
+        outlive a transcript edited in place or a clip replaced and prepared again."""
+        rows = [(utt.key, utt.speaker, utt.text, self.turns(utt)) for utt in self.utterances]
         content = {"rows": rows, "store": self.store.digest if self.store is not None else None}
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 

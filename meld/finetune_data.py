@@ -23,21 +23,28 @@ from meld.dataset import MeldDataset, collate
 from meld.records import Utterance
 
 
-def hf_text_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]]) -> str:
+def hf_text_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]] | None) -> str:
     """The text a transformers encoder reads for ``utt`` after its context ``turns`` (speaker, text),
-    joined by the tokenizer's own separator; the utterance alone when there are none."""
-    return format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ") if turns else utt.text
+    joined by the tokenizer's own separator, each turn and the utterance as ``Speaker: text``; the
+    utterance's text alone when ``turns`` is None (a run without context)."""
+    if turns is None:
+        return utt.text
+    return format_with_context(utt, turns, sep=f" {tokenizer.sep_token or '|'} ")
 
 
-def hf_ids_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]], max_tokens: int) -> list[int]:
+def hf_ids_with_context(tokenizer, utt: Utterance, turns: Sequence[tuple[str, str]] | None,
+                        max_tokens: int) -> list[int]:
     """The transformers ids of ``utt`` after as many of its latest ``turns`` as fit in ``max_tokens``, as
     ``meld.dataset.encode_with_context`` does for CLARA's tokens: the tokenizer's own truncation cuts
     from the right, which would cut the utterance itself and keep the oldest turns."""
-    for start in range(len(turns) + 1):
-        ids = tokenizer(hf_text_with_context(tokenizer, utt, turns[start:]))["input_ids"]
-        if len(ids) <= max_tokens:
-            return ids
-    return tokenizer(utt.text, truncation=True, max_length=max_tokens)["input_ids"]  # the utterance alone is too long
+    if turns is not None:
+        for start in range(len(turns)):
+            ids = tokenizer(hf_text_with_context(tokenizer, utt, turns[start:]))["input_ids"]
+            if len(ids) <= max_tokens:
+                return ids
+        turns = []
+    # No turn fits (or none is read): the utterance alone, cut from the right only if it is too long.
+    return tokenizer(hf_text_with_context(tokenizer, utt, turns), truncation=True, max_length=max_tokens)["input_ids"]
 
 
 class HFTextView(Dataset):
@@ -47,7 +54,7 @@ class HFTextView(Dataset):
         self.lengths = base.lengths
         self.ids = []
         for utt in base.utterances:
-            turns = base.context[utt.key]  # the same turns as CLARA's text tower reads
+            turns = base.turns(utt)  # the same turns as CLARA's text tower reads
             self.ids.append(torch.tensor(hf_ids_with_context(tokenizer, utt, turns, max_tokens)))
 
     def __len__(self) -> int:

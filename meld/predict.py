@@ -9,8 +9,8 @@ so is a clip longer than the run's ``audio.max_seconds``, on its first ``max_sec
 
 A run trained with dialogue context (``data.context_turns`` > 0) read each utterance after its
 previous turns: give them, oldest first, as ``--context "Monica: text" --context "Joey: text"`` with
-the utterance's own ``--speaker``. Without ``--context`` the utterance is read as a dialogue's first
-turn, as the run read those.
+the utterance's own ``--speaker``, which such a run needs: it read every utterance as ``Speaker: text``.
+With ``--speaker`` alone the utterance is read as a dialogue's first turn, as the run read those.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def _check_context(data: DataConfig, context: Sequence[tuple[str, str]], speaker
         raise PredictError(f"this run classifies audio only; dialogue context ({flags}) is for runs on text")
     if flags and not data.context_turns:
         raise PredictError(f"this run was trained without dialogue context (data.context_turns 0); leave out {flags}")
-    if context and not speaker:
-        raise PredictError("with --context, give the utterance's own speaker too (--speaker NAME): the run read "
-                           "every turn as \"Speaker: text\"")
+    if needs_text and data.context_turns and not (speaker or "").strip():
+        raise PredictError("this run was trained with dialogue context (data.context_turns "
+                           f"{data.context_turns}) and read every utterance as \"Speaker: text\": give the "
+                           "utterance's speaker (--speaker NAME), and its previous turns with --context")
 
 
 def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenizer, warnings: list[str],
@@ -104,8 +105,8 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         raise PredictError("this run uses audio and text: add the transcript with --text \"...\"")
     if text is not None and not text.strip():
         raise PredictError("--text is empty; give the transcript of the clip")
-    turns = list(context)[-data.context_turns:] if data.context_turns else []
-    utt = Utterance("predict", 0, len(turns), speaker or "", transcript or "", "", "", 0, 0, 0.0, 0.0, 0)
+    turns = list(context)[-data.context_turns:] if data.context_turns else None
+    utt = Utterance("predict", 0, len(turns or ()), speaker or "", transcript or "", "", "", 0, 0, 0.0, 0.0, 0)
     out: dict = {"key": str(item), "emotion": 0, "sentiment": 0, "speaker": utt.speaker, "dialogue_id": 0}
     if needs_audio:
         audio = data.audio
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", action="append", default=[], metavar="\"SPEAKER: TEXT\"",
                         help="a previous turn of the dialogue, oldest first (repeat), for runs trained with "
                              "data.context_turns > 0")
-    parser.add_argument("--speaker", help="the utterance's own speaker, with --context")
+    parser.add_argument("--speaker", help="the utterance's own speaker; runs trained with dialogue context need it")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:

@@ -169,6 +169,14 @@ def test_dialogue_context_and_token_budget(prepared, tokenizer):
                            tokenizer=tokenizer)["train"]
     expected = f" {turns[-1].speaker}: {turns[-1].text} </s> {utt.speaker}: {utt.text}"
     assert tokenizer.decode(tight[index]["tokens"]) == expected
+    # A dialogue's first utterance has no turn before it, and is still read with its speaker, as every
+    # other utterance is; without context the text is read bare.
+    first = next(i for i, u in enumerate(dataset.utterances) if u.utterance_id == 0)
+    opener = dataset.utterances[first]
+    assert tokenizer.decode(dataset[first]["tokens"]) == f" {opener.speaker}: {opener.text}"
+    bare = build_datasets(demo, DataConfig(modality="text"), splits=["train"], tokenizer=tokenizer)["train"]
+    assert tokenizer.decode(bare[first]["tokens"]) == f" {opener.text}"
+    assert bare.content_digest() != dataset.content_digest()
 
 
 def test_text_only_on_the_real_csvs(shared_meld_dir, tokenizer):

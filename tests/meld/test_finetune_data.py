@@ -28,9 +28,10 @@ def test_transformers_text_reads_the_same_turns_as_clara_text_even_after_a_dropp
     for split, ds in datasets.items():
         view = HFTextView(ds, CharTokenizer(), max_tokens=10_000)
         for utt, ids in zip(ds.utterances, view.ids):
-            turns = ds.context[utt.key]
-            expected = format_with_context(utt, turns, sep=" </s> ") if turns else utt.text
+            # Every utterance as "Speaker: text", a dialogue's first one too, as CLARA's text reads it.
+            expected = format_with_context(utt, ds.context[utt.key], sep=" </s> ")
             assert "".join(map(chr, ids.tolist())) == expected, utt.key
+            assert "".join(map(chr, ids.tolist())).endswith(f"{utt.speaker}: {utt.text}")
         # The demo plants clips that do not decode; a turn after one still reads it as context (what was
         # said does not depend on which clips decoded).
         dropped = {key for key, _ in ds.dropped}
@@ -57,5 +58,8 @@ def test_a_tight_transformers_budget_drops_the_oldest_turns_not_the_utterance():
     assert text(len(both)) == both
     assert text(len(both) - 1) == latest  # the oldest turn goes first; the right-hand cut would end "a break"
     assert text(len(latest)) == latest
-    assert text(len(utt.text)) == utt.text  # no turn fits: the utterance alone, as without context
-    assert text(5) == "We we"  # the utterance alone is too long: only then is it cut
+    alone = "Ross: We were on a break!"
+    assert text(len(alone)) == alone  # no turn fits: the utterance alone, with its speaker as every other
+    assert text(5) == "Ross:"  # the utterance alone is too long: only then is it cut
+    # A run without context (turns None) reads the bare text, with no speaker name.
+    assert "".join(map(chr, hf_ids_with_context(tokenizer, utt, None, 100))) == utt.text

@@ -353,8 +353,10 @@ def test_dialogue_context_is_read_as_the_run_read_it(text_root, tmp_path, capsys
         _assert_same_probabilities(result, expected[utt.key], utt.key)
     # The context changes the input: without it a later turn is read as a first turn, and differs.
     utt = later[0]
-    alone = predict(run, utt.text)["probabilities"]
+    alone = predict(run, utt.text, speaker=utt.speaker)["probabilities"]
     assert alone != pytest.approx(expected[utt.key], abs=1e-4)
+    # The run read every utterance after its speaker's name, so the name changes the input too.
+    assert predict(run, utt.text, speaker="Gunther")["probabilities"] != pytest.approx(alone, abs=1e-4)
     # Older turns than the run's two are left out, as in training.
     turns = [("Chandler", "Could this BE any longer?"), *_previous_turns(utterances, utt)]
     padded = predict(run, utt.text, context=[("Joey", "How you doin'?"), *turns], speaker=utt.speaker)
@@ -369,6 +371,8 @@ def test_dialogue_context_is_read_as_the_run_read_it(text_root, tmp_path, capsys
     _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "no speaker here", "--speaker", "Ross"],
                       "expected \"Speaker: what they said\"")
     _assert_one_error(capsys, ["--run", str(run), "hi", "--context", "Ross: hello"], "--speaker")
+    for argv in (["hi"], ["hi", "--speaker", "  "]):
+        _assert_one_error(capsys, ["--run", str(run), *argv], "read every utterance as \"Speaker: text\"")
 
 
 def test_a_file_it_may_not_read_is_one_error_line(tmp_path, capsys, monkeypatch):
