@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as err:
         distributed.print_error(err, same_everywhere=True)
         return 2
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, OSError) as err:  # OSError: e.g. an --out it cannot make, a disk that is full
         distributed.print_error(err, same_everywhere=False)
         return 2
     except KeyboardInterrupt:

@@ -380,6 +380,18 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(csv_root, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_an_output_folder_the_os_refuses_is_one_clear_error(csv_root, tmp_path, capsys, monkeypatch):
+    # Root may write anywhere, so the refusal (no permission, a read-only disk) is staged on mkdir.
+    refused = tmp_path / "readonly" / "run"
+
+    def mkdir(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, err = _cli(capsys, *_text_cli(csv_root, refused))
+    _assert_one_error(code, err, f"Permission denied: '{refused}'")
+
+
 # ---- model.clara_overrides: the speed and memory switches, from scratch and on a checkpoint
 
 SWITCHES = "model.clara_overrides=[attention=eager, selective_recompute=true, mask_padding=false]"
