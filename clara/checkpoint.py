@@ -51,7 +51,16 @@ def save_checkpoint(model: Clara, path: str | Path) -> Path:
 
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
     if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as err:
+            # The full unpickler imports what the file names: a Lightning checkpoint's classes need
+            # Lightning installed, which this kit does not require.
+            raise CheckpointError(
+                f"{path}: its pickled objects need the module {err.name!r}, which is not installed"
+            ) from None
+        except Exception as err:  # the same non-checkpoints as below, seen by the full unpickler
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
     stand_ins = [(dict, name) for name in _LIGHTNING_DICT_NAMES]
     try:
         with torch.serialization.safe_globals(stand_ins):
@@ -112,14 +121,16 @@ def reference_to_state_dict(
     reference: Mapping[str, torch.Tensor], config: ClaraConfig
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map a reference ``state_dict`` (keys with ``model.``) to ours; also return the unused keys."""
-    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in reference.items()}
+    # Only the ``model.`` entries are the CLARA module's: any other entry of the Lightning state_dict
+    # is unused under its own name, neither loaded as a model tensor nor reported as ``model.<key>``.
+    stripped = {k[len(PREFIX):]: v for k, v in reference.items() if k.startswith(PREFIX)}
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for key, sources in reference_key_map(config).items():
         if all(s in stripped for s in sources):
             ours[key] = _stack([stripped[s] for s in sources], [PREFIX + s for s in sources], key)
             used.update(sources)
-    unused = sorted(PREFIX + k for k in stripped if k not in used)
+    unused = sorted([k for k in reference if not k.startswith(PREFIX)] + [PREFIX + k for k in stripped if k not in used])
     return ours, unused
 
 

@@ -118,6 +118,38 @@ def test_pickled_code_is_refused_unless_opted_in(tmp_path, capsys):
     assert load_checkpoint(path, allow_pickle=True).config.text.layers == 2
 
 
+def test_allow_pickle_failures_are_one_error_naming_the_file(tmp_path):
+    """With allow_pickle=True these escaped as EOFError, UnpicklingError or ModuleNotFoundError
+    tracebacks that did not name the file."""
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "notes.ckpt").write_text("# not a checkpoint\n", encoding="utf-8")
+    for name in ("empty.ckpt", "notes.ckpt"):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / name, allow_pickle=True)
+        assert str(err.value).startswith(f"{tmp_path / name}: not a readable PyTorch checkpoint (")
+    # A checkpoint pickling a class of a module that is not installed here (as Lightning's classes
+    # are where Lightning is not).
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    module = types.ModuleType("uninstalled_trainer")
+
+    class Callback:
+        pass
+
+    Callback.__module__ = module.__name__
+    Callback.__qualname__ = "Callback"
+    module.Callback = Callback
+    sys.modules[module.__name__] = module
+    try:
+        payload["callbacks"] = Callback()
+        torch.save(payload, path)
+    finally:
+        del sys.modules[module.__name__]
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, allow_pickle=True)
+    assert str(err.value) == f"{path}: its pickled objects need the module 'uninstalled_trainer', which is not installed"
+
+
 def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("# not a checkpoint\n", encoding="utf-8")
@@ -139,6 +171,21 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path):
     assert "missing 1 tensor(s): text.fc.bias" in message
     assert "unexpected 1 tensor(s): model.extra.weight" in message
     assert "audio.conv1.bias (checkpoint (7,), model (32,))" in message
+
+
+def test_entries_outside_the_model_prefix_are_named_as_they_are_and_never_loaded(tmp_path):
+    """A state_dict entry without ``model.`` used to be loaded as the model tensor of that name
+    (``text_fc1.bias`` filled ``text.fc.bias``) and any other one was reported as ``model.<key>``,
+    a name the file does not hold."""
+    path, _, _ = write_reference_checkpoint(tmp_path, "tiny")
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["text_fc1.bias"] = payload["state_dict"].pop("model.text_fc1.bias")
+    payload["state_dict"]["loss_fn.logit_scale"] = torch.zeros(())
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (f"{path}: does not fit the model: missing 1 tensor(s): text.fc.bias | "
+                              "unexpected 2 tensor(s): loss_fn.logit_scale, text_fc1.bias")
 
 
 def test_wrong_kinds_of_file_are_named(tmp_path):
