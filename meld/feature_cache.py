@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +58,7 @@ CACHED = (OK, TRUNCATED)
 _META_KEY = "meld_clara"
 _JOURNAL_MAGIC = b"MCJ1"
 _JOURNAL_HEADER = struct.Struct("<4sIIQ")  # magic, crc32(meta + data), len(meta), len(data)
+_JOURNAL_NAME = re.compile(r"run-([0-9]+)\.log")
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,9 @@ def default_cache_root(data_root: str | Path) -> Path:
     """
     base = user_cache_dir()
     resolved = Path(data_root).resolve()
-    return base / "features" / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+    # The path's own bytes: str.encode() fails on a folder name that is not UTF-8 (Python holds its bytes as
+    # surrogates), and os.fsencode gives the same bytes for any other name, so existing caches keep their folder.
+    return base / "features" / f"{resolved.name}-{hashlib.sha256(os.fsencode(resolved)).hexdigest()[:8]}"
 
 
 def audio_cache_dir(cache_root: str | Path, settings: AudioSettings) -> Path:
@@ -314,7 +319,10 @@ class Journal:
         """Write one clip (``mel``: float16 [frames, n_mels] for cached clips, else None); return where it is."""
         if self._file is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            runs = [int(p.stem.split("-")[1]) for p in self.directory.glob("run-*.log")]
+            # By full name: a copy that a sync tool or file manager made ("run-0001 (1).log") is read like any
+            # journal, but its name holds no run number.
+            names = (_JOURNAL_NAME.fullmatch(p.name) for p in self.directory.glob("run-*.log"))
+            runs = [int(match[1]) for match in names if match]
             self.path = self.directory / f"run-{max(runs, default=0) + 1:04d}.log"
             self._file = open(self.path, "xb")
         meta = json.dumps(asdict(record)).encode()

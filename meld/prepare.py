@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clara.config import ConfigError, load
+from clara.io_utils import remove_leftovers
 from clara.run_dir import check_folder_path
 from meld.clip_features import ClipTask, run_clips
 from meld.dataset import DataConfig
@@ -53,7 +54,9 @@ def scan_clips(root: Path, split: str, folder: Path, row_names: set[str]) -> tup
     clips: dict[str, Path] = {}
     extras: list[ExtraFile] = []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
-        if entry.is_dir():
+        # Files only: folders are skipped, and so is a link to a clip that is not there (linked from a disk
+        # not mounted), whose row then counts as missing instead of its stat() stopping the whole run.
+        if not entry.is_file():
             continue
         name = entry.name
         if name.startswith("._"):
@@ -171,6 +174,9 @@ def prepare(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir / ".lock"):
         started = time.perf_counter()
+        # A run killed while writing a split store leaves its temporary behind, as large as the store; only
+        # prepare writes here, and this run holds the lock.
+        remove_leftovers(cache_dir)
         write_settings(cache_dir, settings)
         stores, known, earlier_journals = _load_known(cache_dir, settings)
         plan = _plan(root, layout, utterances, known, settings)

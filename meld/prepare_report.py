@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clara.config import to_dict
-from clara.io_utils import atomic_write_text
+from clara.io_utils import atomic_write_bytes
 from meld.feature_cache import OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord
 from meld.records import Utterance
 
@@ -85,8 +85,15 @@ def build_report(
 
 def write_report(cache_dir: Path, report: dict) -> Path:
     path = cache_dir / REPORT_NAME
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_bytes(path, _utf8(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
     return path
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8, a file or folder name that is not UTF-8 included: Python holds such a name's bytes
+    as lone surrogates, which UTF-8 cannot encode; they are written as ``\\udcXX``, which is also JSON's escape
+    for them, so the report reads back with the very names."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def format_summary(report: dict) -> str:
@@ -122,4 +129,4 @@ def format_summary(report: dict) -> str:
     else:
         lines.append(f"nothing to decode: all {run['reused']} clips were cached already")
     lines.append(f"report: {Path(report['cache_dir']) / REPORT_NAME}")
-    return "\n".join(lines)
+    return _utf8("\n".join(lines)).decode("utf-8")  # printable: a stdout that is strict UTF-8 refuses surrogates

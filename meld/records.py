@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
@@ -26,9 +27,10 @@ COLUMNS: tuple[str, ...] = (
 _INT_COLUMNS = ("Sr No.", "Dialogue_ID", "Utterance_ID", "Season", "Episode")
 
 _TIMESTAMP = re.compile(r"([0-9]{1,2}):([0-9]{2}):([0-9]{2}),([0-9]{2,3})")
-# Tried in order. A file re-saved by Excel on Windows is cp1252; what neither decodes falls back to
-# Latin-1, which decodes any bytes, and repair_text maps the C1 controls that leaves.
-_ENCODINGS = ("utf-8-sig", "cp1252")
+# Tried in order, after a UTF-8 byte-order mark is cut off. A file re-saved by Excel on Windows is cp1252;
+# what neither decodes falls back to Latin-1, which decodes any bytes, and repair_text maps the C1
+# controls that leaves.
+_ENCODINGS = ("utf-8", "cp1252")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # MELD's ids are small; Python refuses to convert a number of over 4300 digits (and its message names no field).
 _MAX_DIGITS = 18
@@ -92,6 +94,9 @@ def _decode(path: Path) -> str:
         except UnicodeDecodeError as err:
             raise MeldDataError(f"{path}: starts like UTF-16 but is not valid UTF-16 ({err.reason} at byte "
                                 f"{err.start}); save it as a CSV in UTF-8") from None
+    # Cut off for every encoding: a file saved with a BOM and later given a line in cp1252 is no longer
+    # UTF-8, and decoded as cp1252 the mark would become "ï»¿" glued to the first column's name.
+    data = data.removeprefix(codecs.BOM_UTF8)
     for encoding in _ENCODINGS:
         try:
             return data.decode(encoding)

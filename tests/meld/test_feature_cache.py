@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -62,6 +63,19 @@ def test_cache_dirs(tmp_path, monkeypatch):
     first, second = default_cache_root(tmp_path / "a" / "MELD.Raw"), default_cache_root(tmp_path / "b" / "MELD.Raw")
     assert first.parent == tmp_path / "home" / "features" and first.name.startswith("MELD.Raw-")
     assert first != second  # two copies of MELD never share a cache
+
+
+def test_a_data_root_named_in_another_encoding_has_a_cache_folder(tmp_path, monkeypatch):
+    # A folder unpacked from an old archive can have a name that is not UTF-8 (Python reads it with
+    # surrogates); hashing str(path).encode() raised UnicodeEncodeError, a traceback from prepare.
+    monkeypatch.setenv("MELD_CLARA_CACHE", str(tmp_path / "home"))
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9") / "MELD.Raw"
+    utf8 = tmp_path / "café" / "MELD.Raw"
+    assert default_cache_root(latin1).parent == tmp_path / "home" / "features"
+    assert default_cache_root(latin1) != default_cache_root(utf8)
+    # A UTF-8 name hashes the same bytes as before, so the caches already prepared are still found.
+    digest = hashlib.sha256(str(utf8.resolve()).encode()).hexdigest()[:8]
+    assert default_cache_root(utf8).name == f"MELD.Raw-{digest}"
 
 
 @pytest.mark.parametrize("bad", [{"max_seconds": 0.0}, {"max_seconds": float("nan")}, {"max_seconds": float("inf")},
@@ -127,6 +141,19 @@ def test_journal_round_trip_and_torn_tail(tmp_path):
     # The next run writes a file of its own.
     Journal(tmp_path / "journal").append(record("dev/dia1_utt0", SILENT_OR_EMPTY), None)
     assert [p.name for p in journal_files(tmp_path / "journal")] == ["run-0001.log", "run-0002.log"]
+
+
+def test_a_copied_journal_is_read_and_does_not_stop_the_next_run(tmp_path):
+    # A sync tool's or file manager's copy has no run number in its name; numbering the next run from
+    # every "run-*.log" raised ValueError on it, a traceback at prepare's first finished clip.
+    first = Journal(tmp_path / "journal")
+    first.append(record("train/dia0_utt0", OK, 2), mel(2, 0.0))
+    first.close()
+    copy = tmp_path / "journal" / "run-0001 (1).log"
+    copy.write_bytes(first.path.read_bytes())
+    Journal(tmp_path / "journal").append(record("dev/dia1_utt0", SILENT_OR_EMPTY), None)
+    assert [p.name for p in journal_files(tmp_path / "journal")] == ["run-0001 (1).log", "run-0001.log", "run-0002.log"]
+    assert [clip.record.key for clip in read_journal(copy, 80)] == ["train/dia0_utt0"]
 
 
 def test_store_round_trip_is_deterministic_and_picklable(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import wave
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from clara.io_utils import STAGING_SUFFIX
 from meld import clip_features
 from meld import prepare as prepare_module
 from meld.demo import make_demo
@@ -124,6 +126,22 @@ def test_a_changed_clip_is_decoded_again(demo, reference, tmp_path):
     assert all((before.frames(r.key) == after.frames(r.key)).all() for r in before.records if r.cached)
 
 
+def test_a_link_to_a_clip_not_there_is_a_missing_clip(demo, reference, tmp_path):
+    # Clips linked from a disk that is not mounted: the link's stat() failed and stopped the whole run.
+    cache_dir, _ = reference
+    data = tmp_path / "MELD.Raw"
+    shutil.copytree(demo, data)  # copy2 keeps the files' mtimes, so the cache still matches
+    shutil.copytree(cache_dir, tmp_path / "cache" / cache_dir.name)
+    record = next(record for record in SplitStore(store_path(cache_dir, "dev")).records if record.cached)
+    clip = data / record.file
+    clip.unlink()
+    clip.symlink_to(tmp_path / "unmounted" / clip.name)
+    report = prepare(data, tmp_path / "cache", workers=1)
+    assert {"split": "dev", "key": record.key, "file": record.file, "status": "missing",
+            "reason": "no such file in the clip folder"} in report["problems"]
+    assert report["run"]["decoded"] == 0
+
+
 def test_interrupted_run_resumes_to_the_same_cache(demo, reference, tmp_path, monkeypatch, capsys):
     real, calls = clip_features.process_clip, []
 
@@ -183,6 +201,20 @@ def _die_on_the_third_clip(task: clip_features.ClipTask):
     if task.key == "train/dia0_utt2":
         os._exit(9)
     return clip_features.process_clip(task)
+
+
+def test_a_store_half_written_by_a_killed_run_is_removed_by_the_next(demo, reference, tmp_path):
+    # kill -9 (or the OOM killer) while a split store is written leaves atomic_path's temporary, as large
+    # as the store and hidden; nothing removed it, and every such kill left another.
+    cache_dir, _ = reference
+    copy = tmp_path / cache_dir.name
+    shutil.copytree(cache_dir, copy)
+    fd, name = tempfile.mkstemp(prefix=".train.safetensors.", suffix=STAGING_SUFFIX, dir=copy)
+    os.write(fd, store_path(cache_dir, "train").read_bytes()[:1000])
+    os.close(fd)
+    report = prepare(demo, tmp_path, workers=1)
+    assert report["run"]["decoded"] == 0 and not Path(name).exists()
+    assert store_bytes(copy) == store_bytes(cache_dir)
 
 
 def test_a_dead_worker_is_one_clear_error_and_finished_clips_are_kept(demo, tmp_path):
@@ -269,6 +301,26 @@ def test_a_clip_without_samples_is_reported_empty_even_with_no_minimum_length(tm
     record, mel = clip_features.process_clip(task)
     assert (record.status, record.reason, record.samples, record.frames, mel) == (
         SILENT_OR_EMPTY, "no audio samples", 0, 0, None)
+
+
+def test_names_that_are_not_utf8_are_reported_not_a_traceback(demo, tmp_path, capsys):
+    # An old archive unpacked on Linux can leave names in Latin-1 or cp437: Python holds their bytes as
+    # surrogates, which the cache folder's hash, the JSON report and a strict UTF-8 stdout refused.
+    try:
+        data = tmp_path / os.fsdecode(b"Fr\xe9d") / "MELD.Raw"
+        shutil.copytree(demo, data)
+    except OSError:
+        pytest.skip("this file system takes only UTF-8 names")
+    stray = data / "dev_splits_complete" / os.fsdecode(b"notes-\xe9t\xe9.txt")
+    stray.write_bytes(b"")
+    assert main(["--data", str(data), "--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dev_splits_complete/notes-\\udce9t\\udce9.txt: not named like a MELD clip" in out
+    report_path = Path(out.rsplit("report: ", 1)[1].strip())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["data_root"] == str(data.resolve())
+    reason = "not named like a MELD clip (dia{D}_utt{U}.mp4)"
+    assert {"split": "dev", "file": os.path.relpath(stray, data), "reason": reason} in report["extra_files"]
 
 
 def test_scan_sorts_out_files_without_a_row(tmp_path):

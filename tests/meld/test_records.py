@@ -183,6 +183,15 @@ def test_a_5000_digit_id_is_an_invalid_integer_of_its_field(tmp_path):
                               "5000 digits, expected at most 18")
 
 
+def test_a_byte_order_mark_on_a_file_that_is_not_all_utf8_is_not_part_of_the_header(tmp_path):
+    # Saved as "CSV UTF-8" (with a BOM), then one word typed in cp1252: decoded as cp1252 or Latin-1,
+    # the BOM was "ï»¿Sr No." and the file was refused for a missing column Sr No.
+    data = ("\ufeff" + HAND_CSV).encode("utf-8").replace("café".encode("utf-8"), "café".encode("cp1252"))
+    path = tmp_path / "dev_sent_emo.csv"
+    path.write_bytes(data)
+    assert read_split_csv(path, "dev") == HAND_RECORDS
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path, encoding):
     path = tmp_path / "dev_sent_emo.csv"
