@@ -66,12 +66,15 @@ KIND = "meld.zeroshot"
 
 @dataclass
 class SplitAudio:
-    """One split's clips in dataset order: keys, gold labels [N], unit-norm audio embeddings [N, D]."""
+    """One split's clips in dataset order: keys, gold labels [N], unit-norm audio embeddings [N, D]; and
+    the CSV rows left out for lack of audio (key -> why), which the report must name: the split scored
+    is then not the whole official one."""
 
     keys: list[str]
     gold: np.ndarray
     embeds: torch.Tensor
     captions: list[str]
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -134,6 +137,20 @@ def score(
     return results, probabilities
 
 
+def check_finite(checkpoint: Path, precision: str, values: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite embeddings (name -> [..., D]) or scale: a diverged or damaged checkpoint, or fp16
+    overflow, gives them. Scored, such a clip would get class 0 (argmax of a NaN row: neutral, the majority
+    class) and a NaN prior would turn every clip's calibrated scores to NaN: numbers that look like a result,
+    until metrics.json refuses them with a traceback."""
+    for name, value in values.items():
+        rows = value.detach().reshape(-1, value.shape[-1] if value.ndim else 1)
+        bad = int((~torch.isfinite(rows)).any(dim=1).sum())
+        if bad:
+            hint = "" if precision == "fp32" else f", or {precision} overflow (try --precision fp32)"
+            raise CheckpointError(f"{checkpoint}: {name}: {bad} of {rows.shape[0]} are NaN or infinite "
+                                  f"(a diverged or damaged checkpoint{hint})")
+
+
 def retrieval(model: Clara, tokenizer: Tokenizer, audio: SplitAudio, precision: str = "fp32") -> dict[str, dict[str, float]]:
     """R@1/5/10 audio<->text on one split with its captions; repeated captions are embedded once (the
     text encoder under ``precision``'s autocast, the ranking in fp32)."""
@@ -182,6 +199,7 @@ def load_split(dataset: MeldDataset, embeds: torch.Tensor, prompts: PromptSet, c
         gold=np.array([prompts.labels.index(getattr(utt, prompts.target)) for utt in utterances]),
         embeds=embeds,
         captions=[caption_for(utt, captions) for utt in utterances],
+        left_out=dict(dataset.dropped),
     )
 
 
@@ -255,6 +273,9 @@ def run(args: argparse.Namespace) -> dict:
     scale = model.audio_log_scale.exp().detach().float()
     with autocast_for(device, precision):
         content_free = content_free_embeds(model, data)
+    check_finite(checkpoint, precision, {
+        **{f"{split} audio embeddings": e for split, e in audio.items()}, "silence embeddings": content_free,
+        "prompt embeddings": torch.cat([e.reshape(-1, e.shape[-1]) for e in prompt_embeds]), "audio scale": scale})
     results, probabilities = score(splits, unlabelled, content_free, weights, scale, prompts.labels)
     recall = {split: retrieval(model, tokenizer, audio, precision) for split, audio in splits.items()}
     run_info = {

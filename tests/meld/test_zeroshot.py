@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clara.checkpoint import load_checkpoint, save_checkpoint
+from clara.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clara.engine import available_devices
 from clara.model import Clara
 from clara.model_config import load_model_config
@@ -19,10 +19,13 @@ from meld.demo import make_demo
 from meld.demo_clara import ensure_demo_clara
 from meld.feature_cache import AudioSettings
 from meld.labels import EMOTIONS
+from meld.layout import find_layout
 from meld.metrics import classification_metrics
 from meld.prepare import prepare
 from meld.prompts import PROMPT_ROOT
-from meld.zeroshot import main
+from meld.records import load_splits
+from meld.zeroshot import check_finite, main
+from meld.zeroshot_report import _clip_lines
 from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 
 
@@ -80,6 +83,30 @@ def test_predictions_agree_with_the_metrics(run_dir):
         recomputed = classification_metrics([EMOTIONS.index(r["gold"]) for r in ours],
                                             [EMOTIONS.index(r["predicted"]) for r in ours], EMOTIONS)
         assert recomputed["macro_f1"] == pytest.approx(metrics[split]["macro_f1"])
+
+
+def test_the_report_names_the_csv_rows_left_out_for_lack_of_audio(setup, run_dir, capsys):
+    """The demo has a missing dev clip and a too-short test clip (as MELD's test dia155_utt3): the scores
+    are over fewer rows than the official split's, which the report must say, with the keys."""
+    root, _, _ = setup
+    rows = load_splits(find_layout(root, need_clips=False))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        scored = [r["key"] for r in csv.DictReader(handle)]
+    for split in ("dev", "test"):
+        csv_keys = [u.key for u in rows[split]]
+        missing = [key for key in csv_keys if key not in scored]
+        counts = metrics["clips"][split]
+        assert missing and list(counts["left_out"]) == missing and all(counts["left_out"].values())
+        assert counts["scored"] == len(csv_keys) - len(missing) == sum(
+            metrics[split]["per_class"][e]["support"] for e in EMOTIONS)
+        assert counts["csv_rows"] == len(csv_keys)
+        line = f"- {split}: {len(csv_keys) - len(missing)} of {len(csv_keys)} CSV rows; left out for lack of audio: "
+        assert line + "; ".join(f"{key} ({counts['left_out'][key]})" for key in missing) + "\n" in report
+    long = {"test": {"scored": 5, "csv_rows": 8, "left_out": {"test/a": "x", "test/b": "y", "test/c": "z"}}}
+    assert _clip_lines(long, shown=2) == ("- test: 5 of 8 CSV rows; left out for lack of audio: test/a (x); "
+                                          "test/b (y); and 1 more (metrics.json's clips lists them all)")
 
 
 def _split_rows(run_dir, split: str) -> dict:
@@ -315,6 +342,34 @@ def test_a_finetune_run_or_a_missing_gpu_is_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'\n", err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_checkpoint_is_one_line_not_scores_of_class_zero(setup, run_dir, tmp_path, capsys):
+    """NaN embeddings were scored as all-neutral (argmax of a NaN row), then metrics.json refused the NaN
+    prior with a traceback."""
+    root, checkpoint, _ = setup
+    model = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        model.audio_head.weight[0, 0] = float("nan")  # every audio embedding becomes NaN
+    diverged = save_checkpoint(model, tmp_path / "diverged")
+    train_clips = json.loads((run_dir / "metrics.json").read_text())["run"]["train_clips_unlabelled"]
+    out = tmp_path / "o"
+    assert main(["--data", str(root), "--checkpoint", str(diverged), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {diverged}: train audio embeddings: {train_clips} of {train_clips} are NaN or infinite "
+                   "(a diverged or damaged checkpoint)\n"), err
+    assert not (out / "metrics.json").exists()
+
+
+def test_check_finite_counts_the_bad_rows_and_names_the_precision():
+    embeds = torch.ones(5, 3)
+    embeds[1, 2], embeds[3, 0] = float("nan"), float("inf")
+    with pytest.raises(CheckpointError, match=r"^ck: dev audio embeddings: 2 of 5 are NaN or infinite "
+                       r"\(a diverged or damaged checkpoint, or fp16 overflow \(try --precision fp32\)\)$"):
+        check_finite(Path("ck"), "fp16", {"train audio embeddings": torch.ones(4, 3), "dev audio embeddings": embeds})
+    with pytest.raises(CheckpointError, match=r"^ck: audio scale: 1 of 1 are NaN"):
+        check_finite(Path("ck"), "fp32", {"audio scale": torch.tensor(float("inf"))})
+    check_finite(Path("ck"), "fp32", {"audio scale": torch.tensor(14.3), "prompts": torch.ones(7, 3)})
 
 
 def test_ctrl_c_is_one_line(setup, tmp_path, capsys, monkeypatch):
