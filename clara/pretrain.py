@@ -105,11 +105,13 @@ class ContrastiveTask:
         self.eval_batch_size = eval_batch_size
         self.frames_multiple, self.tokens_multiple = frames_multiple, tokens_multiple  # data.*, for evaluation's batches
         if eval_data is not None:
-            # Held-out captions can repeat: embed each once; text_of_audio[i] is audio i's caption.
-            self.eval_captions = sorted({record.caption for record in eval_data.records})
-            position = {caption: i for i, caption in enumerate(self.eval_captions)}
-            self.text_of_audio = torch.tensor([position[record.caption] for record in eval_data.records])
-            self.chance = chance_levels(self.text_of_audio, len(self.eval_captions))
+            # Held-out texts can repeat: embed each (caption, language) once, in its row's language as
+            # training encodes it (`<|de|><|speech|> ...`); text_of_audio[i] is audio i's text.
+            texts = [(record.caption, record.language or eval_data.language) for record in eval_data.records]
+            self.eval_texts = sorted(set(texts))
+            position = {text: i for i, text in enumerate(self.eval_texts)}
+            self.text_of_audio = torch.tensor([position[text] for text in texts])
+            self.chance = chance_levels(self.text_of_audio, len(self.eval_texts))
 
     def training_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         wave = self.wave_augment(batch["wave"], batch["wave_lengths"])  # [B, N]
@@ -133,8 +135,9 @@ class ContrastiveTask:
             mel, frames = self.frontend(batch["wave"].to(self.device), batch["wave_lengths"].to(self.device))
             audio.append(model.encode_audio(mel, frames).float())
         texts = []
-        for start in range(0, len(self.eval_captions), self.eval_batch_size):
-            tokens, lengths = self.tokenizer.encode_batch(self.eval_captions[start : start + self.eval_batch_size])
+        for start in range(0, len(self.eval_texts), self.eval_batch_size):
+            captions, languages = zip(*self.eval_texts[start : start + self.eval_batch_size])
+            tokens, lengths = self.tokenizer.encode_batch(captions, languages)
             tokens = pad_tokens(tokens, self.tokens_multiple, self.tokenizer)
             texts.append(model.encode_text(tokens.to(self.device), lengths.to(self.device)).float())
         return retrieval_metrics(torch.cat(audio), torch.cat(texts), self.text_of_audio.to(self.device))

@@ -431,3 +431,40 @@ def test_a_clip_too_long_for_the_audio_positions_is_refused_before_training(tmp_
     assert main(["data.max_seconds=44", f"train.out_dir={tmp_path / 'long'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2048-position audio table holds (4096 frames)" in err, err
+
+
+def test_held_out_captions_are_encoded_in_their_rows_language(demo, tmp_path):
+    """Training encodes each caption in its row's language (``<|de|><|speech|> ...``). Held-out
+    retrieval used to encode every caption in data.language, so a German row was scored against an
+    ``<|en|>`` text the model never trained on, and one caption listed in two languages was one text."""
+    from clara.augment import AugmentConfig
+    from clara.pretrain import ContrastiveTask
+    from clara.tokenizer import Tokenizer
+
+    clips = sorted((demo.root / "eval").glob("*.wav"))[:4]
+    manifest = tmp_path / "held-out.jsonl"
+    rows = [("ein Ton", "de"), ("a tone", None), ("a tone", "fr"), ("ein Ton", "de")]
+    manifest.write_text("".join(json.dumps({"audio": str(clip), "caption": caption, "language": language}) + "\n"
+                                for clip, (caption, language) in zip(clips, rows)))  # fmt: skip
+    tokenizer = Tokenizer(language="en")
+    task = ContrastiveTask(AugmentConfig(), torch.device("cpu"), gather=False, eval_data=PairDataset(str(manifest)),
+                           tokenizer=tokenizer)  # fmt: skip
+    encoded = []
+
+    class Recorder(torch.nn.Module):
+        """Audio i and the text whose ids start with the language id ``50259 + i`` share an embedding."""
+
+        def encode_audio(self, mel, lengths):
+            return torch.eye(8)[[3, 0, 7, 3]]  # <|de|> 50262, <|en|> 50259, <|fr|> 50266, <|de|>
+
+        def encode_text(self, tokens, lengths):
+            encoded.extend(row[:length].tolist() for row, length in zip(tokens, lengths))
+            return torch.eye(8)[tokens[:, 0] - 50259]
+
+    metrics = task.evaluate(Recorder())
+    # Three texts, sorted by (caption, language): ("a tone", "en"), ("a tone", "fr"), ("ein Ton", "de").
+    assert encoded == [tokenizer.encode("a tone", "en"), tokenizer.encode("a tone", "fr"), tokenizer.encode("ein Ton", "de")]
+    assert [ids[0] for ids in encoded] == [50259, 50266, 50262]
+    assert task.text_of_audio.tolist() == [2, 0, 1, 2]
+    assert metrics["a2t_R@1"] == metrics["t2a_R@1"] == 1.0
+    assert task.chance["a2t_R@1"] == pytest.approx(1 / 3)
