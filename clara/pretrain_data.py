@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,18 +140,32 @@ def _read_rows(path: Path) -> list[Record]:
                 raise DataError(f"{path}:{number}: expected a JSON object")
             records.append(_record(fields, path.parent, f"{path}:{number}"))
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(handle)
-            missing = {"audio", "caption"} - set(reader.fieldnames or ())
-            if missing:
-                raise DataError(f"{path}: the header needs the column(s) {', '.join(sorted(missing))}")
-            for row in reader:
-                # line_num: the file line the row ends on; counting rows drifts past blank lines,
-                # which the reader skips.
-                records.append(_record(row, path.parent, f"{path}:{reader.line_num}"))
+        for row, line in _csv_rows(path):
+            records.append(_record(row, path.parent, f"{path}:{line}"))
     else:
         raise DataError(f"{path}: expected a .jsonl or .csv manifest")
     return records
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """The rows of a CSV manifest, each with the file line it ends on, once its header has the columns."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
+        # strict: a quote left open (a caption such as `"It's raining`) is an error, not a field that
+        # silently swallows every row after it (or, past 128 KiB, a traceback from the csv module).
+        reader = csv.DictReader(handle, strict=True)
+        start = 1  # the line the row being read (first the header) starts on
+        try:
+            missing = {"audio", "caption"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: the header needs the column(s) {', '.join(sorted(missing))}")
+            start = reader.line_num + 1
+            for row in reader:
+                # line_num: the file line the row ends on; counting rows drifts past blank lines,
+                # which the reader skips.
+                yield row, reader.line_num
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise DataError(f"{path}:{start}: not valid CSV from this line on ({err}); check the quotes there") from None
 
 
 def _caption_of(meta: dict[str, Any]) -> tuple[str | None, str | None]:

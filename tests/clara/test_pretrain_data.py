@@ -245,6 +245,28 @@ def test_csv_errors_name_the_file_line_past_blank_lines(tmp_path):
     assert str(err.value) == f"{manifest}:4: expected a non-empty 'caption'"
 
 
+def test_a_csv_quote_left_open_is_named_with_its_line(tmp_path):
+    """A caption opening a quote it never closes ran on through every later row: a small manifest read
+    as fewer pairs, one caption holding the rest of the file, without a word; past 128 KiB the csv
+    module stopped the run with a traceback.  Valid quoting (commas, doubled quotes, line breaks
+    inside quotes) still reads."""
+    write_wav(tmp_path / "a.wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('audio,caption\na.wav,"a tone, then ""rain""\nand wind"\na.wav,plain\n')
+    assert [r.caption for r in read_manifest(manifest)] == ['a tone, then "rain"\nand wind', "plain"]
+    assert [r.origin for r in read_manifest(manifest)] == [f"{manifest}:3", f"{manifest}:4"]
+    # 4 later rows were swallowed silently; 8,000 (200 KB) overflowed the csv module's field limit.
+    for later, reason in ((4, "unexpected end of data"), (8000, "field larger than field limit (131072)")):
+        rows = "".join(f"a.wav,caption number {i}\n" for i in range(later))
+        manifest.write_text("audio,caption\na.wav,a tone\na.wav,\"it's raining\n" + rows)
+        with pytest.raises(DataError) as err:
+            read_manifest(manifest)
+        assert str(err.value) == f"{manifest}:3: not valid CSV from this line on ({reason}); check the quotes there"
+    manifest.write_text('audio,caption\na.wav,a tone\na.wav,"a tone" with more\n')
+    with pytest.raises(DataError, match=rf"^{manifest}:3: not valid CSV from this line on \(',' expected after"):
+        read_manifest(manifest)
+
+
 @pytest.mark.parametrize("mode, compression", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
 def test_a_compressed_shard_is_refused_when_indexed(tmp_path, mode, compression):
     """Members are read by their offset in the shard file, which a compressed tar does not have: a
