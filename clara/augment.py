@@ -261,28 +261,35 @@ class CaptionRewriter:
             raise ConfigError(f"augment.mix.lm_path: {path} is not a local model directory")
         self.path = path
         self.config = config
-        self._pipeline = None
+        self._model = None
+        self._tokenizer = None
 
     def __call__(self, caption: str) -> str:
-        if self._pipeline is None:
-            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
-
-            causal = self.config.lm_task == "text-generation"
-            model_class = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
-            model = model_class.from_pretrained(self.path, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            self._pipeline = pipeline(self.config.lm_task, model=model, tokenizer=tokenizer, device="cpu")
-        prompt = self.config.lm_prompt.format(caption=caption)
-        options = {"max_new_tokens": self.config.lm_max_new_tokens, "do_sample": False}
-        if self.config.lm_task == "text-generation":
-            options["return_full_text"] = False
-        text = self._pipeline(prompt, **options)[0]["generated_text"].strip()
+        text = self._generate(self.config.lm_prompt.format(caption=caption)).strip()
         first_line = text.splitlines()[0].strip() if text else ""
         return first_line or caption  # an empty rewrite keeps the template's caption
 
+    def _generate(self, prompt: str) -> str:
+        """The model's greedy answer to ``prompt``: a causal model's continuation, a seq2seq model's output."""
+        causal = self.config.lm_task == "text-generation"
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+            # generate() itself, not a pipeline: transformers 5 removed the text2text-generation pipeline.
+            model_class = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
+            self._model = model_class.from_pretrained(self.path, local_files_only=True).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        inputs = self._tokenizer(prompt, return_tensors="pt")
+        prompt_ids = inputs["input_ids"]  # [1, P]
+        ids = self._model.generate(prompt_ids, attention_mask=inputs["attention_mask"],
+                                   max_new_tokens=self.config.lm_max_new_tokens, do_sample=False)  # fmt: skip
+        if causal:
+            ids = ids[:, prompt_ids.shape[1] :]  # [1, P + new] -> the new tokens only
+        return self._tokenizer.decode(ids[0], skip_special_tokens=True)
+
     def __getstate__(self) -> dict:
         # DataLoader workers get the path, not a loaded model; each loads its own on first use.
-        return {**self.__dict__, "_pipeline": None}
+        return {**self.__dict__, "_model": None, "_tokenizer": None}
 
 
 # -- the batch pipelines -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from clara.augment import (
     AugmentConfig,
+    CaptionRewriter,
     ClippingConfig,
     MaskingConfig,
     MixConfig,
@@ -292,10 +293,62 @@ def test_merged_captions_go_through_the_rewriter(tmp_path):
     dataset = EnvMixDataset(speech, env, MixConfig(p=1.0, lm_path=str(tmp_path)), seed=0)
     prompts = []
 
-    def fake_pipeline(prompt, **options):  # stands in for a local transformers model
+    def fake_generate(prompt):  # stands in for a local transformers model
         prompts.append(prompt)
-        return [{"generated_text": " Someone says it is raining as wind blows.\nSecond line"}]
+        return " Someone says it is raining as wind blows.\nSecond line"
 
-    dataset.rewriter._pipeline = fake_pipeline
+    dataset.rewriter._generate = fake_generate
     assert dataset[0]["caption"] == "Someone says it is raining as wind blows."
     assert "A person saying it's raining outside, background wind noise" in prompts[0]
+
+
+def _tiny_language_model(folder, task: str):
+    """A randomly initialised GPT-2 (text-generation) or T5 (text2text-generation) of a few thousand
+    weights with a word-level tokenizer, saved to ``folder`` as a local model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = "<pad> </s> <unk> a person saying it's raining outside , background wind noise rewrite as one fluent sentence :"
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words.split())}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_input_names=["input_ids", "attention_mask"])  # fmt: skip
+    torch.manual_seed(0)
+    size = len(words.split())
+    if task == "text-generation":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=size, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                           bos_token_id=1, eos_token_id=1, pad_token_id=0))  # fmt: skip
+    else:
+        model = T5ForConditionalGeneration(T5Config(vocab_size=size, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("task", ["text-generation", "text2text-generation"])
+def test_caption_rewriter_runs_both_kinds_of_local_model(tmp_path, task):
+    """The rewrite is the model's greedy output for the prompt (a causal model's continuation without
+    the prompt echoed).  A seq2seq model (text2text-generation) used to stop the run at the first
+    mixed caption: transformers 5 removed that pipeline task (KeyError)."""
+    model, tokenizer = _tiny_language_model(tmp_path, task)
+    config = MixConfig(p=1.0, lm_path=str(tmp_path), lm_task=task, lm_max_new_tokens=6)
+    caption = "A person saying it's raining outside, background wind noise"
+    prompt = tokenizer(config.lm_prompt.format(caption=caption), return_tensors="pt")["input_ids"]  # [1, P]
+    # Greedy decoding by hand, one argmax token at a time, up to the end-of-sequence token.
+    out = prompt if task == "text-generation" else torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        for _ in range(config.lm_max_new_tokens):
+            if task == "text-generation":
+                logits = model(out).logits[:, -1]
+            else:
+                logits = model(input_ids=prompt, decoder_input_ids=out).logits[:, -1]
+            out = torch.cat([out, logits.argmax(dim=-1, keepdim=True)], dim=1)
+            if int(out[0, -1]) == model.config.eos_token_id:
+                break
+    new = out[0, prompt.shape[1] :] if task == "text-generation" else out[0, 1:]
+    expected = tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert expected and expected != caption
+    before = torch.get_rng_state()
+    assert CaptionRewriter(config)(caption) == expected
+    assert torch.equal(torch.get_rng_state(), before)  # greedy: the augmentations' RNG is left alone
