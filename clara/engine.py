@@ -103,7 +103,9 @@ class TrainConfig:
         adapt some of them to the data first."""
         positive = ("batch_size", "accumulation", "log_every")
         problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
-        non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers")
+        # seed: numpy's generators (the batch order, pretraining's mixing) refuse a negative one, late.
+        non_negative = ("steps", "epochs", "warmup_steps", "cycle_steps", "eval_every", "checkpoint_every", "num_workers",
+                        "seed")
         problems += [f"{name} must be >= 0, got {getattr(self, name)}" for name in non_negative if getattr(self, name) < 0]
         if self.steps == 0 and self.epochs == 0:
             problems.append("set steps or epochs above 0")

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as err:
         distributed.print_error(err, same_everywhere=True)
         return 2
-    except (DataError, CheckpointError, AudioDecodeError) as err:
+    except (DataError, CheckpointError, AudioDecodeError, OSError) as err:  # OSError: an out_dir it cannot make, a full disk
         distributed.print_error(err, same_everywhere=False)
         return 2
     except KeyboardInterrupt:

@@ -282,6 +282,7 @@ def test_bad_settings_are_one_config_error(tmp_path):
     ("lr", float("nan"), "lr must be a positive number, got nan"),
     ("lr", float("inf"), "lr must be a positive number, got inf"),
     ("min_lr", -1.0, "min_lr must be a number >= 0, got -1.0"),
+    ("seed", -1, "seed must be >= 0, got -1"),
     ("weight_decay", -1.0, "weight_decay must be a number >= 0, got -1.0"),
     ("grad_clip", float("nan"), "grad_clip must be a number >= 0, got nan"),
     ("device", "foo", "device must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),

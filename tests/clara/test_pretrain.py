@@ -122,6 +122,20 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert "data: max_seconds must be a positive number" in errors[3] and "language" in errors[4]
 
 
+def test_an_out_dir_the_os_refuses_is_one_clear_error(demo, tmp_path, capsys, monkeypatch):
+    # Root may write anywhere, so the refusal (no permission, a read-only disk) is staged on mkdir.
+    refused = tmp_path / "readonly" / "run"
+
+    def mkdir(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    data = [f"data.train={demo.train}", f"data.eval={demo.eval}", f"data.env={demo.env}"]
+    assert main([*data, f"train.out_dir={refused}", "train.device=cpu", *SHORT_RUN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and f"Permission denied: '{refused}'" in err, err
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
 def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
     assert main(["train.device=mps", f"train.out_dir={tmp_path}"]) == 2
