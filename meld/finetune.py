@@ -6,7 +6,8 @@ a tiny CLARA from scratch, audio and text, fine-tuned in under a minute on 2 CPU
 ``text_only``); ``key=value`` overrides apply on top, and the flags below on top of those.
 
 The run directory (``--out``, default ``runs/finetune-<timestamp>``) holds ``config.yaml`` (resolved),
-``metrics.json`` (``{"dev": {...}, "test": {...}}``, the epoch with the best dev macro-F1), ``report.md``
+``metrics.json`` (``{"dev": {...}, "test": {...}}``, the epoch with the best dev macro-F1, and ``"rows"``: each
+split's CSV rows used and those left out for lack of audio), ``report.md``
 with ``confusion_test.png``, ``predictions.csv``, ``model/`` (the selected classifier, for
 ``python -m meld.predict --run``), ``checkpoint.pt`` (the training state: an interrupted run resumes
 when the same command is run again), ``best.safetensors`` + ``best.json`` (the selection so far),
@@ -65,6 +66,7 @@ from meld.labels import TARGETS
 from meld.layer_decay import decayed_groups
 from meld.losses import build_loss
 from meld.metrics import classification_metrics, mean_std
+from meld.report import coverage_summary, row_coverage
 
 PRESET_DIR = CONFIG_ROOT / "finetune"
 DEMO_CONFIG = PRESET_DIR / "demo.yaml"
@@ -163,6 +165,10 @@ class _Data:
         for split, dataset in self.datasets.items():
             if len(dataset) == 0:
                 raise MeldDataError(f"the {split} split of {self.root} has no usable utterances for modality {data.modality}")
+
+    def coverage(self) -> dict[str, dict]:
+        """``meld.report.row_coverage`` of every split: the rows trained on or scored, and those left out."""
+        return row_coverage({split: (len(dataset), dict(dataset.dropped)) for split, dataset in self.datasets.items()})
 
     def fingerprint(self, config: FinetuneConfig) -> dict:
         return {"root": str(self.root.resolve()), "data": config_lib.to_dict(config.data), "features": config.model.features,
@@ -300,6 +306,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: dis
     gold = {split: labels_of(views[split], config.target) for split in outputs}
     doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)
            for split in outputs}
+    doc["rows"] = data.coverage()
     # Only the main process evaluates, so only it holds the selection; every process returns the same doc.
     best = distributed.all_gather_object(task.best)[0]
     doc["selection"] = {**best, "seed": seed, "train_seconds": round(result.seconds, 1)}
@@ -350,7 +357,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     docs = {seed: _run_seed(config, data, clara, env, out_dir / f"seed-{seed}", seed, epoch_callback) for seed in seeds}
     best = max(seeds, key=lambda seed: (docs[seed]["dev"]["macro_f1"], -seed))
     summary = mean_std([{"dev": docs[s]["dev"], "test": docs[s]["test"]} for s in seeds])
-    doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "selection": docs[best]["selection"],
+    doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "rows": data.coverage(), "selection": docs[best]["selection"],
            "mean_std": summary, "seeds": {str(s): {split: docs[s][split]["macro_f1"] for split in ("dev", "test")}
                                           for s in seeds}}
     if env.is_main:
@@ -413,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         test, runs = stats["test"], stats["runs"]
         print(f"\nover {runs} seeds: test macro-F1 {seed_cell(test['macro_f1'], runs)}, weighted-F1 "
               f"{seed_cell(test['weighted_f1'], runs)} (percent, {spread_label(runs)})")
+    print(f"\nCSV rows used: {coverage_summary(doc['rows'])} (report.md names any left out)")
     print(f"\nrun directory: {out_dir}  (report.md, metrics.json, predictions.csv, model/)")
     return 0
 

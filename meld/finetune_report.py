@@ -14,8 +14,8 @@ import torch
 
 from clara import config as config_lib
 from meld.report import (
-    log_confusion_figure, log_embeddings, log_hparams, log_pr_curves, save_confusion_png, write_metrics_json,
-    write_predictions_csv, write_report_md,
+    coverage_lines, log_confusion_figure, log_embeddings, log_hparams, log_pr_curves, save_confusion_png,
+    write_metrics_json, write_predictions_csv, write_report_md,
 )
 
 CONFUSION_PNG = "confusion_test.png"
@@ -25,6 +25,12 @@ def _title(config) -> str:
     source = config.model.checkpoint or f"CLARA {config.model.clara} from scratch"
     return (f"MELD {config.target}: {config.strategy.name} on {config.data.modality} "
             f"({source}, fusion {config.model.fusion}, loss {config.loss.name})")
+
+
+def _sections(doc: Mapping) -> dict[str, str]:
+    """The report's sections after the tables: the CSV rows each split used, then the model selection."""
+    sections = {"CSV rows used": coverage_lines(doc["rows"])} if "rows" in doc else {}
+    return {**sections, **_selection_section(doc)}
 
 
 def _selection_section(doc: Mapping) -> dict[str, str]:
@@ -49,7 +55,7 @@ def write_run_outputs(out_dir: Path, config, doc: Mapping, test_outputs: Mapping
     if png is not None:
         save_confusion_png(out_dir / png, doc["test"]["confusion_matrix"], class_names, "test")
     write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=png,
-                    extra_sections=_selection_section(doc))
+                    extra_sections=_sections(doc))
     if config.tensorboard_extras:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -82,5 +88,5 @@ def _png(config) -> str | None:
 def write_seed_summary(out_dir: Path, config, doc: Mapping, class_names: Sequence[str]) -> None:
     """The top level of a multi-seed run: the selected seed's metrics beside mean ± std over all seeds."""
     write_report_md(out_dir / "report.md", _title(config), doc, class_names, confusion_png=_png(config),
-                    seeds=doc["mean_std"], extra_sections=_selection_section(doc))
+                    seeds=doc["mean_std"], extra_sections=_sections(doc))
     write_metrics_json(out_dir / "metrics.json", doc)  # last, as in write_run_outputs

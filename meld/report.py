@@ -206,6 +206,33 @@ def seed_rows(seeds: Mapping, class_names: Sequence[str]) -> tuple[list[str], li
     return splits, rows
 
 
+def row_coverage(used: Mapping[str, tuple[int, Mapping[str, str]]]) -> dict[str, dict]:
+    """Per split (name -> (rows used, {key left out: why})): the rows used, trained on or scored, the
+    CSV's rows, and each row left out for lack of audio. A score over fewer rows than the CSV's is not
+    one on the official split, so the reports say so and name the rows."""
+    return {split: {"used": count, "csv_rows": count + len(left_out), "left_out": dict(left_out)}
+            for split, (count, left_out) in used.items()}
+
+
+def coverage_lines(coverage: Mapping, shown: int = 10) -> str:
+    """``row_coverage`` as Markdown bullets, one per split, naming the first ``shown`` rows left out."""
+    lines = []
+    for split, c in coverage.items():
+        line = f"- {split}: {c['used']} of {c['csv_rows']} CSV rows"
+        if c["left_out"]:
+            named = [f"{key} ({why})" for key, why in list(c["left_out"].items())[:shown]]
+            more = len(c["left_out"]) - len(named)
+            line += ("; left out for lack of audio: " + "; ".join(named)
+                     + (f"; and {more} more (metrics.json's rows lists them all)" if more else ""))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def coverage_summary(coverage: Mapping) -> str:
+    """One terminal line: ``dev 9 of 10, test 9 of 10 CSV rows``."""
+    return ", ".join(f"{split} {c['used']} of {c['csv_rows']}" for split, c in coverage.items()) + " CSV rows"
+
+
 def render_report_md(
     title: str,
     metrics: Mapping,

@@ -18,8 +18,8 @@ from meld.captions import CaptionConfig
 from meld.metrics import SCALARS
 from meld.prompts import PromptSet
 from meld.report import (
-    format_table, log_confusion_figure, log_hparams, log_pr_curves, save_confusion_png, write_metrics_json,
-    write_predictions_csv, write_report_md,
+    coverage_lines, coverage_summary, format_table, log_confusion_figure, log_hparams, log_pr_curves, row_coverage,
+    save_confusion_png, write_metrics_json, write_predictions_csv, write_report_md,
 )
 
 ENSEMBLE = "ensemble"
@@ -71,28 +71,14 @@ def prior_rows(results: Mapping, labels: tuple[str, ...]) -> tuple[list[str], li
 
 
 def clip_counts(splits: Mapping) -> dict[str, dict]:
-    """Per split: clips scored, CSV rows, and the rows left out for lack of audio (key -> why)."""
-    return {split: {"scored": len(audio.keys), "csv_rows": len(audio.keys) + len(audio.left_out),
-                    "left_out": dict(audio.left_out)} for split, audio in splits.items()}
-
-
-def _clip_lines(counts: Mapping, shown: int = 10) -> str:
-    lines = []
-    for split, c in counts.items():
-        line = f"- {split}: {c['scored']} of {c['csv_rows']} CSV rows"
-        if c["left_out"]:
-            named = [f"{key} ({why})" for key, why in list(c["left_out"].items())[:shown]]
-            more = len(c["left_out"]) - len(named)
-            line += ("; left out for lack of audio: " + "; ".join(named)
-                     + (f"; and {more} more (metrics.json's clips lists them all)" if more else ""))
-        lines.append(line)
-    return "\n".join(lines)
+    """``meld.report.row_coverage`` of the scored splits: clips scored, CSV rows, rows left out (key -> why)."""
+    return row_coverage({split: (len(audio.keys), audio.left_out) for split, audio in splits.items()})
 
 
 def _sections(prompts: PromptSet, captions: CaptionConfig, splits, results, recall, run_info) -> dict[str, str]:
     calibration = _CALIBRATION_NAMES[run_info["calibration"]]
     # First: a score over fewer rows than the CSV's is not a score on the official split.
-    sections = {"Clips scored": _clip_lines(clip_counts(splits))}
+    sections = {"Clips scored": coverage_lines(clip_counts(splits))}
     for split in splits:
         header, rows = template_rows(prompts, results, split)
         sections[f"Each template alone and the ensemble ({split}, percent)"] = (
@@ -128,7 +114,7 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
                    for name, r in results.items()},
         "priors": {name: r["priors"] for name, r in results.items()},
     }
-    metrics["clips"] = clip_counts(splits)
+    metrics["rows"] = clip_counts(splits)
     metrics["retrieval"] = dict(recall)
     metrics["run"] = dict(run_info)
     write_metrics_json(out / "metrics.json", metrics)  # first: it marks the folder as a zero-shot run's
@@ -165,10 +151,9 @@ def write_outputs(out: Path, prompts: PromptSet, captions: CaptionConfig, splits
 
     header, rows = template_rows(prompts, results, headline)
     r_header, r_rows = retrieval_rows(recall)
-    scored = ", ".join(f"{split} {c['scored']} of {c['csv_rows']}" for split, c in metrics["clips"].items())
     print(f"\nzero-shot {prompts.target}: ensemble of {len(prompts.templates)} templates, "
           f"{_CALIBRATION_NAMES[calibration]}\n{format_table(metrics, labels, headline)}\n\n"
-          f"clips scored: {scored} CSV rows (report.md names any left out)\n\n"
+          f"clips scored: {coverage_summary(metrics['rows'])} (report.md names any left out)\n\n"
           f"each template alone and the ensemble ({headline}, percent):\n{_text(header, rows)}\n\n"
           f"audio-text retrieval (chance in brackets):\n{_text(r_header, r_rows)}\n\n"
           f"outputs in {out}: metrics.json report.md predictions.csv "

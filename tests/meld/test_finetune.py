@@ -20,7 +20,9 @@ from meld.classifier_io import load_classifier
 from clara.model_config import load_model_config
 from meld.finetune import _Data, load_config, main, run_finetune
 from meld.finetune_config import FinetuneConfig
-from meld.report import SPLIT_KEYS
+from meld.layout import find_layout
+from meld.records import load_splits
+from meld.report import SPLIT_KEYS, coverage_lines
 from tests.conftest import REPO_ROOT
 from tests.meld.finetune_helpers import FAST, small_demo, text_config, write_csv_meld
 
@@ -163,6 +165,19 @@ def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampli
     assert spec["head"]["options"]["unimodal_heads"] is True
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss_audio" in record and "train/loss_text" in record for record in logged)
+    # The demo plants clips that do not decode: metrics.json and report.md say how many CSV rows each
+    # split used, and name the ones left out, so a score over fewer rows is not taken for the official one.
+    csv_rows = load_splits(find_layout(root, need_clips=False))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rows"] == doc["rows"] and sum(len(c["left_out"]) for c in doc["rows"].values()) >= 1
+    for split, coverage in doc["rows"].items():
+        keys = [utt.key for utt in csv_rows[split]]
+        assert coverage["csv_rows"] == len(keys) and coverage["used"] + len(coverage["left_out"]) == len(keys)
+        assert set(coverage["left_out"]) <= set(keys) and all(coverage["left_out"].values())
+    with open(tmp_path / "predictions.csv", newline="") as handle:
+        scored = {row["key"] for row in csv.DictReader(handle)}
+    assert scored == {utt.key for utt in csv_rows["test"]} - set(doc["rows"]["test"]["left_out"])
+    assert "## CSV rows used\n\n" + coverage_lines(doc["rows"]) in (tmp_path / "report.md").read_text()
 
 
 def test_the_data_multiples_reach_the_batches(csv_root):

@@ -25,7 +25,7 @@ from meld.prepare import prepare
 from meld.prompts import PROMPT_ROOT
 from meld.records import load_splits
 from meld.zeroshot import check_finite, main
-from meld.zeroshot_report import _clip_lines
+from meld.report import coverage_lines
 from tests.clara.pretrain_helpers import interrupt_pretraining_at_step
 
 
@@ -97,16 +97,16 @@ def test_the_report_names_the_csv_rows_left_out_for_lack_of_audio(setup, run_dir
     for split in ("dev", "test"):
         csv_keys = [u.key for u in rows[split]]
         missing = [key for key in csv_keys if key not in scored]
-        counts = metrics["clips"][split]
+        counts = metrics["rows"][split]
         assert missing and list(counts["left_out"]) == missing and all(counts["left_out"].values())
-        assert counts["scored"] == len(csv_keys) - len(missing) == sum(
+        assert counts["used"] == len(csv_keys) - len(missing) == sum(
             metrics[split]["per_class"][e]["support"] for e in EMOTIONS)
         assert counts["csv_rows"] == len(csv_keys)
         line = f"- {split}: {len(csv_keys) - len(missing)} of {len(csv_keys)} CSV rows; left out for lack of audio: "
         assert line + "; ".join(f"{key} ({counts['left_out'][key]})" for key in missing) + "\n" in report
-    long = {"test": {"scored": 5, "csv_rows": 8, "left_out": {"test/a": "x", "test/b": "y", "test/c": "z"}}}
-    assert _clip_lines(long, shown=2) == ("- test: 5 of 8 CSV rows; left out for lack of audio: test/a (x); "
-                                          "test/b (y); and 1 more (metrics.json's clips lists them all)")
+    long = {"test": {"used": 5, "csv_rows": 8, "left_out": {"test/a": "x", "test/b": "y", "test/c": "z"}}}
+    assert coverage_lines(long, shown=2) == ("- test: 5 of 8 CSV rows; left out for lack of audio: test/a (x); "
+                                             "test/b (y); and 1 more (metrics.json's rows lists them all)")
 
 
 def _split_rows(run_dir, split: str) -> dict:
