@@ -260,6 +260,12 @@ def run(args: argparse.Namespace) -> dict:
     eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
     check_model_mels(data.audio, model.config.audio.n_mels)
     datasets = build_datasets(root, data, splits=("train", *eval_splits), cache_root=cache_root)
+    for split, dataset in datasets.items():
+        # Nothing to score (or, for train, to estimate the prior from) would fail deep in the metrics.
+        if len(dataset) == 0:
+            raise MeldDataError(f"the {split} split of {root} has no clip with audio features: all "
+                                f"{len(dataset.dropped)} rows are missing, undecodable, silent or too short "
+                                f"(prepare's report in {audio_cache_dir(cache_root, data.audio)} lists why)")
 
     precision = resolve_precision(args.precision, device)
     audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size,

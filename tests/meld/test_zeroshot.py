@@ -70,6 +70,22 @@ def test_outputs(run_dir, capsys):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_split_with_no_usable_clip_is_one_error(setup, tmp_path, capsys):
+    root, checkpoint, _ = setup
+    copy = tmp_path / "meld"
+    shutil.copytree(root, copy)
+    for clip in (copy / "dev_splits_complete").iterdir():
+        clip.unlink()
+    prepare(copy, tmp_path / "cache", workers=1)
+    capsys.readouterr()
+    argv = ["--data", str(copy), "--cache", str(tmp_path / "cache"), "--checkpoint", str(checkpoint)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the dev split of {copy} has no clip with audio features: all 10 rows are "
+                          "missing, undecodable, silent or too short") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_predictions_agree_with_the_metrics(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "predictions.csv", newline="") as handle:
