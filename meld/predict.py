@@ -54,6 +54,20 @@ def parse_turn(text: str) -> tuple[str, str]:
     return speaker.strip(), said.strip()
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # an utterance longer than a file name may be (ENAMETOOLONG) names no file
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _check_context(data: DataConfig, context: Sequence[tuple[str, str]], speaker: str | None) -> None:
     needs_text = data.modality != "audio"
     flags = " and ".join(flag for flag, given in (("--context", context), ("--speaker", speaker)) if given)
@@ -83,9 +97,9 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         raise PredictError("the item is empty; give " + ("an mp4 or wav file" if needs_audio else
                                                          "the utterance's text as a quoted string"))
     path = Path(item)
-    exists = path.is_file()
+    exists = _is_file(path)
     is_audio = path.suffix.lower() in AUDIO_SUFFIXES or exists
-    if path.is_dir() and (is_audio or needs_audio):
+    if _is_dir(path) and (is_audio or needs_audio):
         raise PredictError(f"{path}: a folder, not an audio or video file")
     # A run that needs audio reads a path-like item (any suffix) as a file it cannot find, not as text.
     if not exists and (is_audio or (needs_audio and _PATH_LIKE.fullmatch(item))):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from meld.finetune import load_config, run_finetune
+from meld.labels import EMOTIONS
 from meld.layout import find_layout
 from meld.predict import main, predict
 from meld.records import load_splits
@@ -169,6 +170,14 @@ def test_empty_text_is_one_error_naming_the_item_or_flag(text_run, audio_run, bo
                           "error: --text is empty; give the transcript of the clip")
     # Path("") is the current folder: for an audio run the empty item is refused as empty, not as a folder.
     _assert_one_error(capsys, ["--run", str(audio_run), ""], "error: the item is empty; give an mp4 or wav file")
+
+
+def test_an_utterance_longer_than_a_file_name_is_classified_as_text(text_run, both_run, capsys):
+    # Checked as a path first, a text over the file system's 255-byte name limit raised ENAMETOOLONG.
+    long_text = "So I was telling Joey about the whole thing, " * 8
+    assert len(long_text.encode()) > 255
+    assert predict(text_run, long_text)["label"] in EMOTIONS
+    _assert_one_error(capsys, ["--run", str(both_run), long_text], "give an mp4 or wav file, not text")
 
 
 def test_text_for_a_run_that_reads_no_transcript_is_one_error(text_run, audio_run, both_run, tmp_path, capsys):
