@@ -116,7 +116,8 @@ def parameter_depth(name: str, classifier: MeldClassifier) -> tuple[str, int, in
     CLARA text: embeddings 0, layer i -> i + 1, the rest of the tower and ``text_head`` -> layers + 1.
     CLARA audio: conv front-end and positions 0, the Perceiver's cross-attention block 1, latent layer i
     -> i + 2, pooling and ``audio_head`` -> layers + 2. Transformers: embeddings 0, layer i -> i + 1,
-    the rest -> layers + 1. With ``features`` pooled, CLARA's projection heads (``audio_head``,
+    the rest -> layers + 1, but a pooler (BERT's [CLS] dense + tanh) is unused: the encoder mean-pools
+    the last hidden states. With ``features`` pooled, CLARA's projection heads (``audio_head``,
     ``text_head``) compute nothing the classifier uses, so they are unused parameters too.
     """
     if classifier.features == "pooled" and name.startswith(("clara.audio_head.", "clara.text_head.")):
@@ -138,6 +139,10 @@ def parameter_depth(name: str, classifier: MeldClassifier) -> tuple[str, int, in
         match = _LAYER.search(name)
         return "audio", (int(match.group(1)) + 2 if match else top), top
     if name.startswith("hf_text.") and "hf_text" in classifier.inputs:
+        if ".pooler." in name:
+            # AutoModel builds BERT / RoBERTa with their pooler, whose output HFTextEncoder never reads: left
+            # trainable it gets no gradient (DDP then waits for it, as for the heads above) yet counts as trained.
+            return None
         top = classifier.hf_text.num_layers + 1
         if ".embeddings." in name:
             return "hf_text", 0, top

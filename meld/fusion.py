@@ -38,6 +38,11 @@ class FusionHead(nn.Module):
         super().__init__()
         if not dims:
             raise ValueError("the head needs at least one input embedding")
+        # Checked here, not only in the fine-tune config: a saved classifier.json's head options come back
+        # through this constructor, and a negative size failed deep in torch instead of as a ValueError.
+        if fusion_dim < 1 or hidden_dim < 0 or not 0.0 <= dropout < 1.0 or not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"fusion_dim must be >= 1, hidden_dim >= 0, dropout and modality_dropout in [0, 1); got "
+                             f"{fusion_dim}, {hidden_dim}, {dropout}, {modality_dropout}")
         self.names = list(dims)
         self.fusion = fusion
         self.modality_dropout = modality_dropout

@@ -35,7 +35,10 @@ class HFTextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        # float32 weights whatever the folder holds: transformers 5 loads (and builds from its config) a
+        # bf16 / fp16 checkpoint in that dtype, and AdamW then rounds away every update below the weight's
+        # half-precision step. Compute precision is the run's autocast, as for CLARA.
+        self.model = model.float()
         self.dim = int(model.config.hidden_size)
         self.num_layers = int(getattr(model.config, "num_hidden_layers", 0))
 

@@ -257,6 +257,60 @@ def test_local_transformers_encoder_mean_pools_real_tokens(tmp_path):
     assert "hf_text.model.encoder.layer.0.attention.self.query.weight" not in trainable
 
 
+@pytest.mark.parametrize("strategy", ["full", "partial"])
+def test_every_trainable_transformers_parameter_gets_a_gradient_and_one_rate(tmp_path, strategy):
+    # The encoder mean-pools the last hidden states: BERT's pooler ([CLS] -> dense -> tanh) is outside the
+    # graph. Left trainable, it got no gradient (DDP waits for it) and a learning-rate group of its own.
+    encoder = HFTextEncoder.from_folder(tiny_bert(tmp_path / "bert"))
+    model = _classifier(inputs=("text", "hf_text"), hf_text=encoder)
+    set_trainable(model, strategy, 1)
+    ids = torch.tensor([[2, 5, 6, 8, 3], [2, 9, 3, 0, 0], [2, 7, 8, 3, 0]])
+    model({**_batch(), "hf_ids": ids, "hf_mask": (ids != 0).long()}).sum().backward()
+    trainable = _trainable(model)
+    assert trainable == {name for name, p in model.named_parameters() if p.grad is not None}
+    assert "hf_text.model.encoder.layer.1.output.dense.weight" in trainable
+    assert not any(".pooler." in name for name in trainable)
+    groups = decayed_groups(model, 0.5, 0.01)
+    grouped = [id(p) for g in groups for p in g["params"]]  # each trainable parameter exactly once
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # BERT: top = 3 (2 layers + 1); layer 1 is depth 2 -> 0.5 ** 2, layer 0 depth 1 -> 0.5 ** 3
+    assert scale_of[id(named["hf_text.model.encoder.layer.1.output.dense.weight"])] == 0.5**2
+    if strategy == "full":
+        assert scale_of[id(named["hf_text.model.encoder.layer.0.output.dense.weight"])] == 0.5**3
+        assert scale_of[id(named["hf_text.model.embeddings.word_embeddings.weight"])] == 0.5**4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_transformers_folder_trains_float32_weights(tmp_path, dtype):
+    # transformers 5 loads a checkpoint saved in bf16 / fp16 in that dtype (and builds it so from the saved
+    # config). AdamW on such weights rounded away every update below their half-precision step: at lr 1e-5
+    # most of them did not move at all.
+    import transformers
+    from safetensors.torch import load_file
+
+    folder = tiny_bert(tmp_path / "bert")
+    transformers.BertModel.from_pretrained(folder).to(dtype).save_pretrained(folder)
+    stored = load_file(str(folder / "model.safetensors"))  # the half-precision values on disk
+    encoder = HFTextEncoder.from_folder(folder).train()
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    weights = dict(encoder.model.named_parameters())
+    for name, value in stored.items():
+        assert value.dtype == dtype and torch.equal(weights[name].detach(), value.float()), name
+    assert {p.dtype for p in HFTextEncoder.from_config_folder(folder).parameters()} == {torch.float32}
+
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, weight_decay=0.0)
+    weight = weights["encoder.layer.1.output.dense.weight"]
+    before = weight.detach().clone()
+    ids = torch.tensor([[2, 5, 6, 8, 3], [2, 9, 3, 0, 0]])
+    encoder(ids, (ids != 0).long()).pow(2).sum().backward()
+    grad = weight.grad.clone()
+    optimizer.step()
+    # AdamW's first step, bias-corrected: every weight moves by lr * g / (|g| + eps).
+    torch.testing.assert_close(before - weight.detach(), 1e-5 * grad / (grad.abs() + 1e-8), rtol=1e-3, atol=1e-8)
+
+
 def test_local_transformers_encoder_keeps_cudnn_attention_out(tmp_path, sdpa_calls):
     # Its batches change length all the time, and cuDNN's attention plans anew for every shape.
     encoder = HFTextEncoder.from_folder(tiny_bert(tmp_path / "bert")).eval()
@@ -318,3 +372,51 @@ def test_classifier_returns_fused_and_unimodal_logits_from_one_pass():
     assert torch.equal(logits, model(batch))
     assert set(own) == {"audio", "text"}
     assert torch.allclose(logits, own["audio"] + own["text"] - model.head.classifier.bias, atol=1e-5)
+
+
+def _saved(tmp_path, options: dict) -> tuple[MeldClassifier, object]:
+    """A tiny audio + text classifier saved with meld.classifier_io; returns it and its model/ folder."""
+    from meld.classifier_io import classifier_spec, save_classifier
+    from meld.dataset import DataConfig
+
+    torch.manual_seed(0)
+    clara = Clara(load_model_config("tiny"))
+    dims = input_dims(clara, None, ("audio", "text"), "projected")
+    model = MeldClassifier(clara, FusionHead(dims, 7, **options), inputs=("audio", "text")).eval()
+    spec = classifier_spec(model, target="emotion", class_names=EMOTIONS, head={"dims": dims, "options": options},
+                           data=DataConfig())
+    return model, save_classifier(tmp_path / "model", model, spec)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "attention"])
+def test_a_saved_classifier_reloads_to_the_same_logits(tmp_path, fusion):
+    from meld.classifier_io import load_classifier
+
+    model, folder = _saved(tmp_path, {"fusion": fusion, "fusion_dim": 8, "hidden_dim": 5, "unimodal_heads": True})
+    loaded, _, _ = load_classifier(folder)
+    assert not loaded.training
+    batch = _batch()
+    with torch.no_grad():
+        logits, own = model(batch, unimodal=True)
+        again, own_again = loaded(batch, unimodal=True)
+    assert torch.equal(logits, again) and all(torch.equal(own[name], own_again[name]) for name in own)
+
+
+@pytest.mark.parametrize("options", [{"hidden_dim": -1}, {"fusion": "gated", "fusion_dim": -2},
+                                     {"fusion": "attention", "fusion_dim": 0}])
+def test_head_options_out_of_range_in_a_saved_spec_are_one_error_naming_the_file(tmp_path, options):
+    # They raised RuntimeError (a negative tensor size) or ZeroDivisionError deep in torch, past the
+    # CheckpointError that meld.predict turns into one line.
+    import json
+
+    from clara.checkpoint import CheckpointError
+    from meld.classifier_io import SPEC_FILE, load_classifier
+
+    _, folder = _saved(tmp_path, {"fusion": "concat", "fusion_dim": 8})
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    spec["head"]["options"].update(options)
+    (folder / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError) as caught:
+        load_classifier(folder)
+    assert str(caught.value).startswith(f"{folder / SPEC_FILE}: field 'head' does not describe a head (ValueError: "
+                                        "fusion_dim must be >= 1, hidden_dim >= 0, dropout and modality_dropout in")
