@@ -15,10 +15,11 @@ A task is any object with
   one evaluates never changes training.
 
 Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, step, epoch, the
-position in the epoch and every process's python / numpy / torch (and CUDA) RNG state.  The data
-order is a pure function of (seed, epoch), so skipping the batches already seen in the current
-epoch puts the loader where the interrupted run was; datasets with their own per-sample randomness
-get ``set_epoch(epoch)`` before each epoch.  An evaluation counts as made once its record is in
+position in the epoch, and every process's python / numpy / torch (and CUDA) RNG state and logs
+summed since the last train record (the first record after a resume averages the steps an
+uninterrupted run's would).  The data order is a pure function of (seed, epoch), so skipping the
+batches already seen in the current epoch puts the loader where the interrupted run was; datasets
+with their own per-sample randomness get ``set_epoch(epoch)`` before each epoch.  An evaluation counts as made once its record is in
 ``metrics.jsonl``: a resume runs one due at the checkpoint's step that a Ctrl-C cut short, and a
 finished run given again repeats nothing (``fit`` returns the logged final evaluation).
 """
@@ -445,7 +446,13 @@ class Trainer:
         self.evaluations: list[dict[str, float]] = []
         self.logged_evaluations: list[dict[str, float]] = []  # metrics.jsonl's at the resumed step (_start)
         self.writer = None
-        self.data_wait = 0.0  # seconds spent waiting for the loader, since the last log
+        # This process's logs since the last train record: per-step values summed over window_steps
+        # steps, seconds in those steps (busy, data loading included) and waiting for the loader.
+        # A checkpoint holds them: a resumed run's first record then averages the steps an
+        # uninterrupted run's would, not only those made after the resume.
+        self.window: dict[str, Any] = {}
+        self.window_steps = 0
+        self.busy = self.data_wait = 0.0
 
     def _resolve_precision(self) -> str:
         requested = self.config.precision
@@ -465,13 +472,15 @@ class Trainer:
     def save(self, rng: dict[str, Any] | None = None) -> Path:
         """Write ``out_dir/checkpoint.pt`` atomically, with ``rng`` (default: the current RNG state)
         as this process's; every process must call it."""
-        states = distributed.all_gather_object(rng if rng is not None else rng_state())
+        window = {"sums": {k: float(v) for k, v in self.window.items()}, "steps": self.window_steps,
+                  "busy": self.busy, "data_wait": self.data_wait}  # fmt: skip
+        states, windows = zip(*distributed.all_gather_object((rng if rng is not None else rng_state(), window)))
         path = self.out_dir / CHECKPOINT_FILE
         if self.env.is_main:
             payload = {
                 "format": "meld-clara-train/1", "config": config_lib.to_dict(self.config),
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "samples_per_step": self.samples_per_step, "rng": states,
+                "samples_per_step": self.samples_per_step, "rng": list(states), "window": list(windows),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             }  # fmt: skip
@@ -513,6 +522,10 @@ class Trainer:
             self._print(f"{path}: batch geometry changed since the checkpoint; resuming approximately")
         if len(state["rng"]) == self.env.world_size:
             set_rng_state(state["rng"][self.env.rank])
+            if "window" in state:  # not in a checkpoint written before it was saved
+                window = state["window"][self.env.rank]
+                self.window, self.window_steps = dict(window["sums"]), window["steps"]
+                self.busy, self.data_wait = window["busy"], window["data_wait"]
         else:
             seed_everything(self.config.seed + self.env.rank + self.step)
         self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
@@ -549,6 +562,26 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         records = (json.loads(line) for line, step in steps if step == last_kept)
         return [record for record in records if any(key.startswith("eval/") for key in record)]
+
+    def _log_due(self) -> bool:
+        """Whether a train record is due at the current step."""
+        return self.step % self.config.log_every == 0 or self.step == self.total_steps
+
+    def _log_window(self, progress: tqdm) -> None:
+        """Record the means of the window's logs (over its steps and the processes), and start a new window."""
+        steps = self.window_steps
+        means = {k: float(v) / steps for k, v in self.window.items()}
+        means["samples_per_s"] = steps * self.samples_per_step / max(self.busy, 1e-9)
+        # Loader time against step time: a GPU-bound run waits ~0 s for its batches.
+        means["step_s"] = self.busy / steps
+        means["data_wait_s"] = self.data_wait / steps
+        means = distributed.all_reduce_mean(means, self.device)
+        progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+        # The record and the new window together: a Ctrl-C between the two would have the interrupted
+        # run, which records a due window before it saves, record this one twice.
+        with _interrupts_deferred():
+            self._record("train", means)
+            self.window, self.window_steps, self.busy, self.data_wait = {}, 0, 0.0, 0.0
 
     def _evaluation_due(self) -> bool:
         """Whether eval_every or eval_every_epoch asks for an evaluation at the current step."""
@@ -670,8 +703,6 @@ class Trainer:
         self.model.train()
         show = self.config.progress and self.env.is_main and sys.stderr.isatty()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not show, dynamic_ncols=True, unit="step")
-        window: dict[str, Any] = {}
-        window_steps, busy = 0, 0.0  # busy: seconds spent in training steps, data loading included
         step_start_rng = rng_state()  # what a checkpoint of the last finished step must hold
         try:
             # The evaluation due at the checkpoint's step, when the interrupted run saved that step while
@@ -688,31 +719,24 @@ class Trainer:
                 while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                     tick = time.perf_counter()
                     sums = self._train_step(batches)
-                    # The weights and the step count change together: a Ctrl-C landing between the two
-                    # saved weights a step ahead of their step, which the resumed run then applied again.
+                    # The weights, the step count and the window's logs change together: a Ctrl-C landing
+                    # between them saved weights a step ahead of their step, which the resumed run then
+                    # applied again (or a window lacking a step the resumed run does not make again).
                     with _interrupts_deferred():
                         sums["lr"] = self._update()
                         step_start_rng = rng_state()
-                        self.step, self.step_in_epoch, window_steps = self.step + 1, self.step_in_epoch + 1, window_steps + 1
-                    for key, value in sums.items():
-                        window[key] = window.get(key, 0.0) + value
-                    logs = self.step % self.config.log_every == 0 or self.step == self.total_steps
+                        self.step, self.step_in_epoch, self.window_steps = self.step + 1, self.step_in_epoch + 1, self.window_steps + 1
+                        for key, value in sums.items():
+                            self.window[key] = self.window.get(key, 0.0) + value
+                    logs = self._log_due()
                     if logs and self.device.type == "cuda":
                         # Steps only queue GPU work; without this the window's last queued steps
                         # would be timed in no window, and step_s would read low (once per window).
                         torch.cuda.synchronize(self.device)
-                    busy += time.perf_counter() - tick
+                    self.busy += time.perf_counter() - tick
                     progress.update(1)
                     if logs:
-                        means = {k: float(v) / window_steps for k, v in window.items()}
-                        means["samples_per_s"] = window_steps * self.samples_per_step / max(busy, 1e-9)
-                        # Loader time against step time: a GPU-bound run waits ~0 s for its batches.
-                        means["step_s"] = busy / window_steps
-                        means["data_wait_s"] = self.data_wait / window_steps
-                        means = distributed.all_reduce_mean(means, self.device)
-                        progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
-                        self._record("train", means)
-                        window, window_steps, busy, self.data_wait = {}, 0, 0.0, 0.0
+                        self._log_window(progress)
                     if self.step < self.total_steps:  # the last step is evaluated and saved below
                         if self._evaluation_due():
                             self.evaluate()
@@ -737,6 +761,10 @@ class Trainer:
             # Single process only (under DDP the others may be gone already), stored as if the
             # unfinished step had never started.
             if self.env.world_size == 1 and self.step > (resumed_from or 0):
+                # Ctrl-C after the last finished step but before its due record: the resumed run starts
+                # after that step, so only this run can record it.
+                if self.window_steps and self._log_due():
+                    self._log_window(progress)
                 self._print(f"interrupted: saving step {self.step} to {self.save(step_start_rng)}")
             raise
         finally:

@@ -64,6 +64,45 @@ def test_an_exception_in_the_main_process_evaluation_reaches_every_process(tmp_p
         assert list(means.items()) == [("loss", 0.5), ("lr", 1.0), ("accuracy", 1.0)]
 
 
+def _resume_worker(rank, world, port, out_dir, queue):
+    from tests.clara.test_engine import ToyData, ToyTask, toy_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    config = dict(steps=10, batch_size=2, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
+                  log_every=4, eval_every=5, checkpoint_every=3, seed=7, device="cpu", progress=False, print_logs=False)
+    timings = ("train/samples_per_s", "train/step_s", "train/data_wait_s")
+    runs = []
+    # Uninterrupted; then stopped on both processes in step 7 (micro-batch calls 13 and 14) and resumed
+    # from the checkpoint of step 6, in the window of steps 5-8 (6 steps of 2 x 2 x 2 samples per epoch).
+    for folder, task in [("full", ToyTask()), ("split", ToyTask(interrupt_at_call=13)), ("split", ToyTask())]:
+        trainer = Trainer(TrainConfig(out_dir=f"{out_dir}/{folder}", **config), toy_model(), task, ToyData())
+        try:
+            history = trainer.fit().history
+        except KeyboardInterrupt:
+            history = trainer.history
+        weights = [value for p in trainer.model.parameters() for value in p.detach().flatten().tolist()]
+        runs.append(([{k: v for k, v in record.items() if k not in timings} for record in history], weights))
+    queue.put((rank, runs))
+    queue.close()
+    queue.join_thread()
+    dist.barrier()
+    os._exit(0)
+
+
+def test_a_resumed_run_on_two_processes_makes_the_uninterrupted_runs_steps_and_records(tmp_path):
+    """Each process's RNG and its logs since the last record are its own: the checkpoint holds them per
+    process, so the resumed run's weights and its record at step 8 (averaged over steps 5-8 and both
+    processes) are the uninterrupted run's."""
+    results = run_on_two_processes(_resume_worker, str(tmp_path))
+    for _, ((full, full_weights), (cut, _), (resumed, weights)) in results:
+        assert [r["step"] for r in cut] == [4] and [r["step"] for r in resumed] == [8, 10]
+        for record, expected in zip(cut + resumed, full, strict=True):
+            assert record == pytest.approx(expected, abs=1e-7)
+        assert weights == pytest.approx(full_weights, abs=1e-7)
+    assert results[0][1][0] == results[1][1][0]  # one model and one record on both processes
+
+
 def test_is_main_reads_torchrun_rank_without_a_process_group(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert not distributed.is_main()

@@ -724,3 +724,82 @@ def test_a_ctrl_c_while_a_record_is_written_leaves_it_in_both_logs_or_neither(tm
     fit_counted(tmp_path / "cut", rerun)
     assert rerun.evaluated_at == []
     assert logged(tmp_path / "cut") == logged(tmp_path / "full")
+
+
+# -- the train records around a resume ----------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """A kill (SIGKILL, the out-of-memory killer): the run saves nothing, its rerun resumes from the last checkpoint."""
+
+
+class StoppedTask(CountingTask):
+    """Stopped in micro-batch call ``at`` by ``stop`` (KeyboardInterrupt: the run saves its last finished step)."""
+
+    def __init__(self, at: int, stop: type[BaseException]):
+        super().__init__()
+        self.at, self.stop = at, stop
+
+    def training_step(self, model, batch):
+        if self.calls + 1 == self.at:
+            raise self.stop
+        return super().training_step(model, batch)
+
+
+@pytest.mark.parametrize("stop, at, saved", [
+    (Killed, 11, 3),  # in step 6: resumes from the periodic checkpoint of step 3, in the window of steps 1-4
+    (KeyboardInterrupt, 14, 6),  # in step 7's second micro-batch: saved at 6, in the window of steps 5-8
+])  # fmt: skip
+def test_the_train_record_after_a_resume_averages_the_whole_window(tmp_path, stop, at, saved):
+    """Train records average log_every steps (4 here: records at 4, 8 and 10).  The steps of the window
+    made before the checkpoint were lost with the interrupted run, so the first record after a resume
+    averaged only the steps made after it: another loss, grad_norm and lr than the uninterrupted run's."""
+    settings = dict(log_every=4, checkpoint_every=3)
+    fit_counted(tmp_path / "full", CountingTask(), **settings)
+    with pytest.raises(stop):
+        fit_counted(tmp_path / "cut", StoppedTask(at, stop), **settings)
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["step"] == saved
+    resumed = fit_counted(tmp_path / "cut", CountingTask(), **settings)
+    assert resumed.resumed_from == saved
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
+
+
+@pytest.mark.parametrize("where", ["before the record", "while the record is written"])
+def test_a_ctrl_c_at_a_log_step_leaves_its_record_once(tmp_path, monkeypatch, where):
+    """A Ctrl-C after step 8 but before its record (the means are being reduced) saved step 8 without
+    the record, which the resumed run, starting at step 9, never wrote; one while the record is being
+    written must not have it written twice."""
+    import os
+    import signal
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    settings = dict(log_every=4, checkpoint_every=3)
+    fit_counted(tmp_path / "full", CountingTask(), **settings)
+    task = CountingTask()
+    reduce, flush = distributed.all_reduce_mean, SummaryWriter.flush
+    stopped = []
+
+    def reduce_then_ctrl_c(values, device):
+        if task.trainer.step == 8 and "loss" in values and not stopped:
+            stopped.append(True)
+            raise KeyboardInterrupt
+        return reduce(values, device)
+
+    def flush_then_ctrl_c(self):
+        flush(self)
+        if task.trainer.step == 8 and not stopped:
+            stopped.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if where == "before the record":
+        monkeypatch.setattr(distributed, "all_reduce_mean", reduce_then_ctrl_c)
+    else:
+        monkeypatch.setattr(SummaryWriter, "flush", flush_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        fit_counted(tmp_path / "cut", task, **settings)
+    monkeypatch.setattr(distributed, "all_reduce_mean", reduce)
+    monkeypatch.setattr(SummaryWriter, "flush", flush)
+    assert stopped and torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["step"] == 8
+    fit_counted(tmp_path / "cut", CountingTask(), **settings)
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
