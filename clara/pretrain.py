@@ -39,7 +39,7 @@ from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, resu
 from clara.pretrain_data import (DataConfig, DataError, EnvMixDataset, PairDataset, PretrainCollate, pad_tokens,
                                  padded_samples)
 from clara.retrieval import chance_levels, in_batch_top1, retrieval_metrics
-from clara.run_dir import CONFIG_FILE, check_resumable, claim, same_path, saved_config
+from clara.run_dir import CONFIG_FILE, check_resumable, claim, exclusive_run, same_path, saved_config
 from clara.tokenizer import Tokenizer
 
 DEMO_CONFIG = CONFIG_ROOT / "pretrain" / "demo.yaml"
@@ -256,19 +256,21 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     out_dir = Path(config.train.out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save_yaml(config, out_dir / CONFIG_FILE)
-    result = trainer.fit()
-    summary: dict[str, Any] = {"steps": result.step, "seconds": round(result.seconds, 1), "out_dir": str(out_dir)}
-    if env.is_main:
-        save_checkpoint(model, out_dir / "model")
-        if result.history:
-            summary["final_loss"] = result.history[-1]["train/loss"]
-        if result.evaluations:
-            summary["eval_first"], summary["eval_last"] = result.evaluations[0], result.evaluations[-1]
-        if eval_data is not None:
-            summary["chance"] = task.chance
-        _print_summary(summary, len(train_data), eval_data)
-    distributed.barrier()
+    with exclusive_run(out_dir):  # one command at a time in a run folder
+        if env.is_main:
+            config_lib.save_yaml(config, out_dir / CONFIG_FILE)
+        result = trainer.fit()
+        summary: dict[str, Any] = {"steps": result.step, "seconds": round(result.seconds, 1), "out_dir": str(out_dir)}
+        if env.is_main:
+            save_checkpoint(model, out_dir / "model")
+            if result.history:
+                summary["final_loss"] = result.history[-1]["train/loss"]
+            if result.evaluations:
+                summary["eval_first"], summary["eval_last"] = result.evaluations[0], result.evaluations[-1]
+            if eval_data is not None:
+                summary["chance"] = task.chance
+            _print_summary(summary, len(train_data), eval_data)
+        distributed.barrier()
     return summary
 
 

@@ -4,12 +4,19 @@ A run folder may be given again to resume the run it holds; anything else in it 
 work. So a command refuses, with one message naming the folder: a path that is a file (or lies under
 one), a non-empty folder that holds no run of its kind (the user's files, another command's run), and
 a run made with other settings (resuming it would mix two runs' steps, or mislabel the old results).
+
+A run folder is one command's at a time: a run holds a lock on it while it runs (``exclusive_run``),
+and a second command given the folder, to resume a run it took for stopped, is refused while the
+first runs; two would write one checkpoint and one log. The lock goes with the process, so a killed
+run leaves nothing to clear.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,19 +45,29 @@ def check_folder_path(path: str | Path) -> None:
             raise OutDirError(f"{part}: exists and is not a folder" + ("" if part == path else f" (in {path})"))
 
 
-def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool]) -> bool:
+def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool], *, shared: bool = False) -> bool:
     """Whether ``path`` holds a ``kind`` run (by ``holds_run``) to resume or redo; False for a new or empty folder.
-    Atomic-write temporaries a killed run left in it are deleted first.
+    Atomic-write temporaries a killed run left in it are deleted first, when no command runs in it.
 
-    Raises OutDirError for a file, and for a non-empty folder that holds no ``kind`` run.
+    Raises OutDirError for a file, for a non-empty folder that holds no ``kind`` run, and for a folder
+    another command runs in, unless ``shared`` (a sweep's study folder, which several commands work in
+    at once, each holding it with ``shared_run``).
     """
     path = Path(path)
     check_folder_path(path)
     # A run killed during an atomic write leaves its temporary behind; were it the folder's first
     # file, the folder would read as someone else's.  The main process clears them (under torchrun
-    # the others come here too, while the main one may already be writing).
+    # the others come here too, while the main one may already be writing), unless a command runs
+    # in the folder: those are its writes in progress.
     if path.is_dir() and distributed.is_main():
-        remove_leftovers(path)
+        fd = _lock(path)
+        if fd is None and not shared:
+            raise _busy(path)
+        if fd is not None:
+            try:
+                remove_leftovers(path)
+            finally:
+                os.close(fd)
     # Leftovers do not count: under torchrun the other processes may look before the main one has
     # cleared them, and a folder holding only one would read as someone else's.
     if not path.is_dir() or all(is_leftover(entry) for entry in path.iterdir()):
@@ -58,6 +75,52 @@ def claim(path: str | Path, kind: str, holds_run: Callable[[Path], bool]) -> boo
     if holds_run(path):
         return True
     raise OutDirError(f"{path} exists and is not a {kind} run; give an empty or new folder")
+
+
+def _lock(path: Path, kind: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> int | None:
+    """A descriptor of folder ``path`` holding a lock of ``kind`` on it; None when another process's lock
+    keeps it from being taken at once."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, kind)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _busy(path: Path) -> OutDirError:
+    return OutDirError(f"{path}: another command is running in this folder; wait for it to end (the same command "
+                       "then resumes or reruns its run), or give another folder")
+
+
+@contextmanager
+def exclusive_run(path: str | Path) -> Iterator[None]:
+    """Hold run folder ``path`` (made already) for one run; OutDirError while another command holds it.
+
+    The main process holds the lock, and every process learns whether it got it, so under torchrun all
+    stop together. Call it after ``claim`` and the checks of the inputs, around everything the run writes.
+    """
+    path = Path(path)
+    fd = _lock(path) if distributed.is_main() else None
+    try:
+        if not distributed.all_gather_object(fd is not None)[0]:
+            raise _busy(path)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def shared_run(path: str | Path) -> Iterator[None]:
+    """Hold folder ``path`` (made already) beside other commands that share it, as a sweep's workers do:
+    ``claim`` then leaves their writes in progress alone, and ``exclusive_run`` refuses it."""
+    fd = _lock(Path(path), fcntl.LOCK_SH)  # waits only while a claim clears leftovers
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def saved_config(path: str | Path, cls: type[T]) -> T | None:

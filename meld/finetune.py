@@ -46,7 +46,7 @@ from clara.masking import round_up
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
-from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, same_path, saved_config
+from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, exclusive_run, same_path, saved_config
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -349,6 +349,13 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     data = _Data(config, clara_config)
     check_fits(config.train, len(data.datasets["train"]), env.world_size)  # the Trainer's check, before the folder
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_run(out_dir):
+        return _run_seeds(config, data, clara, env, out_dir, epoch_callback)
+
+
+def _run_seeds(config: FinetuneConfig, data: _Data, clara, env, out_dir: Path,
+               epoch_callback: Callable[[int, dict], None] | None) -> dict:  # fmt: skip
+    """Every seed of the run into ``out_dir``, which this command holds; the metrics.json document."""
     if env.is_main:
         config_lib.save_yaml(config, out_dir / CONFIG_FILE)
     seeds = [config.train.seed + offset for offset in range(config.seeds)]

@@ -136,6 +136,19 @@ def test_an_out_dir_the_os_refuses_is_one_clear_error(demo, tmp_path, capsys, mo
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and f"Permission denied: '{refused}'" in err, err
 
 
+def test_a_run_folder_another_command_runs_in_is_one_clear_error(demo, tmp_path, capsys):
+    from clara.run_dir import exclusive_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    data = [f"data.train={demo.train}", f"data.eval={demo.eval}", f"data.env={demo.env}"]
+    with exclusive_run(out):  # as a first command holds it while it runs
+        assert main([*data, f"train.out_dir={out}", "train.device=cpu", *SHORT_RUN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: another command is running in this folder") and len(err.splitlines()) == 1
+    assert not any(out.iterdir())
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
 def test_a_device_the_machine_lacks_is_one_clear_error(tmp_path, capsys):
     assert main(["train.device=mps", f"train.out_dir={tmp_path}"]) == 2

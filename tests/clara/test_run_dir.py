@@ -9,7 +9,8 @@ import pytest
 
 from clara import config as config_lib
 from clara.io_utils import atomic_directory, atomic_path, is_leftover
-from clara.run_dir import OutDirError, check_folder_path, check_resumable, claim, differing_keys, same_path, saved_config
+from clara.run_dir import (OutDirError, check_folder_path, check_resumable, claim, differing_keys, exclusive_run, same_path,
+                           saved_config, shared_run)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,49 @@ def test_claim_clears_what_a_killed_atomic_write_left_and_nothing_else(tmp_path,
     (run / ".env").unlink()
     assert claim(run, "demo.kind", lambda path: False) is False
     assert [p.name for p in run.iterdir()] == [".config.yaml.abcdefgh.tmp"]  # left for the main process
+
+
+def test_a_folder_a_command_runs_in_is_refused_to_another_and_its_writes_are_left_alone(tmp_path):
+    """Run again in another terminal while the first still runs (taken for stopped), a second command
+    resumed from the first's checkpoint and both wrote it and its logs; claim also deleted the first's
+    atomic writes in progress."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("a run")
+    (run / ".checkpoint.pt.k2x_9abc.tmp").write_bytes(b"a checkpoint being written")
+    busy = f"{run}: another command is running in this folder; wait for it to end"
+    with exclusive_run(run):  # a second descriptor of the folder, as another process's, is refused
+        with pytest.raises(OutDirError, match=re.escape(busy)):
+            claim(run, "demo.kind", lambda path: True)
+        with pytest.raises(OutDirError, match=re.escape(busy)):
+            with exclusive_run(run):
+                pytest.fail("a second holder ran")
+        assert sorted(p.name for p in run.iterdir()) == [".checkpoint.pt.k2x_9abc.tmp", "config.yaml"]
+    # Released (at the end, or with a killed process), the folder is the next command's.
+    assert claim(run, "demo.kind", lambda path: True) is True
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    with exclusive_run(run):
+        pass
+
+
+def test_a_shared_folder_takes_more_commands_and_keeps_their_writes_in_progress(tmp_path):
+    """A sweep's study folder: a second sweep command joins the first, and its claim must not delete the
+    first one's atomic writes in progress (a summary being written)."""
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.db").write_text("a study")
+    (study / ".summary.md.k2x_9abc.tmp").write_text("a summary being written")
+    with shared_run(study):
+        assert claim(study, "demo.sweep", lambda path: True, shared=True) is True
+        with shared_run(study):  # the second command joins
+            assert (study / ".summary.md.k2x_9abc.tmp").exists()
+        with pytest.raises(OutDirError, match="another command is running in this folder"):
+            claim(study, "demo.sweep", lambda path: True)
+        with pytest.raises(OutDirError, match="another command is running in this folder"):
+            with exclusive_run(study):
+                pytest.fail("an exclusive run in a shared folder")
+    assert claim(study, "demo.sweep", lambda path: True, shared=True) is True
+    assert [p.name for p in study.iterdir()] == ["study.db"]  # with no command in it, leftovers go
 
 
 def test_check_resumable_takes_new_folders_and_the_same_run_and_names_what_differs(tmp_path):

@@ -395,6 +395,19 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(csv_root, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_folder_another_command_runs_in_is_one_clear_error_and_left_untouched(text_run, csv_root, tmp_path,
+                                                                                   capsys):  # fmt: skip
+    from clara.run_dir import exclusive_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text_run[0], copy)
+    before = _snapshot(copy)
+    with exclusive_run(copy):  # as the first command holds it while it runs
+        code, err = _cli(capsys, *_text_cli(csv_root, copy))
+    _assert_one_error(code, err, f"{copy}: another command is running in this folder")
+    assert _snapshot(copy) == before
+
+
 def test_an_output_folder_the_os_refuses_is_one_clear_error(csv_root, tmp_path, capsys, monkeypatch):
     # Root may write anywhere, so the refusal (no permission, a read-only disk) is staged on mkdir.
     refused = tmp_path / "readonly" / "run"
