@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from clara.cli import describe
 from clara.config import ConfigError
 from clara.io_utils import atomic_write_text
 from clara.model_config import CONFIG_ROOT
-from clara.run_dir import claim
+from clara.run_dir import claim, saved_config, shared_run
 from meld.errors import MeldDataError
 from meld.metrics import mean_std
 from meld.report import seed_cell, spread_label
@@ -81,17 +82,35 @@ def run_final(config: SweepConfig, backend: Backend, study_dir: Path, best: Froz
         for seed in seeds:
             run_dir = final_dir / f"seed-{seed}"
             metrics_path = run_dir / "metrics.json"
-            if metrics_path.is_file():
+            run_config = trial_config(config, backend, best.params,
+                                      [override(config.final.seed_key, seed), *outputs_override(backend, "full")])
+            if run_dir.exists() and not _same_run(backend, run_dir, run_config):
+                # A run of other settings (another final.seed_key, an edited base file, an earlier study
+                # in this folder): run again. Set aside in one rename first, so that a kill while it is
+                # removed leaves no part of it to be taken for a run of these settings.
+                log(f"final: {run_dir} holds a run of other settings; running it again")
+                stale = run_dir.with_name(f"{run_dir.name}.stale")
+                shutil.rmtree(stale, ignore_errors=True)
+                run_dir.rename(stale)
+                shutil.rmtree(stale)
+            elif metrics_path.is_file():
                 documents.append(json.loads(metrics_path.read_text(encoding="utf-8")))
                 continue
             log(f"final: best trial {best.number} with seed {seed} -> {run_dir}")
-            run_config = trial_config(config, backend, best.params,
-                                      [override(config.final.seed_key, seed), *outputs_override(backend, "full")])
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "stdout.log", "a", encoding="utf-8") as out, redirect_stdout(out):
                 documents.append(backend.run_finetune(run_config, out_dir=run_dir))
     return {"trial": best.number, "seeds": seeds, "dir": str(final_dir.relative_to(study_dir)),
             "mean_std": mean_std([{"dev": d["dev"], "test": d["test"]} for d in documents])}
+
+
+def _same_run(backend: Backend, run_dir: Path, run_config: Any) -> bool:
+    """Whether ``run_dir`` holds a run (finished or not) that ``run_config`` resumes or reuses: by the
+    backend's rule, or else by its config.yaml equal to ``run_config``."""
+    if backend.same_run is not None:
+        return backend.same_run(run_dir, run_config)
+    saved = saved_config(run_dir, type(run_config))
+    return saved is not None and config_lib.to_dict(saved) == config_lib.to_dict(run_config)
 
 
 def _dotted(tree: Mapping, key: str) -> int:
@@ -142,13 +161,19 @@ def _run_sweep(config: SweepConfig, backend: Backend, log: Callable[[str], None]
     study_dir = Path(config.study.dir).resolve()
     # Before anything is written: a folder holding something else is refused (a sweep would mix its
     # trials, plots and reports in), and a mistake in the space leaves no study folder behind.
-    claim(study_dir, "meld.sweep", holds_study)
+    claim(study_dir, "meld.sweep", holds_study, shared=True)  # other sweep commands may be working in it
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
     check_space(config, backend)
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # no permission, a read-only disk
         raise SweepError(f"study.dir {study_dir}: {err.strerror or err}: {err.filename or study_dir}") from None
+    with shared_run(study_dir):  # another sweep command's claim leaves this one's writes in progress alone
+        return _run_study(config, backend, study_dir, log)
+
+
+def _run_study(config: SweepConfig, backend: Backend, study_dir: Path, log: Callable[[str], None]) -> dict:
+    """The trials (every worker's), the best trial's config, plots, the final runs and the summary."""
     study = open_study(config, study_dir)
     check_trial_dirs(study, study_dir)
     states = Counter(t.state for t in study.get_trials(deepcopy=False))

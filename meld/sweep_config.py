@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from clara.config import ConfigError
@@ -46,6 +47,9 @@ class Param:
             raise ConfigError(f"space: {self.key!r} is not a dotted config key such as train.lr")
         if any(not isinstance(values, (list, tuple)) for values in self.only_if.values()):
             raise ConfigError(f"{where}.only_if: map each key to a list of values, e.g. {{loss.name: [focal]}}")
+        empty = [key for key, values in self.only_if.items() if not values]
+        if empty:  # a condition no value meets: this parameter would silently never be searched
+            raise ConfigError(f"{where}.only_if: {empty[0]} lists no values, so {self.key} would never be searched")
         if self.type == "categorical":
             if not self.choices:
                 raise ConfigError(f"{where}: a categorical parameter needs choices")
@@ -72,6 +76,10 @@ class Param:
             raise ConfigError(f"{where}: step must be positive")
         if self.type == "int" and self.step is not None and self.step != int(self.step):
             raise ConfigError(f"{where}: an int parameter needs a whole step")
+        # Optuna would quietly lower high to the last grid point (low 0, high 1, step 0.3 searches 0 to 0.9);
+        # decimal, as Optuna checks it, so that 0.1 steps from 0 reach 1.
+        if self.step is not None and (Decimal(str(self.high)) - Decimal(str(self.low))) % Decimal(str(self.step)):
+            raise ConfigError(f"{where}: high - low ({self.high} - {self.low}) is not a multiple of step {self.step}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class SamplerConfig:
     n_startup_trials: int = 10  # TPE: random trials before it models the results
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # numpy's seeds; any other failed at the first trial with a traceback
+            raise ConfigError(f"sampler.seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.n_startup_trials < 0:
             raise ConfigError(f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
 
@@ -129,6 +139,8 @@ class PrunerConfig:
             raise ConfigError("pruner: n_startup_trials, n_warmup_steps and max_resource must be >= 0")
         if self.min_resource < 1 or self.reduction_factor < 2:
             raise ConfigError("pruner: min_resource must be >= 1 and reduction_factor >= 2")
+        if 0 < self.max_resource < self.min_resource:  # Optuna's hyperband would make no bracket: no pruning at all
+            raise ConfigError(f"pruner: max_resource {self.max_resource} is below min_resource {self.min_resource}")
 
 
 @dataclass(frozen=True)
@@ -174,10 +186,13 @@ class SweepConfig:
 def _can_take(param: Param, value: Any) -> bool:
     if param.type == "categorical":
         return value in param.choices
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not param.low <= value <= param.high:
+        return False
+    # An int parameter takes whole numbers on its grid only (low, low + step, ...).
+    return param.type != "int" or (value - param.low) % (param.step or 1) == 0
 
 
 def _values_of(param: Param) -> str:
     if param.type == "categorical":
         return "choices: " + ", ".join(map(repr, param.choices))
-    return f"range: {param.low} to {param.high}"
+    return f"range: {param.low} to {param.high}" + (f" in steps of {param.step}" if param.step is not None else "")

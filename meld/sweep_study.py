@@ -41,6 +41,9 @@ class Backend:
     every trial would hit them again, so the sweep stops at the first with its message.
     ``point_errors``: those among them that only some points of the space meet (a batch larger than
     the training set): that trial fails with its reason, and the search goes on.
+    ``same_run(run_dir, config)``: whether ``run_dir`` holds a run that ``config`` resumes or reuses (the
+    fine-tune's own rule, which lets paths be spelt otherwise and workers or devices change); None:
+    its config.yaml must equal ``config`` exactly.
     """
 
     load_config: Callable[[str | None, Sequence[str]], Any]
@@ -50,6 +53,7 @@ class Backend:
     device_key: str = ""  # the config key of a run's device (auto | cpu | cuda:N); "" = the runs have none
     seeds_key: str = ""  # the config key of a run's number of seeds; "" = a run is always one seed
     point_errors: tuple[type[BaseException], ...] = ()
+    same_run: Callable[[Path, Any], bool] | None = None
 
 
 def finetune_backend() -> Backend:
@@ -57,7 +61,22 @@ def finetune_backend() -> Backend:
     from meld import finetune  # imported here: tests drive a stand-in instead
 
     return Backend(finetune.load_config, finetune.run_finetune, finetune.USER_ERRORS, outputs_key="outputs",
-                   device_key="train.device", seeds_key="seeds", point_errors=(BatchDoesNotFit,))
+                   device_key="train.device", seeds_key="seeds", point_errors=(BatchDoesNotFit,),
+                   same_run=_same_finetune_run)
+
+
+def _same_finetune_run(run_dir: Path, config: Any) -> bool:
+    """Whether ``run_dir`` holds a fine-tune run that ``config`` resumes (as ``--out`` would take it)."""
+    from clara.run_dir import OutDirError
+    from meld import finetune
+
+    if not finetune.holds_run(run_dir):
+        return False
+    try:
+        finetune.check_out_dir(run_dir, config)
+    except OutDirError:
+        return False
+    return True
 
 
 # ---- the search space -> fine-tune configs

@@ -37,6 +37,7 @@ from meld.sweep_study import (
 _POLL_S = 1.0  # how often a worker with nothing to start looks again at the other workers' trials
 HEARTBEAT = "heartbeat"  # the trial user attribute a running trial's worker keeps fresh (time.time())
 FAIL_REASON = "fail_reason"  # the trial user attribute saying why it failed
+STALE_REASON = "its worker stopped"  # how FAIL_REASON starts for a trial whose worker went silent
 
 
 @contextmanager
@@ -75,11 +76,16 @@ def fail_stale_trials(study: optuna.Study, grace_period: float, on_stale: Callab
             # Study has no public setter for another worker's trial; the storage's is what Trial uses.
             try:
                 study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON,
-                                                   f"its worker stopped: no heartbeat for {grace_period} s")
+                                                   f"{STALE_REASON}: no heartbeat for {grace_period} s")
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # its worker finished it after all
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             on_stale(trial.number)
+
+
+def _judged_dead(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` was failed by fail_stale_trials (another worker), not by its own worker."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON, "").startswith(STALE_REASON)
 
 
 class FileLock:
@@ -152,7 +158,10 @@ class _Worker:
                  "marked failed")
 
     def _run_one(self, lock: FileLock) -> None:
+        started: list[optuna.Trial] = []
+
         def objective(trial: optuna.Trial) -> float:
+            started.append(trial)
             lock.release()  # the trial is RUNNING in the storage now, so the others count it
             with _heartbeat(trial, self.config.study.heartbeat_interval):
                 return self._objective(trial)
@@ -160,7 +169,11 @@ class _Worker:
         try:
             # catch: a failed trial is recorded as FAIL and the worker goes on (see max_failures).
             self.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[self._report])
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except (ValueError, AssertionError):
+            # Optuna's tell refuses a trial another worker already failed ("Cannot tell a FAIL trial"), and
+            # when the objective had returned a value its bookkeeping then asserts ("Should not reach").
+            if not started or not _judged_dead(self.study._storage.get_trial(started[0]._trial_id)):
+                raise
             self.log(f"a trial of this worker outlived study.grace_period ({self.config.study.grace_period} s) "
                      "without a heartbeat and was marked failed by another worker; its result is dropped")
 
@@ -201,6 +214,9 @@ class _Worker:
             raise
         except Exception as err:
             self._failed(trial, f"{type(err).__name__}: {err}")
+            raise
+        except KeyboardInterrupt:  # Optuna fails the trial too; say why in the summary
+            self._failed(trial, "interrupted (KeyboardInterrupt)")
             raise
 
     def _failed(self, trial: optuna.Trial, reason: str) -> None:

@@ -48,6 +48,7 @@ class StandInTrain:
     lr: float = 0.01
     epochs: int = 6
     seed: int = 0
+    data_seed: int = 0  # recorded in config.yaml only: another final.seed_key
     device: str = "auto"  # recorded in config.yaml only (STANDIN_GPU's device_key)
 
 
@@ -167,10 +168,34 @@ def test_trials_sampled_from_the_shipped_spaces_all_load():
     ({"key": "fusion", "type": "categorical", "choices": ["a", "a"]}, "repeat"),
     ({"key": "train.epochs", "type": "int", "low": 1.5, "high": 4}, "whole"),
     ({"key": "train..lr", "type": "float", "low": 1, "high": 2}, "dotted config key"),
+    # Optuna would search 0 to 0.9 and 1 to 7: high - low must be a multiple of step.
+    ({"key": "model.dropout", "type": "float", "low": 0.0, "high": 1.0, "step": 0.3},
+     r"space\[model.dropout\]: high - low \(1.0 - 0.0\) is not a multiple of step 0.3"),
+    ({"key": "train.epochs", "type": "int", "low": 1, "high": 8, "step": 2}, "not a multiple of step 2"),
 ])
 def test_bad_params_are_refused(param, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.from_dict(Param, param)
+
+
+def test_a_step_that_divides_the_range_searches_the_whole_grid():
+    space = config_lib.from_dict(SweepConfig, {"space": [
+        {"key": "model.dropout", "type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
+        {"key": "train.epochs", "type": "int", "low": 1, "high": 7, "step": 2},
+    ]}).space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [suggest(study.ask(), space) for _ in range(100)]
+    assert sorted({round(p["model.dropout"], 9) for p in seen}) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert sorted({p["train.epochs"] for p in seen}) == [1, 3, 5, 7]
+
+
+def test_a_hyperband_whose_max_resource_is_below_its_min_is_refused():
+    """Optuna's HyperbandPruner makes no bracket from it and silently never prunes."""
+    with pytest.raises(ConfigError) as caught:
+        load_sweep_config(None, ["pruner.type=hyperband", "pruner.min_resource=5", "pruner.max_resource=3"])
+    assert str(caught.value).endswith("pruner: max_resource 3 is below min_resource 5")
+    pruner = load_sweep_config(None, ["pruner.type=hyperband", "pruner.min_resource=5"]).pruner
+    assert (pruner.min_resource, pruner.max_resource) == (5, 0)  # 0: learned from the first finished trial
 
 
 def test_only_if_must_name_an_earlier_parameter():
@@ -183,12 +208,47 @@ def test_only_if_must_name_an_earlier_parameter():
     ({"key": "loss", "type": "categorical", "choices": ["ce", "focal"]}, ["Focal"]),
     ({"key": "loss", "type": "categorical", "choices": [16, 32]}, ["16"]),
     ({"key": "layers", "type": "int", "low": 1, "high": 4}, [2, 6]),
+    ({"key": "layers", "type": "int", "low": 1, "high": 4}, [2.5]),  # an int parameter takes whole numbers
+    ({"key": "layers", "type": "int", "low": 1, "high": 7, "step": 2}, [3, 4]),  # 1, 3, 5, 7
 ])
 def test_only_if_values_the_earlier_parameter_never_takes_are_refused(earlier, values):
     """Such a condition never holds, so the parameter would silently never be searched."""
     space = [earlier, {"key": "gamma", "type": "float", "low": 1, "high": 3, "only_if": {earlier["key"]: values}}]
     with pytest.raises(ConfigError, match=rf"space\[gamma\].only_if: {earlier['key']} never takes"):
         config_lib.from_dict(SweepConfig, {"space": space})
+
+
+def test_only_if_on_a_grid_value_is_accepted_and_searched_only_there():
+    space = config_lib.from_dict(SweepConfig, {"space": [
+        {"key": "layers", "type": "int", "low": 1, "high": 7, "step": 2},
+        {"key": "gamma", "type": "float", "low": 1, "high": 3, "only_if": {"layers": [3.0, 5]}},
+    ]}).space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(40):
+        params = suggest(study.ask(), space)
+        seen.setdefault(params["layers"], set()).add("gamma" in params)
+    assert seen == {1: {False}, 3: {True}, 5: {True}, 7: {False}}
+
+
+def test_only_if_with_no_values_is_refused():
+    """An empty list is a condition no value meets: the parameter would silently never be searched."""
+    space = [{"key": "loss", "type": "categorical", "choices": ["ce", "focal"]},
+             {"key": "gamma", "type": "float", "low": 1, "high": 3, "only_if": {"loss": []}}]
+    with pytest.raises(ConfigError) as caught:
+        config_lib.from_dict(SweepConfig, {"space": space})
+    assert str(caught.value) == "space[gamma].only_if: loss lists no values, so gamma would never be searched"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_sampler_seed_numpy_cannot_take_is_refused_before_the_study_folder(tmp_path, capsys, monkeypatch, seed):
+    """It failed at the first trial with a ValueError traceback, after study.db was made."""
+    monkeypatch.setattr("meld.sweep.finetune_backend", lambda: STANDIN)
+    assert main(["--study-dir", str(tmp_path / "s"), f"sampler.seed={seed}"]) == 2
+    assert capsys.readouterr().err == (f"error: {REPO_ROOT / 'configs/sweep/fast.yaml'} + overrides: "
+                                       f"sampler.seed must be between 0 and 2**32 - 1, got {seed}\n")
+    assert not (tmp_path / "s").exists()
+    assert load_sweep_config(None, [f"sampler.seed={2**32 - 1}"]).sampler.seed == 2**32 - 1
 
 
 def test_a_base_config_with_several_seeds_is_refused():
@@ -267,6 +327,34 @@ def test_sweep_writes_trials_summary_plots_best_config_and_final(tmp_path):
     assert best_config.outputs == "full"
 
 
+def test_final_runs_are_reused_when_complete_and_run_again_when_their_settings_change(tmp_path):
+    config = sweep_config(tmp_path / "s", final={"seeds": 2})
+    lines: list[str] = []
+    first = run_sweep(config, backend=STANDIN, log=lines.append)
+    final_dir = tmp_path / "s" / first["final"]["dir"]
+    assert sum(line.startswith("final: ") for line in lines) == 2
+    lines.clear()
+    again = run_sweep(config, backend=STANDIN, log=lines.append)  # complete: nothing runs, same numbers
+    assert not [line for line in lines if line.startswith("final")] and again["final"] == first["final"]
+
+    # Another seed key: the folders seed-1 and seed-2 hold runs of train.seed 1 and 2, not of these settings.
+    changed = replace(config, final=replace(config.final, seed_key="train.data_seed"))
+    lines.clear()
+    result = run_sweep(changed, backend=STANDIN, log=lines.append)
+    assert sum("holds a run of other settings; running it again" in line for line in lines) == 2, lines
+    documents = []
+    for seed in (1, 2):
+        saved = standin_load_config(str(final_dir / f"seed-{seed}" / "config.yaml"), [])
+        assert (saved.train.seed, saved.train.data_seed) == (0, seed)
+        documents.append(json.loads((final_dir / f"seed-{seed}" / "metrics.json").read_text()))
+    assert sorted(path.name for path in final_dir.iterdir()) == ["seed-1", "seed-2"]
+    # The stand-in's metrics follow train.seed alone, now 0 for both runs: equal, so a std of 0.
+    test_f1 = [document["test"]["macro_f1"] for document in documents]
+    assert test_f1[0] == test_f1[1]
+    assert result["final"]["mean_std"]["test"]["macro_f1"] == {"mean": pytest.approx(test_f1[0]), "std": 0.0}
+    assert first["final"]["mean_std"]["test"]["macro_f1"]["std"] > 0
+
+
 def test_trials_write_what_study_trial_outputs_says_and_the_final_runs_everything(tmp_path):
     config = sweep_config(tmp_path / "s", base_overrides=["outputs=light"], final={"seeds": 1},
                           study={"n_trials": 2, "trial_outputs": "full"})
@@ -335,6 +423,28 @@ def test_a_failed_trial_keeps_its_reason_in_the_study_and_the_summary(tmp_path):
         assert rows[str(trial.number)]["fail_reason"] == trial.user_attrs.get("fail_reason", "")
     markdown = (tmp_path / "s" / "summary.md").read_text()
     assert f"| {failed[0].number} | fail |" in markdown and "RuntimeError: out of memory in the gated block" in markdown
+
+
+def test_an_interrupted_trial_says_so_and_a_rerun_replaces_it(tmp_path):
+    def interrupted_at_trial_2(config, *, out_dir, epoch_callback=None):
+        if out_dir.name == "trial-0002":
+            raise KeyboardInterrupt  # Ctrl-C during the run
+        return standin_run(config, out_dir=out_dir, epoch_callback=epoch_callback)
+
+    config = sweep_config(tmp_path / "s", study={"n_trials": 4})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, backend=Backend(standin_load_config, interrupted_at_trial_2), log=_quiet)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 2, "FAIL": 1}
+    assert trials[2].user_attrs["fail_reason"] == "interrupted (KeyboardInterrupt)"
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 4, "FAIL": 1} and trials[2].state == TrialState.FAIL
+    import csv
+
+    with open(tmp_path / "s" / "summary.csv", newline="") as handle:
+        rows = {row["trial"]: row for row in csv.DictReader(handle)}
+    assert (rows["2"]["state"], rows["2"]["fail_reason"]) == ("fail", "interrupted (KeyboardInterrupt)")
 
 
 def test_a_point_whose_batch_the_data_cannot_fill_fails_alone(tmp_path):
@@ -499,6 +609,35 @@ def test_a_killed_worker_leaves_a_consistent_study_that_a_rerun_completes(tmp_pa
     assert len({t.user_attrs["run_dir"] for t in trials}) == 7
 
 
+@pytest.mark.parametrize("at_epoch", [3, 6])  # mid-run (its next report is refused), or after its last report
+def test_a_worker_whose_trial_another_worker_judged_dead_drops_it_and_goes_on(tmp_path, at_epoch):
+    """A worker silent past grace_period (a stalled disk, a suspended machine) whose trial another worker
+    has marked failed: its tell is then refused, and it must drop that result and go on, not crash."""
+    from meld.sweep_worker import fail_stale_trials
+
+    config = sweep_config(tmp_path / "s", study={"n_trials": 4})
+
+    def judged_dead(run_config, *, out_dir, epoch_callback=None):
+        def callback(epoch, dev_metrics):
+            epoch_callback(epoch, dev_metrics)
+            if out_dir.name == "trial-0001" and epoch == at_epoch:
+                # What another worker does once this trial's heartbeat looks older than grace_period.
+                other = optuna.load_study(study_name="t", storage=open_storage(config, tmp_path / "s"))
+                fail_stale_trials(other, -1, lambda number: None)
+
+        return standin_run(run_config, out_dir=out_dir, epoch_callback=callback)
+
+    lines = []
+    result = run_sweep(config, backend=Backend(standin_load_config, judged_dead), log=lines.append)
+    trials = trials_of(config)
+    assert states(trials) == {"COMPLETE": 4, "FAIL": 1} and result["counts"] == {"COMPLETE": 4, "FAIL": 1}
+    dropped = next(t for t in trials if t.number == 1)
+    assert dropped.state == TrialState.FAIL and dropped.value is None
+    assert dropped.user_attrs["fail_reason"] == "its worker stopped: no heartbeat for -1 s"
+    assert sum("was marked failed by another worker; its result is dropped" in line for line in lines) == 1, lines
+    assert sorted(t.number for t in trials if t.state == TrialState.COMPLETE) == [0, 2, 3, 4]
+
+
 # ---- the command line
 
 
@@ -604,3 +743,21 @@ def test_a_linear_probe_sweep_on_the_demo_with_the_real_finetune(tmp_path):
         assert {"dev/confusion_matrix", "test/confusion_matrix"} <= images and plugins == {"hparams", "pr_curves"}
         assert list(run.rglob("projector_config.pbtxt")) and (run / "confusion_test.png").is_file()
         assert "confusion_test.png" in (run / "report.md").read_text()
+
+
+def test_a_final_run_is_reused_by_the_fine_tunes_resume_rule(tmp_path, monkeypatch):
+    """Exact config.yaml equality would run an hours-long final run again for a --data spelt otherwise
+    (relative, not absolute) or another train.num_workers; the fine-tune's own resume rule lets those differ."""
+    from meld.finetune import run_finetune
+    from meld.sweep_study import _same_finetune_run
+    from tests.meld.finetune_helpers import text_config, write_csv_meld
+
+    root = write_csv_meld(tmp_path / "meld")
+    run_dir = tmp_path / "final" / "seed-0"
+    config = text_config(root, "train.epochs=1")
+    run_finetune(config, out_dir=run_dir)
+    monkeypatch.chdir(tmp_path)
+    assert _same_finetune_run(run_dir, config_lib.replace(config, ["data_root=meld", "train.num_workers=1"]))
+    assert not _same_finetune_run(run_dir, config_lib.replace(config, ["train.lr=0.5"]))
+    assert not _same_finetune_run(tmp_path / "final", config)  # no run there
+
