@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.arguments import at_least, device_arg  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
 from clara.compilation import SCOPES  # noqa: E402
 from clara.engine import TrainConfig, Trainer, move_to  # noqa: E402
@@ -211,16 +212,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default=None, help="CLARA preset (default: medium on GPU, tiny on CPU)")
-    parser.add_argument("--clips", type=int, default=None, help="default: 10,000 on GPU, 512 on CPU")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--clips", type=at_least(1), default=None, help="default: 10,000 on GPU, 512 on CPU")
+    parser.add_argument("--batch", type=at_least(1), default=32)
+    parser.add_argument("--log-every", type=at_least(1), default=20)
     parser.add_argument("--settings", default=None,
                         help="comma-separated WORKERS/COMPILE[/FRAMES_MULTIPLE[/bucket][/cudnn]] settings, e.g. "
                         f"4/off/64/bucket (frames padded to a multiple of 64, tokens to one of {TOKENS_MULTIPLE}, "
                         "length-bucketed batches; cudnn: attention=sdpa_cudnn); default GPU: "
                         f"{GPU_SETTINGS}; CPU: {CPU_SETTINGS}")
     args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    gpu = device_arg(args.device).type == "cuda"
     args.config = args.config or ("medium" if gpu else "tiny")
     args.clips = args.clips or (10_000 if gpu else 512)
     names = args.settings or (GPU_SETTINGS if gpu else CPU_SETTINGS)

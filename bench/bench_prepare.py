@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.arguments import at_least  # noqa: E402
 from clara.audio_io import AudioDecodeError, load_audio  # noqa: E402
 from meld.clip_features import worker_context  # noqa: E402
 from meld.demo import ensure_demo  # noqa: E402
@@ -116,13 +117,13 @@ def best_of(repeat: int, function) -> tuple[float, object]:
     return best, result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="MELD root (default: the built-in demo)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=at_least(1), default=default_workers(),
                         help="processes for prepare and the decode floor (default: one per CPU core)")
-    parser.add_argument("--repeat", type=int, default=1, help="time each method this many times, keep the best")
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=at_least(1), default=1, help="time each method this many times, keep the best")
+    args = parser.parse_args(argv)
 
     root = Path(args.data) if args.data else ensure_demo(log=print)
     paths = clip_paths(root)

@@ -75,6 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.arguments import at_least, device_arg, positive_float  # noqa: E402
 from clara.attention import BACKENDS  # noqa: E402
 from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
@@ -488,22 +489,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="medium", help="model preset or YAML (default: medium)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 2 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 GPU, 2 CPU)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=at_least(1), default=None, help="default: 64 on GPU, 2 on CPU")
+    parser.add_argument("--steps", type=at_least(1), default=None, help="timed steps (default: 20 GPU, 2 CPU)")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--variants", default=None, help="comma-separated variant names")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
-    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--profile-rows", type=at_least(1), default=25)
     parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
-    parser.add_argument("--prewarm", type=int, default=0, metavar="N",
+    parser.add_argument("--prewarm", type=at_least(0), default=0, metavar="N",
                         help="compile the compiled variants in N parallel processes before timing any")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="the GPU's dense bf16 peak for the MFU column (known: H100 SXM/PCIe, H200; not NVL parts)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile each variant (one untimed step per input shape) and exit: what --prewarm runs; "
                              "with --prewarm, just the parallel compiles")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_arg(args.device)
     gpu = device.type == "cuda"
     args.batch = args.batch or (64 if gpu else 2)
     args.steps = args.steps or (20 if gpu else 2)

@@ -19,7 +19,12 @@ PROFILE="sdpa_cudnn-bf16-cudagraphs-bf16res-qkvsplit-cdt,sdpa_cudnn-bf16-cudagra
 out="${OUT:-gpu-checks}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
+# Without a GPU every part below fails or skips, one by one, and the script still exited 0.
+if ! nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$out/nvidia-smi.txt" 2>&1; then
+    echo "gpu_checks.sh: no NVIDIA GPU here (nvidia-smi: $(tail -1 "$out/nvidia-smi.txt")); run it on a GPU machine" >&2
+    exit 2
+fi
+cat "$out/nvidia-smi.txt"
 variants="${1:-$NEXT_VARIANTS}"
 [ "$variants" = all ] && variants=""
 parts=" ${PARTS:-tests step} "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from bench import bench_finetune_epoch, bench_memory, bench_step
+from bench import bench_finetune_epoch, bench_memory, bench_prepare, bench_step
 from bench.workloads import frames_range, meld_like_frames
 
 
@@ -333,3 +335,53 @@ def test_issue_9_targets_are_judged_on_the_best_qualifying_rows():
         "training, batch 256 without checkpointing: no row ran",
         "inference: no row ran",
     ]
+
+
+@pytest.mark.parametrize("main", [bench_step.main, bench_finetune_epoch.main])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "gpu"])
+def test_a_device_this_machine_lacks_is_one_line_not_a_traceback(main, device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if device == "cuda:1" else 0)
+    with pytest.raises(SystemExit) as refused:
+        main(["--device", device, "--config", "tiny"])
+    message = str(refused.value.code)
+    assert message.startswith(f"--device {device}: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("main, argv", [
+    (bench_step.main, ["--steps", "0"]),  # was taken for "not given": the default count, silently
+    (bench_step.main, ["--steps", "-1"]),  # timed nothing and printed negative samples/s
+    (bench_step.main, ["--batch", "0"]),
+    (bench_step.main, ["--warmup", "-1"]),
+    (bench_step.main, ["--peak-tflops", "0"]),
+    (bench_memory.main, ["--batch", "0"]),  # a traceback from inside the model
+    (bench_memory.main, ["--predict", "8,x"]),  # a ValueError traceback
+    (bench_finetune_epoch.main, ["--clips", "0"]),
+    (bench_finetune_epoch.main, ["--batch", "-4"]),
+    (bench_prepare.main, ["--repeat", "0"]),  # timed nothing: a table of inf seconds and 0 clips/s
+    (bench_prepare.main, ["--workers", "0"]),  # a traceback, after minutes of the one-process methods
+])
+def test_numeric_arguments_out_of_range_are_one_error_line(main, argv, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(argv if main is bench_prepare.main else ["--config", "tiny", *argv])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # argparse's usage lines, then this one
+    assert re.fullmatch(rf".*: error: argument {argv[0]}: (must be|expected) .+", error), error
+
+
+def test_gpu_checks_refuse_at_once_without_a_gpu(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    # nvidia-smi as it answers on a machine with no driver (or none at all: "command not found").
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n"
+                    "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    fake.chmod(0o755)
+    script = Path(bench_step.__file__).with_name("gpu_checks.sh")
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PARTS": "tests step"}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("gpu_checks.sh: no NVIDIA GPU here (nvidia-smi: NVIDIA-SMI has failed because it could not "
+                           "communicate with the NVIDIA driver.); run it on a GPU machine\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nvidia-smi.txt"]  # nothing else ran

@@ -1,0 +1,54 @@
+"""Command-line argument checks shared by the benchmarks: a wrong value is one error line, not a
+traceback from deep inside torch or a table of nonsense."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``.  A batch or step count of 0 was taken
+    for "not given" (its default, silently), and a negative one timed nothing or divided by it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a peak of 0 was taken for "not given")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers of at least 1."""
+    return [at_least(1)(part) for part in text.split(",")]
+
+
+def device_arg(name: str) -> torch.device:
+    """``--device`` as a device this machine has; otherwise one line saying so (torch fails only at
+    the first CUDA call, with a traceback)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device name (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has no such CUDA device ({torch.cuda.device_count()} "
+                         "found); the GPU benchmarks need one, --device cpu runs the CPU ones")
+    return device
