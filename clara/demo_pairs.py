@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clara.config import ConfigError
-from clara.io_utils import user_cache_dir
+from clara.io_utils import atomic_directory, user_cache_dir
 
 DEMO_VERSION = 1
 SAMPLE_RATE = 16_000
@@ -177,9 +174,9 @@ def build_demo(
         what = "a folder holding other files" if root.is_dir() else "not a folder"
         raise ConfigError(f"{root}: {what}, not a demo build; give data.demo_dir a new or empty folder")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    # Built beside ``root`` and swapped in whole: the old build is set aside before it is deleted, as
+    # deleted in place an interruption could leave it without its stamp, a folder refused above.
+    with atomic_directory(root) as staging:
         rng = np.random.default_rng(seed)
         kinds = list(itertools.product(PITCHES, CONTOURS, RATES, BACKGROUNDS))
         for split, per_kind in (("train", train_per_kind), ("eval", eval_per_kind)):
@@ -200,9 +197,4 @@ def build_demo(
             rows.append({"audio": name, "caption": text, "language": "en"})
         _write_manifest(staging / "env.jsonl", rows)
         (staging / "demo.json").write_text(json.dumps(stamp), encoding="utf-8")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return paths

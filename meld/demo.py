@@ -23,9 +23,7 @@ import fcntl
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,7 +36,7 @@ import av
 import numpy as np
 
 from clara.cli import describe
-from clara.io_utils import atomic_write_text, user_cache_dir
+from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, remove_leftovers, user_cache_dir
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
@@ -400,10 +398,12 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _check_is_a_demo_folder(out: Path) -> None:
-    """Refuse a folder holding anything but a demo build (its tree, manifest, lock and a killed build's
-    staging folder): the demo would be written in among someone's files."""
+    """Refuse a folder holding anything but a demo build (its tree, manifest, lock, and a running or
+    killed build's staging folder, set-aside old tree or half-written manifest): the demo would be
+    written in among someone's files."""
     ours = {ROOT_NAME, MANIFEST_NAME, ".demo.lock"}
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(f".{ROOT_NAME}."))
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ours and not p.name.startswith(f".{ROOT_NAME}.") and not is_leftover(p))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise FileExistsError(f"{out} holds other files ({shown}), not a demo build; give a new or empty folder")
@@ -430,20 +430,17 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
             return root
         if root.exists() and not (root / DEFECTS_NAME).is_file():
             raise FileExistsError(f"{root} exists and is not a demo (it has no {DEFECTS_NAME}); not overwriting it")
+        remove_leftovers(out)  # a killed build's; under the lock no other build is writing here
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         started = time.perf_counter()
         log(f"building the demo (size {size}, seed {seed}) in {root}")
         plan = plan_demo(size, seed)
         if workers is None:
             workers = min(os.cpu_count() or 1, 4) if len(plan.clips) >= 100 else 1
-        building = Path(tempfile.mkdtemp(prefix=f".{ROOT_NAME}.", dir=out))
-        try:
+        # The old tree is set aside whole before it is deleted: deleted in place, an interruption could
+        # leave it without DEFECTS_NAME, a tree the next build would refuse to replace.
+        with atomic_directory(root) as building:
             _write_tree(building, plan, workers, log)
-            if root.exists():
-                shutil.rmtree(root)
-            building.rename(root)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
         manifest = {"version": DEMO_VERSION, "size": size, "seed": seed,
                     "seconds": round(time.perf_counter() - started, 1), "counts": _summary_counts(plan),
                     "defects": [f"{d['kind']} ({d['key']})" for d in plan.defects]}

@@ -78,6 +78,42 @@ def test_a_demo_dir_holding_other_files_is_refused_untouched(demo, tmp_path):
     assert paths.train.read_text() == demo.train.read_text()
 
 
+def test_a_demo_rebuild_interrupted_while_dropping_the_old_build_is_redone_next_time(tmp_path, monkeypatch):
+    """Ctrl-C while the old build is deleted must not leave a folder without its demo.json, which the
+    next build refuses as someone's files: the old build is set aside whole first, then deleted."""
+    import shutil
+
+    root = tmp_path / "pairs"
+    small = dict(train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.25)
+    build_demo(root, **small)
+    rmtree, interrupted = shutil.rmtree, []
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if not interrupted and (Path(path) / "demo.json").is_file():
+            interrupted.append(path)
+            (Path(path) / "demo.json").unlink()  # rmtree got this far
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo(root, **small, seed=1)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    paths = build_demo(root, **small, seed=1)
+    assert json.loads((paths.root / "demo.json").read_text())["seed"] == 1
+    assert len(read_manifest(paths.train)) == 48 and (paths.root / "train" / "00047.wav").is_file()
+
+
+def test_the_demo_is_as_readable_as_a_plain_mkdir_makes_it(tmp_path):
+    # A shared MELD_CLARA_CACHE must be readable by the team; tempfile's folders are private (0o700).
+    mask = os.umask(0o022)
+    try:
+        paths = build_demo(tmp_path / "pairs", train_per_kind=1, eval_per_kind=1, env_per_kind=1, seconds=0.25)
+    finally:
+        os.umask(mask)
+    assert paths.root.stat().st_mode & 0o777 == 0o755
+
+
 def test_csv_manifest_and_tar_shards_give_the_same_pairs(demo, tmp_path):
     records = read_manifest(demo.eval)[:3]
     csv_path = tmp_path / "pairs.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import replace
@@ -386,3 +387,46 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path, stub_writer
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and stub_writer == []
     assert demo.main(["--out", str(tmp_path / "notes.txt")]) == 2  # a file where the folder would be
     assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: exists and is not a folder\n"
+
+
+def test_a_killed_builds_leftovers_neither_block_nor_stay(tmp_path, stub_writer):
+    # What a build killed mid-way leaves: its staging tree, and the manifest's atomic-write temporary.
+    (tmp_path / ".MELD.Raw.k1ll3d00.tmp" / "train").mkdir(parents=True)
+    (tmp_path / ".demo_manifest.json.k1ll3d00.tmp").write_text("{")
+    demo.make_demo(tmp_path, size=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "MELD.Raw", "demo_manifest.json"]
+
+
+def test_a_rebuild_interrupted_while_dropping_the_old_tree_is_rebuilt_next_time(tmp_path, stub_writer, monkeypatch):
+    """Ctrl-C while the old tree is deleted (a forced or changed rebuild) must not leave a tree the next
+    build refuses as not a demo: the old tree is set aside whole first, never deleted in place."""
+    import shutil
+
+    demo.make_demo(tmp_path, size=30)
+    rmtree, interrupted = shutil.rmtree, []
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if not interrupted and (Path(path) / demo.DEFECTS_NAME).is_file():
+            interrupted.append(path)
+            (Path(path) / demo.DEFECTS_NAME).unlink()  # rmtree got this far
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        demo.make_demo(tmp_path, size=31)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert demo.read_manifest(tmp_path) is None  # not taken for complete
+    demo.make_demo(tmp_path, size=31)
+    assert stub_writer == [30, 31, 31] and demo.read_manifest(tmp_path)["size"] == 31
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "MELD.Raw", "demo_manifest.json"]
+
+
+def test_the_tree_is_as_readable_as_a_plain_mkdir_makes_it(tmp_path, stub_writer):
+    # On a shared cache (MELD_CLARA_CACHE) the team must be able to read it; tempfile's folders are private.
+    mask = os.umask(0o022)
+    try:
+        demo.make_demo(tmp_path, size=30)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "MELD.Raw").stat().st_mode & 0o777 == 0o755
