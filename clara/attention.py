@@ -36,9 +36,15 @@ def flash_attn_available() -> bool:
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p > 0 else scores.softmax(dim=-1)
+    if key_mask is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        padded = ~key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+        # Zeroing the padded keys' probabilities again changes nothing where an item has a real key
+        # (they are exactly 0 already), but gives an item without one zeros, as SDPA does (PyTorch's
+        # CPU kernels, checked), instead of equal weights on its padding.
+        probs = scores.masked_fill(padded, torch.finfo(scores.dtype).min).softmax(dim=-1).masked_fill(padded, 0.0)
+    probs = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     return torch.matmul(probs, v)  # [B, H, Lq, D]
 
 
@@ -117,12 +123,16 @@ def attention(
     """Multi-head softmax attention with scale ``d ** -0.5``.
 
     q: [B, H, Lq, D]; k, v: [B, H, Lk, D]; key_mask: [B, Lk] bool, True = a real key (None = all
-    real).  Returns [B, H, Lq, D].  Every row of ``key_mask`` must have at least one True.
+    real).  Returns [B, H, Lq, D].  An item with no real key gets zeros and passes no gradient back
+    (eager and SDPA on the CPU; not checked on a GPU).
     ``dropout_p`` drops attention probabilities (pass 0 outside training).
     ``flash_attn`` falls back to ``sdpa`` where flash-attn is missing or the tensors are on CPU.
     """
     if backend not in _KERNELS:
         raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        # SDPA would take a float mask as a bias added to the scores (0 = attend), not as 1 = a real key.
+        raise TypeError(f"key_mask must be bool (True = a real key), got {key_mask.dtype}")
     if backend == "flash_attn" and not (q.is_cuda and flash_attn_available()):
         backend = "sdpa"
     return _KERNELS[backend](q, k, v, key_mask, dropout_p)

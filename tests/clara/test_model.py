@@ -256,6 +256,90 @@ def test_masked_attention_ignores_padded_keys():
     assert (out - ref).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn", "flash_attn"])
+def test_a_query_row_without_real_keys_gives_zeros_like_eager(backend):
+    """An item whose keys are all padding (length 0): every backend gives its queries zeros and sends
+    no gradient anywhere from them, as the eager reference does (it used to spread their weight evenly
+    over the padded keys while SDPA gave zeros).  Outputs and q, k, v gradients within 1e-5 of eager's;
+    flash_attn runs as sdpa on the CPU."""
+    mask = torch.arange(9)[None] < torch.tensor([9, 0, 3])[:, None]  # [B, Lk], item 1 has no real key
+    q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    grad_out = torch.randn(3, 2, 4, 16)
+    results = []
+    for name in ("eager", backend):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, key_mask=mask, backend=name)
+        out.backward(grad_out)
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out, dq, dk, dv = results[0]
+    assert out[1].abs().max() == 0 and dq[1].abs().max() == 0 and dk[1].abs().max() == 0 and dv[1].abs().max() == 0
+    assert out[0].abs().max() > 0 and dv[2, :, :3].abs().max() > 0  # the other items are untouched
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa_cudnn", "flash_attn"])
+def test_a_float_key_mask_is_refused_by_every_backend(backend):
+    """key_mask is bool (True = a real key).  A 0/1 float mask must not reach SDPA, which would add it
+    to the scores as a bias (attending to every key) where eager fails on it."""
+    q = torch.randn(2, 2, 3, 8)
+    mask = torch.arange(3)[None] < torch.tensor([3, 1])[:, None]
+    with pytest.raises(TypeError, match="key_mask must be bool"):
+        attention(q, q, q, key_mask=mask.float(), backend=backend)
+
+
+def test_flash_attn_varlen_path_packs_keys_by_cu_seqlens_and_matches_eager(monkeypatch):
+    """clara.attention's flash-attn path for a padded batch, run on the CPU with flash-attn's functions
+    replaced by the math they compute over each cu_seqlens segment: for key lengths [3, 1, 4] of 5 (two
+    masks not prefixes) and 2 queries, it passes the hand-computed cu_seqlens_q [0, 2, 4, 6],
+    cu_seqlens_k [0, 3, 4, 8], max lengths 2 and 4, and the real keys packed in batch order; output and
+    q, k, v gradients equal eager's on the bf16-rounded inputs (flash-attn computes fp32 inputs in bf16)
+    within 2e-2, and padded keys get exactly zero gradient."""
+    import sys
+    import types
+
+    from clara.attention import _flash
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0):
+        # q [total_q, H, D], k, v [total_k, H, D]; segment i is rows cu[i]:cu[i + 1].
+        calls.append(dict(k=k.detach().clone(), cu_q=cu_q.tolist(), cu_k=cu_k.tolist(), max_q=max_q, max_k=max_k,
+                          dtypes={q.dtype, k.dtype, v.dtype, cu_q.dtype, cu_k.dtype}, dropout_p=dropout_p))  # fmt: skip
+        out = []
+        for i in range(len(cu_q) - 1):
+            qs, ks, vs = (t[cu[i] : cu[i + 1]].float().transpose(0, 1) for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+            probs = torch.softmax(qs @ ks.transpose(-1, -2) * qs.shape[-1] ** -0.5, dim=-1)  # [H, Lq_i, Lk_i]
+            out.append((probs @ vs).transpose(0, 1))  # [Lq_i, H, D]
+        return torch.cat(out).to(q.dtype)
+
+    def dense(*args, **kwargs):
+        raise AssertionError("a padded batch must take the varlen kernel")
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func, fake.flash_attn_varlen_func = dense, varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    mask = torch.tensor([[True, True, True, False, False],
+                         [False, False, True, False, False],
+                         [True, False, True, True, True]])  # fmt: skip
+    q, k, v = torch.randn(3, 2, 2, 12), torch.randn(3, 2, 5, 12), torch.randn(3, 2, 5, 12)
+    grad_out = torch.randn(3, 2, 2, 12)
+    results = []
+    for run in (lambda *t: _flash(*t, mask, 0.0), lambda *t: attention(*t, key_mask=mask, backend="eager")):
+        inputs = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
+        out = run(*inputs)
+        out.backward(grad_out)
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    (call,) = calls
+    assert (call["cu_q"], call["cu_k"], call["max_q"], call["max_k"]) == ([0, 2, 4, 6], [0, 3, 4, 8], 2, 4)
+    assert call["dtypes"] == {torch.bfloat16, torch.int32} and call["dropout_p"] == 0.0
+    packed = torch.cat([k[0, :, :3], k[1, :, 2:3], k[2, :, [0, 2, 3, 4]]], dim=1).transpose(0, 1)  # [8, H, D]
+    assert torch.equal(call["k"], packed.bfloat16())
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for grad in results[0][2:]:  # dk, dv [B, H, Lk, D]
+        assert grad[~mask[:, None, :, None].expand_as(grad)].abs().max() == 0
+
 def test_gelu_attention_is_what_its_docstring_says():
     q, k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
     mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
