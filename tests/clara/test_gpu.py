@@ -33,6 +33,24 @@ def test_fused_attention_matches_eager_on_cuda(backend, dtype, tolerance, masked
     assert (fused - reference).abs().max().item() <= tolerance
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn", "flash_attn"])
+def test_an_item_without_real_keys_gets_zeros_and_no_gradient_on_cuda(backend):
+    """On the CPU every backend gives such an item zeros, as the eager reference does; the GPU kernels
+    (memory-efficient, cuDNN, flash-attn varlen with an empty segment) are checked here, gradients too."""
+    if backend == "flash_attn" and not flash_attn_available():
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in (8, 40, 40))
+    mask = torch.arange(40, device="cuda")[None] < torch.tensor([40, 0, 9], device="cuda")[:, None]  # [B, Lk]
+    out = attention(q, k, v, key_mask=mask, backend=backend)  # [B, H, Lq, D]
+    reference = attention(*(t.detach().float().requires_grad_() for t in (q, k, v)), key_mask=mask, backend="eager")
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    assert (out.float() - reference).abs().max().item() <= 2e-2
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+
+
 def _attention_ops(fn) -> list[str]:
     """The aten attention ops ``fn()`` dispatches to (which kernel PyTorch picked)."""
     from torch.utils._python_dispatch import TorchDispatchMode
