@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from contextlib import contextmanager
@@ -26,6 +27,53 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader less the YAML 1.1 readings that turn plain text into something else:
+    yes/no/on/off as booleans (``language: no``, Norwegian, became False), a leading 0 as octal (``010``
+    became 8), ``1:30`` as base 60 (90) and dates (a ``datetime.date``, which no setting takes).  Those
+    stay strings.  What it reads as a number, boolean or null, yaml.safe_load reads the same, so what
+    yaml.safe_dump writes (save_yaml) loads back the same with either.  Repeated keys are an error."""
+
+    yaml_implicit_resolvers: dict = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # PyYAML keeps the last of repeated keys: a second ``train:`` section would silently drop the first.
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_str(self, node: yaml.ScalarNode) -> str:
+        # The CLIs pass paths (and sweeps their values) as JSON overrides, JSON being YAML, but JSON
+        # escapes a character past U+FFFF as a surrogate pair, "\ud83d\ude00", whose halves YAML reads
+        # as two lone surrogates: a path no file system takes (a UnicodeEncodeError traceback).
+        text = self.construct_scalar(node)
+        if _SURROGATE.search(text):
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+        return text
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _Loader.construct_yaml_str)
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$", "-+0123456789"),
+    ("float", r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -82,11 +130,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range (10**400): float() and isfinite() raise
+            number = math.inf
         # No setting means anything by nan or inf, and both slip past range checks (nan > 0 is
         # false, and so is nan <= 0) to fail far from the config, e.g. in torch's optimiser.
-        if not math.isfinite(value):
+        if not math.isfinite(number):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -161,11 +213,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    path = key.split(".")
+    if "" in path:  # else "a..b" or "a." reads as an unknown key with no name
+        raise ConfigError(f"override {text!r}: empty part in the key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return path, value
 
 
 def check_overrides(overrides: Sequence[str], field: str) -> None:
@@ -244,10 +299,12 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as err:

@@ -150,9 +150,11 @@ EXECUTION_KEYS = frozenset({"attention", "activation_checkpointing", "selective_
 
 def result_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     """The ``key=value`` model overrides that bear on results (those not in EXECUTION_KEYS), parsed
-    and sorted, so two override lists can be compared for a resume."""
-    parsed = (config_lib.parse_override(text) for text in overrides)
-    return sorted((".".join(path), value) for path, value in parsed if ".".join(path) not in EXECUTION_KEYS)
+    and sorted, so two override lists can be compared for a resume.  Of a key given twice the last
+    value counts, as where the overrides are applied; keeping both compared their values in the sort
+    (a TypeError for 2 and 'x', or for two mappings)."""
+    parsed = {".".join(path): value for path, value in map(config_lib.parse_override, overrides)}
+    return sorted((key, value) for key, value in parsed.items() if key not in EXECUTION_KEYS)
 
 
 def preset_path(name: str) -> Path:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,8 +54,16 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.modality_dropout < 1.0:
             raise ConfigError(f"model.dropout and model.modality_dropout must be in [0, 1), got {self.dropout}, "
                               f"{self.modality_dropout}")
-        if "{label}" not in self.prompt:
-            raise ConfigError(f"model.prompt must contain {{label}}, got {self.prompt!r}")
+        # zero_shot_init fills it in with str.format, mid-run: another field ("a {tone} voice") failed there
+        # with a KeyError, and "{{label}}" (a literal brace pair) gave every class the same prompt.
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
+            if names == {"label"}:
+                self.prompt.format(label="label")  # a conversion or format spec may still fail ("!z")
+        except ValueError as err:
+            raise ConfigError(f"model.prompt: {self.prompt!r} is not a valid format string ({err})") from None
+        if names != {"label"}:
+            raise ConfigError(f"model.prompt must contain {{label}} and no other field in braces, got {self.prompt!r}")
 
 
 @dataclass(frozen=True)

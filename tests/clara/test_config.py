@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
 from clara import config as config_lib
 from clara.config import ConfigError
@@ -154,3 +156,67 @@ def test_noting_adds_the_note_to_the_kinds_named_and_keeps_their_type():
     with pytest.raises(Other, match=r"^untouched$"):
         with noting("a note", ConfigError):
             raise Other("untouched")
+
+
+def test_yaml_1_1_readings_of_plain_text_stay_strings(tmp_path):
+    """PyYAML reads YAML 1.1: ``no`` (Norwegian, a tokenizer language) was False, ``010`` was 8, ``1:30``
+    was 90, and a date was a datetime.date that crashed the override merge with a TypeError."""
+    path = tmp_path / "run.yaml"
+    path.write_text("name: 2024-05-01\ntags: [no, on, '1:30', 1:30, 010]\n")
+    assert config_lib.load(Outer, path).tags == ("no", "on", "1:30", "1:30", "010")
+    assert config_lib.load(Outer, path, ["name=no"]).name == "no"
+    assert config_lib.load(Outer, None, ["name=2024-05-01"]).name == "2024-05-01"
+    # Where a boolean or an integer is expected, they are a clear error rather than another value.
+    with pytest.raises(ConfigError, match=r"^overrides: inner.steps: expected an integer, got '010'$"):
+        config_lib.load(Outer, None, ["inner.steps=010"])
+    path.write_text("inner:\n  steps: 0x10\n  lr: 1_000\n")
+    assert config_lib.load(Outer, path).inner == Inner(lr=1000.0, steps=16)
+
+
+def test_saved_strings_that_look_like_other_types_load_back_as_strings(tmp_path):
+    cfg = Outer(name="no", tags=("yes", "null", "1e3", "010", "1:30", "2024-05-01", "0o10", "=", "~"),
+                inner=Inner(lr=1e-06))
+    config_lib.save_yaml(cfg, tmp_path / "resolved.yaml")
+    assert config_lib.load(Outer, tmp_path / "resolved.yaml") == cfg
+    # Run folders' configs are also read with plain yaml.safe_load (clara.run_dir): the same data.
+    assert config_lib.from_dict(Outer, yaml.safe_load((tmp_path / "resolved.yaml").read_text())) == cfg
+
+
+def test_a_repeated_key_in_a_file_is_an_error(tmp_path):
+    # PyYAML keeps the last one: the first inner section's settings were silently dropped.
+    path = tmp_path / "run.yaml"
+    path.write_text("inner:\n  lr: 0.5\nname: x\ninner:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, path)
+    assert str(err.value) == (f"{path}: not valid YAML (line 4, column 1: found duplicate key 'inner', "
+                              "while constructing a mapping from line 1, column 1)")
+    # A merge key's entries may still be overridden beside it.
+    path.write_text("inner:\n  <<: {lr: 0.5, steps: 3}\n  steps: 4\n")
+    assert config_lib.load(Outer, path).inner == Inner(lr=0.5, steps=4)
+
+
+def test_an_integer_past_the_float_range_is_not_finite(tmp_path):
+    # float(10**400) raises OverflowError, which escaped as a traceback.
+    with pytest.raises(ConfigError, match=r"^overrides: inner.lr: expected a finite number, got 1000+$"):
+        config_lib.load(Outer, None, [f"inner.lr={10**400}"])
+
+
+@pytest.mark.parametrize("text", [".name=x", "inner..steps=3", "inner.=3"])
+def test_an_empty_part_of_an_override_key_is_named(text):
+    # It read as an unknown key without a name: "unknown key(s)  for Inner".
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, None, [text])
+    assert str(err.value) == f"override {text!r}: empty part in the key {text.split('=')[0]!r}"
+
+
+def test_a_folder_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, tmp_path)
+    assert str(err.value) == f"{tmp_path}: a folder, not a config file"
+
+
+def test_a_json_escaped_character_past_u_ffff_is_one_character():
+    # The CLIs pass paths as JSON overrides; JSON writes 😀 as the pair \ud83d\ude00, which YAML read as two
+    # lone surrogates, and the file system then refused the path with a UnicodeEncodeError traceback.
+    path = "/data/😀 é"
+    assert config_lib.load(Outer, None, [f"name={json.dumps(path)}"]).name == path

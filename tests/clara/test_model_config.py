@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clara.config import ConfigError
-from clara.model_config import from_reference_hparams, load_model_config
+from clara.model_config import from_reference_hparams, load_model_config, result_overrides
 from tests.clara.test_model import REFERENCE_SIZES
 
 
@@ -61,3 +61,11 @@ def test_a_non_numeric_reference_seq_dropout_is_a_config_error(value):
 @pytest.mark.parametrize("value, keep", [(0.5, 0.5), (0.25, 0.75), ("0.1", 0.9), (0, 1.0)])
 def test_reference_seq_dropout_is_one_minus_the_kept_fraction(value, keep):
     assert from_reference_hparams({"audio_encoder_seq_dropout_prob": value}).audio.token_keep == pytest.approx(keep)
+
+
+def test_result_overrides_take_the_last_value_of_a_repeated_key():
+    """Both values went into the sort, which compared them: a TypeError traceback for values of two
+    types or two mappings, and a resume refused for a list that sets the same model as the saved one."""
+    assert result_overrides(["text.layers=2", "attention=eager", "text.layers=x"]) == [("text.layers", "x")]
+    assert result_overrides(["audio={layers: 2}", "audio={width: 64}"]) == [("audio", {"width": 64})]
+    assert result_overrides(["mask_padding=true", "mask_padding=false"]) == result_overrides(["mask_padding=false"])

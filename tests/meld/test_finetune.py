@@ -222,6 +222,22 @@ def test_config_presets_load():
     assert str(caught.value) == "linear_prob: no such config file, nor a preset (demo, full, linear_probe, text_only)"
 
 
+@pytest.mark.parametrize("prompt, problem", [
+    ("a {tone} voice, {label}", "must contain {label} and no other field in braces, got 'a {tone} voice, {label}'"),
+    ("a {{label}} voice", "must contain {label} and no other field in braces, got 'a {{label}} voice'"),
+    ("{label}: {label!z}", "'{label}: {label!z}' is not a valid format string (Unknown conversion specifier z)"),
+])  # fmt: skip
+def test_a_prompt_that_str_format_cannot_fill_per_class_is_a_config_error(prompt, problem):
+    """zero_shot_init fills model.prompt with str.format once the data and model are loaded: another field or
+    conversion was a KeyError or ValueError traceback there, and a doubled brace pair gave every class the
+    same prompt."""
+    assert load_config("demo", ["model.prompt=a {label} and {label:>5}"]).model.prompt == "a {label} and {label:>5}"
+    with pytest.raises(config_lib.ConfigError) as caught:
+        load_config("demo", [f"model.prompt={json.dumps(prompt)}"])
+    assert str(caught.value).endswith(f"demo.yaml + overrides: model.prompt{'' if problem.startswith('must') else ':'} "
+                                      f"{problem}")
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     err = capsys.readouterr().err.strip()
