@@ -284,8 +284,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.num_samples, generator=generator)
         if self.lengths is None:
             return order[: self.batches_per_epoch * global_batch].view(-1, global_batch)
-        sorted_order = sorted_in_pools(order, self.lengths, global_batch * self.pool_batches)
-        batches = sorted_order[: self.num_samples // global_batch * global_batch].view(-1, global_batch)
+        # The incomplete global batch's samples leave the shuffled order before it is sorted: cut from
+        # the sorted order, they would be the longest of the last pool, and long clips would be
+        # dropped far more often than short ones.
+        kept = order[: self.num_samples // global_batch * global_batch]
+        batches = sorted_in_pools(kept, self.lengths, global_batch * self.pool_batches).view(-1, global_batch)
         return batches[torch.randperm(len(batches), generator=generator)][: self.batches_per_epoch]
 
     def __iter__(self) -> Iterator[list[int]]:

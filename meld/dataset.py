@@ -237,11 +237,17 @@ class LengthBucketSampler(Sampler[list[int]]):
         count = len(self.lengths)
         if self.shuffle:
             rng = np.random.default_rng((self.seed, self.epoch))
-            order = sorted_in_pools(torch.from_numpy(rng.permutation(count)), self.lengths, self.pool)
+            permutation = torch.from_numpy(rng.permutation(count))
+            if self.drop_last:
+                # The incomplete batch's samples leave the permutation before it is sorted: the last
+                # batch of the sorted order would be the longest of the last pool, so long samples
+                # would be dropped far more often than short ones.
+                permutation = permutation[: count // self.batch_size * self.batch_size]
+            order = sorted_in_pools(permutation, self.lengths, self.pool)
         else:
             order = sorted_in_pools(torch.arange(count), self.lengths, count)
         # A pool is a whole number of batches, so no batch straddles two pools.
-        batches = [order[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)]
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         if self.drop_last:
             batches = [batch for batch in batches if len(batch) == self.batch_size]
         if self.shuffle:
