@@ -25,7 +25,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Natively only (compute capability 8.0+): by default torch also counts a GPU that merely
+        # emulates bf16 (Volta, Turing), where bf16 matmuls skip the tensor cores fp16 runs on.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return requested
 
 

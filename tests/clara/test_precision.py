@@ -12,9 +12,12 @@ def test_a_cpu_always_runs_fp32():
     assert {resolve_precision(p, torch.device("cpu")) for p in PRECISIONS} == {"fp32"}
 
 
-@pytest.mark.parametrize("bf16_supported, auto", [(True, "bf16"), (False, "fp16")])
-def test_on_cuda_auto_is_the_fast_type_and_explicit_values_hold(monkeypatch, bf16_supported, auto):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+@pytest.mark.parametrize("native, emulated, auto", [(True, True, "bf16"), (False, True, "fp16"), (False, False, "fp16")])
+def test_on_cuda_auto_is_the_fast_type_and_explicit_values_hold(monkeypatch, native, emulated, auto):
+    """A Volta or Turing GPU emulates bf16 (torch.cuda.is_bf16_supported() is True there by default)
+    without the tensor cores its fp16 runs on: auto is fp16 on it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or (including_emulation and emulated))
     cuda = torch.device("cuda")
     assert resolve_precision("auto", cuda) == auto
     assert [resolve_precision(p, cuda) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
