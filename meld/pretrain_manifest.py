@@ -2,6 +2,7 @@
 
     python -m meld.prepare --data ROOT                       # first: finds the broken clips
     python -m meld.pretrain_manifest --data ROOT --out manifest.jsonl [--templates YAML] [--split train]
+                                     [--max-seconds S --config YAML --set KEY=VALUE]  # as given to prepare
     python -m clara.pretrain data.train=manifest.jsonl train.out_dir=runs/clara-manifest  # adapts CLARA to MELD
 
 One JSONL line per usable clip: ``{"audio": <absolute clip path>, "caption": ..., "language": "en",
@@ -27,6 +28,7 @@ from meld.demo import ensure_demo
 from meld.errors import MeldDataError
 from meld.feature_cache import TRUNCATED, AudioSettings, audio_cache_dir, default_cache_root
 from meld.layout import find_layout
+from meld.prepare import add_audio_arguments, audio_config
 from meld.prepare_report import REPORT_NAME
 from meld.records import SPLITS, load_splits
 
@@ -45,7 +47,7 @@ def read_bad_clips(data_root: Path, cache_root: str | Path | None, settings: Aud
     cache = f" --cache {cache_root}" if cache_root is not None else ""
     if not path.is_file():
         raise MeldDataError(f"no prepare report at {path}: run `python -m meld.prepare --data {data_root}{cache}` "
-                            "first (it finds the clips that cannot be used)")
+                            "first, with the audio settings given here (it finds the clips that cannot be used)")
     try:
         problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
         return {p["key"]: f"{p['status']}: {p['reason']}" for p in problems if p["status"] != TRUNCATED}
@@ -67,6 +69,7 @@ def export_manifest(
 ) -> ManifestSummary:
     """Write the manifest of ``splits`` to ``out`` (atomically); raises MeldDataError / ConfigError."""
     root = Path(data_root)
+    splits = list(dict.fromkeys(splits))  # a split named twice (--split train train) is still exported once
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or not splits:
         raise MeldDataError(f"split(s) {', '.join(unknown) or '(none)'}: expected some of {', '.join(SPLITS)}")
@@ -98,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", nargs="+", default=["train"], choices=SPLITS,
                         help="splits to export (default train)")
     parser.add_argument("--cache", help="prepare's --cache, where its report is (default: as prepare's)")
+    # A report lies in the cache folder of prepare's audio settings (min_seconds also decides which
+    # clips are silent), so the same flags find it.
+    add_audio_arguments(parser)
     args = parser.parse_args(argv)
     try:
         if not args.out.endswith(".jsonl"):
             raise ConfigError(f"--out {args.out}: the manifest must be a .jsonl file")
+        settings = audio_config(args).audio
         root = Path(args.data) if args.data is not None else ensure_demo(log=print)
-        summary = export_manifest(root, args.out, templates=args.templates, splits=args.split, cache_root=args.cache)
+        summary = export_manifest(root, args.out, templates=args.templates, splits=args.split, cache_root=args.cache,
+                                  settings=settings)
     except (MeldDataError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from clara.pretrain_data import read_manifest
 from meld.captions import CaptionConfig, caption_for, load_captions, template_index
 from meld.demo import make_demo
 from meld.errors import MeldDataError
+from meld.feature_cache import AudioSettings
 from meld.layout import find_layout
 from meld.prepare import prepare
 from meld.pretrain_manifest import export_manifest, main
@@ -87,6 +88,35 @@ def test_cli(prepared, tmp_path, capsys):
     out = tmp_path / "m.jsonl"
     assert main(["--data", str(root), "--out", str(out), "--cache", str(cache)]) == 0
     assert out.is_file() and f"clara.pretrain data.train={out} train.out_dir=runs/clara-m\n" in capsys.readouterr().out
+
+
+def test_a_split_named_twice_is_exported_once(prepared, tmp_path, capsys):
+    root, cache, _ = prepared
+    out = tmp_path / "m.jsonl"
+    assert main(["--data", str(root), "--out", str(out), "--cache", str(cache), "--split", "train", "dev", "train"]) == 0
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    once = export_manifest(root, tmp_path / "once.jsonl", splits=("train", "dev"), cache_root=cache)
+    assert keys == [json.loads(line)["key"] for line in (tmp_path / "once.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == once.written
+    assert f"wrote {once.written} clips" in capsys.readouterr().out
+
+
+def test_cli_reads_the_report_of_prepares_audio_settings(prepared, tmp_path, capsys):
+    """prepare --max-seconds 20 --set audio.min_seconds=6 writes its report in that setting's cache
+    folder and reports the demo's clips under 6 s silent or empty; the same flags find that report
+    and export the default settings' manifest less those clips."""
+    root, default_cache, _ = prepared
+    flags = ["--max-seconds", "20", "--set", "audio.min_seconds=6"]
+    report = prepare(root, tmp_path / "cache", AudioSettings(max_seconds=20.0, min_seconds=6.0), workers=1)
+    short = {p["key"] for p in report["problems"] if p["reason"].endswith("under the 6 s minimum")}
+    out = tmp_path / "m.jsonl"
+    assert main(["--data", str(root), "--out", str(out), "--cache", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err.startswith("error: no prepare report")
+    assert main(["--data", str(root), "--out", str(out), "--cache", str(tmp_path / "cache"), *flags]) == 0
+    export_manifest(root, tmp_path / "default.jsonl", cache_root=default_cache)
+    default = [json.loads(line)["key"] for line in (tmp_path / "default.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == [k for k in default if k not in short]
+    assert len(short & set(default)) >= 5
 
 
 def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
