@@ -430,3 +430,19 @@ def test_the_tree_is_as_readable_as_a_plain_mkdir_makes_it(tmp_path, stub_writer
     finally:
         os.umask(mask)
     assert (tmp_path / "MELD.Raw").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_script_that_builds_the_demo_at_its_top_level_fails_instead_of_hanging(tmp_path):
+    """The build's workers are spawned, and each runs the top level of the script that started it: a
+    script without `if __name__ == "__main__":` had them wait for the lock the parent held, forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text("import sys\nfrom meld.demo import MIN_SIZE, make_demo\n"
+                      "make_demo(sys.argv[1], size=MIN_SIZE, workers=2)\n")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "demo")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert 'must do so under `if __name__ == "__main__":`' in result.stderr
+
