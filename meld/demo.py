@@ -40,6 +40,7 @@ from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, rem
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
+from meld.spawn_guard import refuse_in_a_starting_worker
 from meld.labels import EMOTIONS
 from meld.records import COLUMNS
 
@@ -409,17 +410,6 @@ def _check_is_a_demo_folder(out: Path) -> None:
         raise FileExistsError(f"{out} holds other files ({shown}), not a demo build; give a new or empty folder")
 
 
-def _check_not_a_starting_worker() -> None:
-    """Refuse a build from a worker process still importing the caller's script: the build's workers are
-    spawned, and a spawned process runs the top level of the script that started it (under the name
-    ``__mp_main__``). A script that builds the demo at its top level, not under ``if __name__ ==
-    "__main__":``, then had every worker wait for the lock its parent holds, and both waited forever."""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RuntimeError("the demo was asked for while a worker process was starting: a script that builds "
-                           "it (meld.demo.ensure_demo or make_demo) must do so under "
-                           "`if __name__ == \"__main__\":`, as its worker processes run the script's top level")
-
-
 def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force: bool = False,
               workers: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Build the demo under ``out`` and return its MELD root, ``out/MELD.Raw``.
@@ -433,7 +423,7 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
     root = out / ROOT_NAME
     log = log or (lambda message: None)
     _check(size, seed)
-    _check_not_a_starting_worker()
+    refuse_in_a_starting_worker("meld.demo.make_demo (or ensure_demo)")
     out.mkdir(parents=True, exist_ok=True)
     _check_is_a_demo_folder(out)
     with _locked(out / ".demo.lock"):

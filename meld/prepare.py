@@ -44,6 +44,7 @@ from meld.feature_cache import (
 from meld.layout import find_layout
 from meld.prepare_report import ExtraFile, build_report, format_summary, write_report
 from meld.records import SPLITS, Utterance, load_splits
+from meld.spawn_guard import refuse_in_a_starting_worker
 
 _CLIP_NAME = re.compile(r"dia[0-9]+_utt[0-9]+\.mp4")
 _FINAL_VIDEOS = "final_videos_test"
@@ -158,9 +159,10 @@ def prepare(
     """Bring the feature cache of ``data_root`` up to date; return the report (also written as JSON).
 
     Raises MeldDataError for a missing root, CSV or clip folder, or a malformed CSV. KeyboardInterrupt
-    passes through, with every clip finished so far in the journal. With ``workers`` > 1, call it
-    under ``if __name__ == "__main__":`` in a script: worker processes import the main module.
+    passes through, with every clip finished so far in the journal. Call it under ``if __name__ ==
+    "__main__":`` in a script: worker processes run the main module's top level (meld.spawn_guard).
     """
+    refuse_in_a_starting_worker("meld.prepare.prepare")
     root = Path(data_root)
     try:
         layout = find_layout(root, SPLITS, need_clips=True)

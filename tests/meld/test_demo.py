@@ -444,5 +444,6 @@ def test_a_script_that_builds_the_demo_at_its_top_level_fails_instead_of_hanging
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "demo")], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0
+    assert 'meld.demo.make_demo (or ensure_demo) was called while a worker process was starting' in result.stderr
     assert 'must do so under `if __name__ == "__main__":`' in result.stderr
 

@@ -377,3 +377,21 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, case, args, message):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
+
+
+def test_a_script_that_prepares_at_its_top_level_fails_instead_of_hanging(tmp_path):
+    """prepare's workers (forkserver) run the top level of the script that started them: a script without
+    `if __name__ == "__main__":` had each start a prepare of its own and wait for its parent's lock, forever."""
+    import subprocess
+    import sys
+
+    from meld.demo import MIN_SIZE, make_demo
+
+    root = make_demo(tmp_path / "demo", size=MIN_SIZE)
+    script = tmp_path / "prepare_all.py"
+    script.write_text("import sys\nfrom meld.prepare import prepare\nprepare(sys.argv[1], sys.argv[2], workers=2)\n")
+    result = subprocess.run([sys.executable, str(script), str(root), str(tmp_path / "cache")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "meld.prepare.prepare was called while a worker process was starting" in result.stderr
+
