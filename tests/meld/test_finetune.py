@@ -318,8 +318,8 @@ def test_demo_audio_plus_text_is_at_least_as_good_as_either_alone(tmp_path):
     for modality in ("audio", "text", "both"):
         doc = run_finetune(load_config(None, [*quiet, f"data.modality={modality}"]), out_dir=tmp_path / modality)
         means[modality] = {split: doc["mean_std"][split]["macro_f1"]["mean"] for split in ("dev", "test")}
-    # The README's figures: test 0.5256 / 0.4422 / 0.5557, dev 0.5715 / 0.4908 / 0.6035 (audio / text / both).
-    assert means["both"]["test"] == pytest.approx(0.5557, abs=0.05)  # other CPUs round differently over 1700 steps
+    # The README's figures: test 0.5144 / 0.4454 / 0.5397, dev 0.5357 / 0.4881 / 0.5869 (audio / text / both).
+    assert means["both"]["test"] == pytest.approx(0.5397, abs=0.05)  # other CPUs round differently over 1700 steps
     for split in ("dev", "test"):
         assert means["both"][split] >= max(means["audio"][split], means["text"][split])
 
