@@ -183,6 +183,20 @@ def test_sdpa_matches_eager_attention(with_mask):
     assert (attention(q, k, v, key_mask=mask, backend="flash_attn") - eager).abs().max() <= 1e-5
 
 
+def _eager_and_backend(backend: str, q, k, v, mask, grad_out) -> list[tuple[torch.Tensor, ...]]:
+    """(output, dq, dk, dv) of the eager reference and of ``backend`` for ``grad_out``, checked to agree
+    within 1e-5."""
+    results = []
+    for name in ("eager", backend):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, key_mask=mask, backend=name)
+        out.backward(grad_out)
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return results
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_cudnn", "flash_attn"])
 def test_fast_attention_gradients_match_eager_and_skip_padded_keys(backend):
     """The fused kernels' backward against the eager reference's, through a padded key mask: q, k, v
@@ -192,14 +206,7 @@ def test_fast_attention_gradients_match_eager_and_skip_padded_keys(backend):
     mask = torch.arange(13)[None] < lengths[:, None]  # [B, Lk]
     q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 13, 16), torch.randn(3, 4, 13, 16)
     grad_out = torch.randn(3, 4, 7, 16)
-    results = []
-    for name in ("eager", backend):
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*inputs, key_mask=mask, backend=name)
-        out.backward(grad_out)
-        results.append((out.detach(), *(t.grad for t in inputs)))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    results = _eager_and_backend(backend, q, k, v, mask, grad_out)
     for dq, dk, dv in (results[0][1:], results[1][1:]):
         assert dk[~mask[:, None, :, None].expand_as(dk)].abs().max() == 0
         assert dv[~mask[:, None, :, None].expand_as(dv)].abs().max() == 0
@@ -265,14 +272,7 @@ def test_a_query_row_without_real_keys_gives_zeros_like_eager(backend):
     mask = torch.arange(9)[None] < torch.tensor([9, 0, 3])[:, None]  # [B, Lk], item 1 has no real key
     q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
     grad_out = torch.randn(3, 2, 4, 16)
-    results = []
-    for name in ("eager", backend):
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*inputs, key_mask=mask, backend=name)
-        out.backward(grad_out)
-        results.append((out.detach(), *(t.grad for t in inputs)))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    results = _eager_and_backend(backend, q, k, v, mask, grad_out)
     out, dq, dk, dv = results[0]
     assert out[1].abs().max() == 0 and dq[1].abs().max() == 0 and dk[1].abs().max() == 0 and dv[1].abs().max() == 0
     assert out[0].abs().max() > 0 and dv[2, :, :3].abs().max() > 0  # the other items are untouched
