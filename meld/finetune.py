@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -171,9 +173,15 @@ class _Data:
         return row_coverage({split: (len(dataset), dict(dataset.dropped)) for split, dataset in self.datasets.items()})
 
     def fingerprint(self, config: FinetuneConfig) -> dict:
-        return {"root": str(self.root.resolve()), "data": config_lib.to_dict(config.data), "features": config.model.features,
-                "hf_max_tokens": config.model.hf_max_tokens,
-                "splits": {split: ds.content_digest() for split, ds in self.datasets.items()}}
+        fingerprint = {"root": str(self.root.resolve()), "data": config_lib.to_dict(config.data),
+                       "features": config.model.features, "hf_max_tokens": config.model.hf_max_tokens,
+                       "splits": {split: ds.content_digest() for split, ds in self.datasets.items()}}
+        if self.hf_tokenizer is not None:
+            # The ids the transformers encoder reads: its tokenizer's files (vocabulary, lower-casing) are
+            # not among the weights the cache key hashes, and an edited one changes every embedding.
+            fingerprint["hf_ids"] = {split: hashlib.sha256(json.dumps([ids.tolist() for ids in view.ids]).encode()).hexdigest()
+                                     for split, view in self.views.items()}
+        return fingerprint
 
 
 def _load_clara(config: FinetuneConfig) -> Clara | None:
@@ -227,6 +235,14 @@ def _train_view(config: FinetuneConfig, train: torch.utils.data.Dataset, seed: i
     if config.loss.sampler != "balanced":
         return train
     return BalancedView(train, labels_of(train, config.target).tolist(), seed)
+
+
+def _recorded_train_seconds(out_dir: Path, default: float) -> float:
+    """The training time ``out_dir``'s metrics.json records; ``default`` when it has none to read."""
+    try:
+        return float(json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))["selection"]["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: distributed.DistEnv, out_dir: Path,
@@ -290,33 +306,39 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: dis
                       lengths=lengths)
     task.trainer = trainer
     _write_status(out_dir, "running", seed=seed)
+    # Until "complete": a Ctrl-C or error while test is scored and the outputs written (figures, a
+    # full disk) is recorded too, not left as a run still "running".
     try:
         result = trainer.fit()
+        model.load_state_dict(load_file(str(out_dir / BEST_WEIGHTS)))
+        model.eval()
+        outputs = {split: forward_all(model, views[split], collate_fn or default_collate, eval_batch, trainer.device,
+                                      precision=trainer.precision)
+                   for split in ("dev", "test")}
+        gold = {split: labels_of(views[split], config.target) for split in outputs}
+        doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)
+               for split in outputs}
+        doc["rows"] = data.coverage()
+        seconds = result.seconds
+        if result.resumed_from == result.step and env.is_main:
+            # A finished run given again trains nothing: it keeps the time its training took.
+            seconds = _recorded_train_seconds(out_dir, seconds)
+        # Only the main process evaluates, so only it holds the selection; every process returns the same doc.
+        best, seconds = distributed.all_gather_object((task.best, seconds))[0]
+        doc["selection"] = {**best, "seed": seed, "train_seconds": round(seconds, 1)}
+        if env.is_main:
+            spec = classifier_spec(classifier, target=config.target, class_names=class_names, head=head_shape,
+                                   data=config.data, hf_max_tokens=config.model.hf_max_tokens)
+            save_classifier(out_dir / "model", classifier.cpu(), spec, data.hf_tokenizer)
+            write_run_outputs(out_dir, config, doc, outputs["test"], gold["test"], [u.key for u in views["test"].utterances],
+                              class_names, step=trainer.step)
+            _write_status(out_dir, "complete", seed=seed)
     except BaseException as err:
         if trainer.writer is not None:
             trainer.writer.close()
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "stopped"
         _write_status(out_dir, status, seed=seed, step=trainer.step, error=f"{type(err).__name__}: {err}")
         raise
-    model.load_state_dict(load_file(str(out_dir / BEST_WEIGHTS)))
-    model.eval()
-    outputs = {split: forward_all(model, views[split], collate_fn or default_collate, eval_batch, trainer.device,
-                                  precision=trainer.precision)
-               for split in ("dev", "test")}
-    gold = {split: labels_of(views[split], config.target) for split in outputs}
-    doc = {split: classification_metrics(gold[split].tolist(), outputs[split]["logits"].argmax(-1).tolist(), class_names)
-           for split in outputs}
-    doc["rows"] = data.coverage()
-    # Only the main process evaluates, so only it holds the selection; every process returns the same doc.
-    best = distributed.all_gather_object(task.best)[0]
-    doc["selection"] = {**best, "seed": seed, "train_seconds": round(result.seconds, 1)}
-    if env.is_main:
-        spec = classifier_spec(classifier, target=config.target, class_names=class_names, head=head_shape,
-                               data=config.data, hf_max_tokens=config.model.hf_max_tokens)
-        save_classifier(out_dir / "model", classifier.cpu(), spec, data.hf_tokenizer)
-        write_run_outputs(out_dir, config, doc, outputs["test"], gold["test"], [u.key for u in views["test"].utterances],
-                          class_names, step=trainer.step)
-        _write_status(out_dir, "complete", seed=seed)
     distributed.barrier()  # the outputs are complete before any process returns (and torchrun ends the run)
     return doc
 
@@ -381,6 +403,20 @@ def _run_seeds(config: FinetuneConfig, data: _Data, clara, env, out_dir: Path,
     return doc
 
 
+def _new_run_dir(stamp: Path) -> Path:
+    """The new folder ``stamp`` (``runs/finetune-<timestamp>``), or ``stamp-2``, ``stamp-3``, ... when taken, made
+    now: runs started in the same second (a script launching several) would otherwise share one folder,
+    the later ones refused as another command's or taking the first one's run for theirs."""
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        path = stamp if number == 1 else stamp.with_name(f"{stamp.name}-{number}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meld.finetune", description=describe(__doc__))
     parser.add_argument("--config", help="a fine-tune YAML or preset name (linear_probe, full, text_only); default: demo")
@@ -399,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     # JSON is valid YAML: paths with odd characters pass through the override parser unchanged.
     overrides = [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)]
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    made = None  # the default folder, which this command made
     try:
+        if args.out is None and distributed.is_main():  # under torchrun every process uses the main one's folder
+            out_dir = made = _new_run_dir(out_dir)
         config = load_config(args.config, overrides)
         claim(out_dir, KIND, holds_run)  # a folder with the user's files in it is not ours to write into
         doc = run_finetune(config, out_dir=out_dir)
@@ -414,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown()
+        if made is not None and made.is_dir() and not any(made.iterdir()):  # refused before the run began
+            made.rmdir()
     if not distributed.is_main():  # the table once, from the main process
         return 0
     from meld.report import format_table, seed_cell, spread_label

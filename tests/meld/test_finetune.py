@@ -547,3 +547,88 @@ def test_torchrun_with_two_processes_matches_one_process_and_writes_once(csv_roo
                              timeout=240)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode != 0 and len(errors) == 1 and "train.epochs" in errors[0], refused.stderr[-2000:]
+
+
+
+# ---- a finished run given again, status.json, the default --out, the transformers tokenizer in the cache key
+
+
+def test_a_finished_run_given_again_returns_the_same_document(text_run, csv_root, tmp_path):
+    """Training nothing, the rerun rewrote metrics.json with the ~0 s it took as the run's training time."""
+    copy = tmp_path / "copy"
+    shutil.copytree(text_run[0], copy)
+    saved = json.loads((copy / "metrics.json").read_text())
+    saved["selection"]["train_seconds"] = 12.3  # what the first command measured, whatever this machine takes
+    (copy / "metrics.json").write_text(json.dumps(saved))
+    again = run_finetune(text_config(csv_root), out_dir=copy)
+    assert json.loads(json.dumps(again)) == saved == json.loads((copy / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "interrupted"), (OSError, "stopped")])
+def test_a_stop_while_the_outputs_are_written_is_recorded_and_the_rerun_completes(csv_root, tmp_path, monkeypatch,
+                                                                                    error, status):  # fmt: skip
+    """status.json said "running" for good after a Ctrl-C (or a full disk) once training had finished."""
+    from meld import finetune
+
+    original = finetune.write_run_outputs
+
+    def fail(*args, **kwargs):
+        raise error("while drawing")
+
+    monkeypatch.setattr(finetune, "write_run_outputs", fail)
+    with pytest.raises(error):
+        run_finetune(text_config(csv_root), out_dir=tmp_path)
+    recorded = json.loads((tmp_path / "status.json").read_text())
+    assert recorded == {"status": status, "seed": 1234, "step": 10, "error": f"{error.__name__}: while drawing"}
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(finetune, "write_run_outputs", original)
+    doc = run_finetune(text_config(csv_root), out_dir=tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "complete", "seed": 1234}
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"] == json.loads(json.dumps(doc["test"]))
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_folders(csv_root, tmp_path, capsys, monkeypatch):
+    """The default --out is runs/finetune-<timestamp>: a second run started in the same second was refused
+    while the first ran in that folder, or afterwards resumed it (the same settings) or refused it (others)."""
+    from clara.run_dir import exclusive_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("meld.finetune.time.strftime", lambda fmt: "finetune-20260101-120000")
+    first = tmp_path / "runs" / "finetune-20260101-120000"
+    first.mkdir(parents=True)
+    argv = ["--data", str(csv_root), "--modality", "text", *FAST, "train.epochs=1"]
+    with exclusive_run(first):  # the first run, started the same second, made its folder and runs in it
+        assert main(argv) == 0
+    assert main([*argv, "train.lr=0.0005"]) == 0
+    out = capsys.readouterr().out
+    assert "run directory: runs/finetune-20260101-120000-2 " in out and "run directory: runs/finetune-20260101-120000-3 " in out
+    assert yaml.safe_load((first.with_name(first.name + "-3") / "config.yaml").read_text())["train"]["lr"] == 0.0005
+    assert not any(first.iterdir())
+    # A run refused before it begins leaves no empty folder behind.
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--modality", "text", *FAST]) == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [first.name, f"{first.name}-2", f"{first.name}-3"]
+
+
+def test_an_edited_transformers_tokenizer_is_encoded_again(tmp_path, capsys):
+    """The linear-probe cache key hashed the transformers weights, not its tokenizer: with two words of the
+    vocabulary swapped, the embeddings of the old ids were read back."""
+    from tests.meld.test_classifier import tiny_bert
+
+    bert = tiny_bert(tmp_path / "bert")
+    root = write_csv_meld(tmp_path / "meld")
+    config = text_config(root, "strategy.name=linear_probe", f"cache_root={tmp_path / 'cache'}", "train.epochs=1",
+                         f"model.hf_text={bert}", "model.hf_text_mode=replace")
+    before = _Data(config, load_model_config("tiny")).views["train"].ids
+    run_finetune(config, out_dir=tmp_path / "a")
+    run_finetune(config, out_dir=tmp_path / "b")
+    tokenizer = json.loads((bert / "tokenizer.json").read_text())  # what the fast tokenizer reads
+    vocab = tokenizer["model"]["vocab"]
+    vocab["great"], vocab["sad"] = vocab["sad"], vocab["great"]
+    (bert / "tokenizer.json").write_text(json.dumps(tokenizer))
+    after = _Data(config, load_model_config("tiny")).views["train"].ids
+    assert any(not torch.equal(old, new) for old, new in zip(before, after))  # "great" is in the joy lines
+    run_finetune(config, out_dir=tmp_path / "c")
+    printed = capsys.readouterr().out
+    assert printed.count("embeddings computed") == 2 and printed.count("embeddings read from") == 1
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
