@@ -293,6 +293,19 @@ def _no_features(root: Path, split: str, cache_dir: Path, cache_root: str | Path
             f"`python -m meld.prepare --data {root}{cache}` with the same audio settings first")
 
 
+def check_not_empty(datasets: Mapping[str, MeldDataset], root: Path) -> None:
+    """Raise MeldDataError naming the first split with no usable row: a driver would fail deep in its
+    metrics with nothing to train on, score or estimate a prior from."""
+    for split, dataset in datasets.items():
+        if len(dataset):
+            continue
+        if dataset.store is not None and dataset.dropped:
+            raise MeldDataError(f"the {split} split of {root} has no clip with audio features: all "
+                                f"{len(dataset.dropped)} rows are missing, undecodable, silent or too short "
+                                f"(prepare's report in {dataset.store.path.parent} lists why)")
+        raise MeldDataError(f"the {split} split of {root} has no rows")
+
+
 def build_datasets(
     data_root: str | Path | None = None,
     config: DataConfig = DataConfig(),

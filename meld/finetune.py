@@ -52,7 +52,7 @@ from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
-from meld.dataset import MeldDataset, build_datasets
+from meld.dataset import MeldDataset, build_datasets, check_not_empty
 from meld.demo import ensure_demo
 from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
@@ -164,9 +164,7 @@ class _Data:
                                             max_tokens=config.model.hf_max_tokens) for split, ds in self.datasets.items()}
         pad = self.hf_tokenizer.pad_token_id if self.hf_tokenizer is not None else 0
         self.collate = Collate(pad or 0, frames_multiple=data.frames_multiple, tokens_multiple=data.tokens_multiple)
-        for split, dataset in self.datasets.items():
-            if len(dataset) == 0:
-                raise MeldDataError(f"the {split} split of {self.root} has no usable utterances for modality {data.modality}")
+        check_not_empty(self.datasets, self.root)
 
     def coverage(self) -> dict[str, dict]:
         """``meld.report.row_coverage`` of every split: the rows trained on or scored, and those left out."""

@@ -45,7 +45,7 @@ from clara.tokenizer import Tokenizer
 from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
 from meld.captions import DEFAULT_CAPTIONS, CaptionConfig, caption_for, load_captions
 from meld.classifier_io import is_classifier_dir
-from meld.dataset import DataConfig, MeldDataset, build_datasets, make_dataloader
+from meld.dataset import DataConfig, MeldDataset, build_datasets, check_not_empty, make_dataloader
 from meld.demo import ensure_demo
 from meld.demo_clara import ensure_demo_clara
 from meld.embedding_cache import cache_key, load_or_encode, path_for
@@ -260,12 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     eval_splits = ("dev", "test") if args.split == "both" else (args.split,)
     check_model_mels(data.audio, model.config.audio.n_mels)
     datasets = build_datasets(root, data, splits=("train", *eval_splits), cache_root=cache_root)
-    for split, dataset in datasets.items():
-        # Nothing to score (or, for train, to estimate the prior from) would fail deep in the metrics.
-        if len(dataset) == 0:
-            raise MeldDataError(f"the {split} split of {root} has no clip with audio features: all "
-                                f"{len(dataset.dropped)} rows are missing, undecodable, silent or too short "
-                                f"(prepare's report in {audio_cache_dir(cache_root, data.audio)} lists why)")
+    check_not_empty(datasets, root)
 
     precision = resolve_precision(args.precision, device)
     audio, prompt_embeds, hit = cached_embeddings(model, tokenizer, prompts, datasets, root, data, args.batch_size,

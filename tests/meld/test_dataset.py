@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from clara.model import Clara
 from clara.model_config import load_model_config
 from clara.tokenizer import Tokenizer
 from meld.dataset import (
-    DataConfig, LengthBucketSampler, MeldDataset, build_datasets, build_loaders, class_counts, collate, make_dataloader,
+    DataConfig, LengthBucketSampler, MeldDataset, build_datasets, build_loaders, check_not_empty, class_counts, collate,
+    make_dataloader,
 )
 from meld.demo import make_demo
 from meld.errors import MeldDataError
@@ -203,6 +205,17 @@ def test_text_only_on_a_hand_made_csv_folder(tmp_path, tokenizer):
     assert class_counts(datasets)["train"]["emotion"] == [0, 1, 0, 0, 1, 0, 0]
     with pytest.raises(MeldDataError, match="no audio features for the train split, and no clips to prepare them from: "):
         build_datasets(tmp_path, DataConfig(modality="both"), cache_root=tmp_path / "cache", tokenizer=tokenizer)
+
+
+def test_a_split_without_rows_is_one_error_naming_it(tmp_path, tokenizer):
+    times = '"0:00:01,000","0:00:02,500"'
+    for split in SPLITS:
+        rows = "" if split == "dev" else f"1,Hi there.,Joey,joy,positive,0,0,1,1,{times}\n"
+        (tmp_path / f"{split}_sent_emo.csv").write_text(HEADER + rows)
+    datasets = build_datasets(tmp_path, DataConfig(modality="text"), tokenizer=tokenizer)
+    check_not_empty({split: datasets[split] for split in ("train", "test")}, tmp_path)
+    with pytest.raises(MeldDataError, match=f"^the dev split of {re.escape(str(tmp_path))} has no rows$"):
+        check_not_empty(datasets, tmp_path)
 
 
 def test_content_digest_follows_text_context_and_clips_not_labels(tmp_path, tokenizer):
