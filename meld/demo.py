@@ -40,9 +40,9 @@ from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, rem
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
-from meld.spawn_guard import refuse_in_a_starting_worker
 from meld.labels import EMOTIONS
 from meld.records import COLUMNS
+from meld.spawn_guard import refuse_in_a_starting_worker
 
 DEMO_VERSION = 1  # bump whenever the output changes, so cached demos get rebuilt
 DEFAULT_SIZE = 400

@@ -19,7 +19,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -54,16 +54,11 @@ def parse_turn(text: str) -> tuple[str, str]:
     return speaker.strip(), said.strip()
 
 
-def _is_file(path: Path) -> bool:
+def _path_is(path: Path, test: Callable[[Path], bool]) -> bool:
+    """``test(path)`` (Path.is_file, Path.is_dir); False where the OS refuses the name: an utterance
+    longer than a file name may be (ENAMETOOLONG) names no file."""
     try:
-        return path.is_file()
-    except OSError:  # an utterance longer than a file name may be (ENAMETOOLONG) names no file
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
+        return test(path)
     except OSError:
         return False
 
@@ -97,9 +92,9 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         raise PredictError("the item is empty; give " + ("an mp4 or wav file" if needs_audio else
                                                          "the utterance's text as a quoted string"))
     path = Path(item)
-    exists = _is_file(path)
+    exists = _path_is(path, Path.is_file)
     is_audio = path.suffix.lower() in AUDIO_SUFFIXES or exists
-    if _is_dir(path) and (is_audio or needs_audio):
+    if _path_is(path, Path.is_dir) and (is_audio or needs_audio):
         raise PredictError(f"{path}: a folder, not an audio or video file")
     # A run that needs audio reads a path-like item (any suffix) as a file it cannot find, not as text.
     if not exists and (is_audio or (needs_audio and _PATH_LIKE.fullmatch(item))):
