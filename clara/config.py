@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import string
 import types
 import typing
 from contextlib import contextmanager
@@ -231,6 +232,24 @@ def check_overrides(overrides: Sequence[str], field: str) -> None:
             parse_override(text)
         except ConfigError as err:
             raise ConfigError(f"{field}: {err}") from None
+
+
+def format_fields(template: str, where: str) -> list[str]:
+    """The field names of ``str.format`` template ``template``, in order; ConfigError naming ``where``
+    (the setting) when it does not parse (an unmatched brace)."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"{where}: {template!r} is not a valid format string ({err})") from None
+
+
+def check_fills(template: str, where: str, values: Mapping[str, str]) -> None:
+    """Fill ``template`` once with ``values``: parsing accepts any conversion ("!z") and format spec,
+    which would fail only when the template is filled, mid-run; ConfigError naming ``where`` then."""
+    try:
+        template.format(**values)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {template!r} cannot be filled ({err})") from None
 
 
 @contextmanager

@@ -11,11 +11,10 @@ retrieval. Each clip gets one template, chosen by a hash of its key: stable acro
 from __future__ import annotations
 
 import hashlib
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clara.config import ConfigError, load
+from clara.config import ConfigError, check_fills, format_fields, load
 from clara.model_config import CONFIG_ROOT
 from meld.labels import EMOTIONS, SENTIMENTS
 from meld.records import Utterance
@@ -34,20 +33,11 @@ class CaptionConfig:
         if not self.templates:
             raise ConfigError("templates: give at least one caption template")
         for template in self.templates:
-            try:
-                names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-            except ValueError as err:
-                raise ConfigError(f"templates: {template!r} is not a valid format string ({err})") from None
-            unknown = sorted(names - set(FIELDS))
+            unknown = sorted(set(format_fields(template, "templates")) - set(FIELDS))
             if unknown:
                 raise ConfigError(f"templates: {template!r} uses unknown field(s) "
                                   f"{', '.join('{' + name + '}' for name in unknown)}; known fields: {', '.join(FIELDS)}")
-            # Parsing accepts any conversion ("!z") and format spec; they fail only when a caption is
-            # filled, deep in an export or a zero-shot run, so fill the template once here.
-            try:
-                template.format(**{name: name for name in FIELDS})
-            except ValueError as err:
-                raise ConfigError(f"templates: {template!r} cannot be filled ({err})") from None
+            check_fills(template, "templates", {name: name for name in FIELDS})  # before an export or a zero-shot run
         for key, labels in (("emotion_words", EMOTIONS), ("sentiment_words", SENTIMENTS)):
             words = getattr(self, key)
             missing = [label for label in labels if not isinstance(words.get(label), str) or not words[label].strip()]

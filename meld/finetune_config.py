@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clara.config import ConfigError, check_overrides
+from clara.config import ConfigError, check_overrides, format_fields
 from clara.engine import TrainConfig
 from meld.dataset import DataConfig
 
@@ -56,14 +55,12 @@ class ModelConfig:
                               f"{self.modality_dropout}")
         # zero_shot_init fills it in with str.format, mid-run: another field ("a {tone} voice") failed there
         # with a KeyError, and "{{label}}" (a literal brace pair) gave every class the same prompt.
+        if set(format_fields(self.prompt, "model.prompt")) != {"label"}:
+            raise ConfigError(f"model.prompt must contain {{label}} and no other field in braces, got {self.prompt!r}")
         try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
-            if names == {"label"}:
-                self.prompt.format(label="label")  # a conversion or format spec may still fail ("!z")
+            self.prompt.format(label="label")  # a conversion or format spec may still fail ("!z")
         except ValueError as err:
             raise ConfigError(f"model.prompt: {self.prompt!r} is not a valid format string ({err})") from None
-        if names != {"label"}:
-            raise ConfigError(f"model.prompt must contain {{label}} and no other field in braces, got {self.prompt!r}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ the ensemble costs a few small matrix products.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from clara.config import ConfigError, load
+from clara.config import ConfigError, check_fills, format_fields, load
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT
 from clara.tokenizer import Tokenizer
@@ -43,18 +42,9 @@ class PromptSet:
         if not self.templates:
             raise ConfigError("templates: give at least one template with a {label} field")
         for template in self.templates:
-            try:
-                names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-            except ValueError as err:
-                raise ConfigError(f"templates: {template!r} is not a valid format string ({err})") from None
-            if names != ["label"]:
+            if format_fields(template, "templates") != ["label"]:
                 raise ConfigError(f"templates: {template!r} must hold exactly one field, {{label}}")
-            # Parsing accepts any conversion ("!z") and format spec; they would fail only when the
-            # prompts are built, mid-run, so fill the template once here.
-            try:
-                template.format(label="label")
-            except ValueError as err:
-                raise ConfigError(f"templates: {template!r} cannot be filled ({err})") from None
+            check_fills(template, "templates", {"label": "label"})
         labels = TARGETS[self.target]
         if self.classes:
             missing = [label for label in labels if label not in self.classes]
