@@ -1,10 +1,13 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written result behind."""
+"""Atomic file writes: a crash or Ctrl-C never leaves a half-written result behind; and the lock
+file under which two processes building the same thing take turns."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +15,24 @@ from typing import Iterator
 
 
 CACHE_ENV = "MELD_CLARA_CACHE"
+
+
+@contextmanager
+def locked(path: str | Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on file ``path`` (made if missing): a second process waits until the
+    first leaves the block, printing ``waiting`` to stderr first when given. The lock goes with the
+    process, so a killed one leaves nothing to clear."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _default_mode(full: int) -> int:

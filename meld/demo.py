@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import json
 import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import av
 import numpy as np
 
 from clara.cli import describe
-from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, remove_leftovers, user_cache_dir
+from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, locked, remove_leftovers, user_cache_dir
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
@@ -387,17 +386,6 @@ def _is_complete(out: Path, size: int, seed: int) -> bool:
             and [manifest.get(k) for k in ("version", "size", "seed")] == [DEMO_VERSION, size, seed])
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path``: two commands building the same demo at once take turns."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _check_is_a_demo_folder(out: Path) -> None:
     """Refuse a folder holding anything but a demo build (its tree, manifest, lock, and a running or
     killed build's staging folder, set-aside old tree or half-written manifest): the demo would be
@@ -426,7 +414,7 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
     refuse_in_a_starting_worker("meld.demo.make_demo (or ensure_demo)")
     out.mkdir(parents=True, exist_ok=True)
     _check_is_a_demo_folder(out)
-    with _locked(out / ".demo.lock"):
+    with locked(out / ".demo.lock"):  # two commands building the same demo take turns
         if not force and _is_complete(out, size, seed):
             log(f"{root} already holds the demo of size {size}, seed {seed}: nothing rewritten")
             return root

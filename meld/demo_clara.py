@@ -15,7 +15,6 @@ interrupted build resumes from that folder's last saved step on the next call.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from clara import config as config_lib
 from clara.augment import check_config
-from clara.io_utils import user_cache_dir
+from clara.io_utils import locked, user_cache_dir
 from clara.model_config import CONFIG_ROOT
 from clara.pretrain import PretrainConfig, run
 from meld.captions import load_captions
@@ -83,8 +82,7 @@ def ensure_demo_clara(
     if (final / MODEL_DIR).is_dir():
         return final / MODEL_DIR
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".meld-demo.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key finishes first
+    with locked(home / ".meld-demo.lock"):  # a concurrent build of the same key finishes first
         if (final / MODEL_DIR).is_dir():
             return final / MODEL_DIR
         log(f"pretraining the tiny demo CLARA on {root} (first run only; cached in {final})")

@@ -16,14 +16,11 @@ row (``._`` forks, ``final_videos_test`` copies, stray clips), each with its fil
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clara.config import ConfigError, load
-from clara.io_utils import remove_leftovers
+from clara.io_utils import locked, remove_leftovers
 from clara.run_dir import check_folder_path
 from meld.clip_features import ClipTask, run_clips
 from meld.dataset import DataConfig
@@ -75,21 +72,6 @@ def scan_clips(root: Path, split: str, folder: Path, row_names: set[str]) -> tup
             continue
         extras.append(ExtraFile(split, os.path.relpath(entry.path, root), reason))
     return clips, extras
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock: two runs on the same cache take turns instead of both writing it."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another prepare run on {path.parent}", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _has_csvs(root: Path) -> bool:
@@ -174,7 +156,7 @@ def prepare(
     utterances = load_splits(layout)
     cache_dir = audio_cache_dir(cache_root if cache_root is not None else default_cache_root(root), settings)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / ".lock"):
+    with locked(cache_dir / ".lock", f"waiting for another prepare run on {cache_dir}"):
         started = time.perf_counter()
         # A run killed while writing a split store leaves its temporary behind, as large as the store; only
         # prepare writes here, and this run holds the lock.

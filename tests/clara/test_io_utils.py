@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
+from clara.io_utils import atomic_directory, atomic_path, atomic_write_text, locked
 
 
 @pytest.fixture
@@ -102,3 +102,23 @@ def test_writes_reach_the_disk_before_the_rename_and_the_rename_after(tmp_path, 
     synced = [target for kind, target in events if kind == "fsync"]
     assert synced[:2] == [str(staging / "events"), str(staging)] and synced[-1] == str(tmp_path)
     assert ("replace", str(tmp_path / "board")) in events and (tmp_path / "board" / "events").read_text() == "x"
+
+
+def test_a_second_holder_of_the_lock_says_it_waits_and_enters_once_the_first_leaves(tmp_path, capsys):
+    import threading
+
+    order = []
+    with locked(tmp_path / ".lock"):
+        second = threading.Thread(target=lambda: _enter(tmp_path / ".lock", order))
+        second.start()
+        second.join(timeout=0.5)
+        assert second.is_alive() and order == []  # it waits while the first holds the lock
+        order.append("first leaves")
+    second.join(timeout=10)
+    assert order == ["first leaves", "second in"]
+    assert capsys.readouterr().err == "waiting for the first\n"
+
+
+def _enter(path, order: list[str]) -> None:
+    with locked(path, "waiting for the first"):
+        order.append("second in")
