@@ -66,10 +66,35 @@ class MeldClassifier(nn.Module):
         logits = self.head(embeddings)
         return (logits, self.head.unimodal_logits(embeddings)) if unimodal else logits
 
+    def train(self, mode: bool = True) -> MeldClassifier:
+        """Set training mode, but keep every frozen part of the towers in evaluation mode.
+
+        A frozen layer is a fixed feature extractor: with its dropout on (0.5 in CLARA's towers), the
+        trained layers above it would learn on noisier features than they get at evaluation, and a
+        partial fine-tune's frozen bottom would compute something else than the linear probe's.
+        Input augmentations of a tower with trainable layers (the Perceiver's token dropout) still apply.
+        """
+        super().train(mode)
+        if mode:
+            for tower in (self.clara, self.hf_text):
+                if tower is not None:
+                    _freeze_mode(tower)
+        return self
+
     def encoders(self) -> nn.Module:
         """The part that maps raw inputs to embeddings (frozen, and run once, in a linear probe)."""
         return nn.ModuleDict({name: module for name, module in (("clara", self.clara), ("hf_text", self.hf_text))
                               if module is not None})
+
+
+def _freeze_mode(module: nn.Module) -> None:
+    """Put in evaluation mode each largest submodule of ``module`` that has parameters and trains none of them."""
+    parameters = list(module.parameters())
+    if parameters and not any(parameter.requires_grad for parameter in parameters):
+        module.eval()
+        return
+    for child in module.children():
+        _freeze_mode(child)
 
 
 class HeadOnly(nn.Module):

@@ -154,6 +154,38 @@ def test_partial_unfreezes_the_top_k_layers_of_each_tower():
     assert "clara.text.token_embedding.weight" in _trainable(model)
 
 
+def test_frozen_layers_compute_as_in_evaluation_while_training():
+    # A partial fine-tune's frozen layers are a fixed feature extractor: their dropout stayed on in training,
+    # so the trained top learned on noisier features than it was evaluated on.
+    model = _classifier(inputs=("text",))
+    set_trainable(model, "partial", 0)  # only the text tower's pooling and projection train
+    batch = _batch()
+    expected = model.eval().embed(batch)["text"]
+    torch.manual_seed(0)
+    assert torch.equal(model.train().embed(batch)["text"], expected)
+    assert model.training and model.clara.text.training and not model.clara.text.layers[0].training
+
+    set_trainable(model, "partial", 1)
+    model.train()
+    assert model.clara.text.layers[1].training and not model.clara.text.layers[0].training
+    assert not torch.equal(model.embed(batch)["text"], expected)  # the trained layer's dropout is on
+    model.eval()
+    assert not any(module.training for module in model.modules())
+
+
+def test_token_dropout_still_applies_in_front_of_a_frozen_cross_attention():
+    model = _classifier(inputs=("audio",))
+    set_trainable(model, "partial", 1)
+    model.train()
+    perceiver = model.clara.audio.perceiver
+    assert perceiver.training and perceiver.layers[1].training
+    assert not perceiver.cross_attn.training and not perceiver.layers[0].training
+    set_trainable(model, "full")
+    model.train()
+    assert all(module.training for module in model.clara.audio.modules())
+    assert not model.clara.text.training  # an unused tower is frozen, so it runs as in evaluation
+
+
 def test_unused_tower_is_frozen():
     model = _classifier(inputs=("text",))
     set_trainable(model, "full")
