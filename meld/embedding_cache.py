@@ -8,7 +8,10 @@ seed), the inputs and feature kind, and the fingerprint the caller gives: the da
 settings and each split's ``content_digest``: every utterance's key and words in order, and the
 feature store's clip records) and the CLARA config, whose settings such as
 ``mask_padding`` change the embeddings without changing a weight. A file is one safetensors of tensors
-``<split>/<input>``, written atomically; a corrupt file is recomputed.
+``<split>/<input>``, written atomically, with its format and a SHA-256 of every tensor (name, dtype, shape,
+bytes) in its metadata. A file that is unreadable, of another format, or whose tensors do not match that
+checksum (truncated, damaged on disk, entries missing or reshaped) is a miss: recomputed and replaced,
+with one line saying why, so neither a traceback nor wrong numbers come out of the cache.
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from clara.io_utils import atomic_path
 from meld.labels import label_index
+
+# Version 2 added the checksum; a version-1 file (no checksum to verify) is computed again once.
+FORMAT = "meld-clara-embeddings/2"
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes, as a uint8 array (any dtype, bfloat16 included, which numpy has not)."""
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
 
 
 def cache_key(encoders: torch.nn.Module, fingerprint: Mapping) -> str:
@@ -33,31 +45,57 @@ def cache_key(encoders: torch.nn.Module, fingerprint: Mapping) -> str:
     for name, tensor in sorted(encoders.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_raw(tensor))
     return digest.hexdigest()[:24]
+
+
+def _checksum(flat: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: what a file must hold to be the one written."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(flat.items()):
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(_raw(tensor))
+    return digest.hexdigest()
 
 
 def path_for(cache_root: str | Path, key: str) -> Path:
     return Path(cache_root) / "embeddings" / f"{key}.safetensors"
 
 
-def load_or_encode(path: Path, encode: Callable[[], dict[str, dict[str, torch.Tensor]]]) -> tuple[dict, bool]:
-    """The cached ``{split: {input: [N, D]}}`` at ``path``, or ``encode()``'s, saved there; and whether it was cached."""
+def _read(path: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The tensors of the cache file at ``path`` by name, or None and why it cannot be trusted."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            flat = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        return None, f"{type(err).__name__}: {err}"
+    if meta.get("format") != FORMAT:
+        return None, f"format {meta.get('format')!r}, expected {FORMAT!r}"
+    if meta.get("sha256") != _checksum(flat):
+        return None, "its tensors do not match the checksum written with them: truncated or damaged"
+    return flat, ""
+
+
+def load_or_encode(path: Path, encode: Callable[[], dict[str, dict[str, torch.Tensor]]],
+                   log: Callable[[str], None] = print) -> tuple[dict, bool]:
+    """The cached ``{split: {input: [N, D]}}`` at ``path``, or ``encode()``'s, saved there; and whether it was cached.
+
+    A file at ``path`` that fails ``_read``'s checks is recomputed and replaced, with one line to ``log``.
+    """
     if path.is_file():
-        try:
-            flat = load_file(str(path))
-        except (SafetensorError, OSError):
-            flat = None
+        flat, problem = _read(path)
         if flat is not None:
             nested: dict[str, dict[str, torch.Tensor]] = {}
             for name, tensor in flat.items():
                 split, modality = name.split("/", 1)
                 nested.setdefault(split, {})[modality] = tensor
             return nested, True
+        log(f"{path}: not a usable embedding cache ({problem}); computing the embeddings again")
     nested = encode()
     flat = {f"{split}/{name}": tensor.contiguous() for split, values in nested.items() for name, tensor in values.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"format": "meld-clara-embeddings/1"})
+        save_file(flat, str(tmp), metadata={"format": FORMAT, "sha256": _checksum(flat)})
     return nested, False
 
 

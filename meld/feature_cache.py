@@ -12,16 +12,19 @@ A split store is one safetensors file, written atomically, memory-mapped when re
 - tensor ``mel``: float16 [sum of T, n_mels], every cached clip's frames time-major, one clip after the
   other in CSV order; a clip is rows ``offset : offset + frames`` (its [n_mels, T] log-mel, transposed),
   its offset being the sum of the frames of the cached clips before it;
-- metadata ``meld_clara``: JSON ``{"format", "settings", "records": [...]}`` with one record per clip
-  that was decoded (cached or not; see ``ClipRecord``), in CSV order. A single metadata key, because
-  safetensors writes several in hash order, and the same inputs must give the same bytes.
+- metadata ``meld_clara``: JSON ``{"format", "settings", "records": [...], "mel_crc32"}`` with one record
+  per clip that was decoded (cached or not; see ``ClipRecord``), in CSV order, and the CRC32 of ``mel``'s
+  bytes. A single metadata key, because safetensors writes several in hash order, and the same inputs
+  must give the same bytes.
 
 The journal makes a run resumable without losing finished clips: the preparing process appends one
 record per clip (header with CRC32, JSON ``ClipRecord``, float16 [T, n_mels] bytes) and flushes it. A run
 killed mid-append leaves a torn last record, which fails its length or CRC check and is dropped.
 
-A store damaged on disk (truncated, overwritten) is rebuilt by the next prepare run: ``open_stores``
-leaves it out, so its clips are decoded again and the store written anew; readers get an error saying so.
+A store damaged on disk (truncated, overwritten, a byte of its mel changed) is rebuilt by the next prepare
+run: ``open_stores`` leaves it out, so its clips are decoded again and the store written anew; readers get an
+error saying so. A store written before ``mel_crc32`` existed is read unchecked, and prepare rewrites it
+with one (from its own frames: nothing is decoded again).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ _META_KEY = "meld_clara"
 _JOURNAL_MAGIC = b"MCJ1"
 _JOURNAL_HEADER = struct.Struct("<4sIIQ")  # magic, crc32(meta + data), len(meta), len(data)
 _JOURNAL_NAME = re.compile(r"run-([0-9]+)\.log")
+_CRC_ROWS = 65536  # mel rows per read when checking a store's CRC: ~10 MB at 80 mels, whatever the store's size
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,14 @@ class UnreadableStore(MeldDataError):
                          "same --data and --cache: it rebuilds the store")
 
 
+def _mel_crc32(mel_slice, rows: int) -> int:
+    """CRC32 of a store's mel bytes, read in chunks: a whole MELD train store is about half a gigabyte."""
+    crc = 0
+    for start in range(0, rows, _CRC_ROWS):
+        crc = zlib.crc32(mel_slice[start : min(start + _CRC_ROWS, rows)], crc)  # safetensors slices do not clamp
+    return crc
+
+
 def _meta_digest(handle) -> str:
     """SHA-256 of a store's metadata, which fixes every clip's offset: tells whether a file is the one opened."""
     return hashlib.sha256(json.dumps(handle.metadata(), sort_keys=True).encode()).hexdigest()
@@ -215,7 +227,9 @@ class SplitStore:
 
     The file is opened (memory-mapped) on first use in each process, never pickled itself; a file that
     prepare replaced in between is refused (MeldDataError), not read with the old offsets. Raises
-    UnreadableStore for a file that is not a complete store.
+    UnreadableStore for a file that is not a complete store, or whose mel does not match its CRC32 (read
+    in full once here: safetensors has no checksum, and a changed byte would be read as other numbers).
+    ``checked`` is False for a store written without a CRC32 (read as it is; prepare adds one).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -226,10 +240,17 @@ class SplitStore:
                 # clip prepared again changes it.  Also what embedding caches key the audio on.
                 self.digest = _meta_digest(handle)
                 meta = json.loads((handle.metadata() or {})[_META_KEY])
-                rows, self.n_mels = handle.get_slice("mel").get_shape()
+                mel = handle.get_slice("mel")
+                rows, self.n_mels = mel.get_shape()
+                self.checked = "mel_crc32" in meta
+                if self.checked and _mel_crc32(mel, rows) != meta["mel_crc32"]:
+                    raise UnreadableStore(self.path, "its mel frames do not match the CRC32 written with them")
             if meta.get("format") != CACHE_FORMAT:
                 raise UnreadableStore(self.path, f"cache format {meta.get('format')}, expected {CACHE_FORMAT}")
             self.settings = meta["settings"]
+            if self.n_mels != self.settings["n_mels"]:
+                raise UnreadableStore(self.path, f"its mel has {self.n_mels} bins, its settings say "
+                                                 f"{self.settings['n_mels']}")
             self.records = [ClipRecord(**record) for record in meta["records"]]
             self._offsets: dict[str, tuple[int, int]] = {}
             offset = 0
@@ -302,7 +323,8 @@ def write_store(path: Path, settings: AudioSettings, clips: Sequence[CachedClip]
         if clip.record.cached:
             mel[offset : offset + clip.record.frames] = clip.mel()
             offset += clip.record.frames
-    meta = {"format": CACHE_FORMAT, "settings": to_dict(settings), "records": [asdict(c.record) for c in clips]}
+    meta = {"format": CACHE_FORMAT, "settings": to_dict(settings), "records": [asdict(c.record) for c in clips],
+            "mel_crc32": zlib.crc32(mel)}
     with atomic_path(path) as tmp:
         save_file({"mel": mel}, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 

@@ -271,7 +271,7 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: dis
                                        head=False, precision=precision)["embeddings"] for split, view in data.views.items()}
 
         started = time.perf_counter()
-        embeddings, cached = load_or_encode(path, encode)
+        embeddings, cached = load_or_encode(path, encode, log=distributed.main_print)
         distributed.main_print(f"embeddings {'read from' if cached else 'computed in ' + format(time.perf_counter() - started, '.1f') + ' s, cached in'} {path}")
         views = {split: EmbeddingDataset(embeddings[split], data.datasets[split]) for split in data.datasets}
         model, collate_fn = HeadOnly(classifier.head), None

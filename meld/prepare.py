@@ -180,10 +180,12 @@ def prepare(
             bar.close()
 
         # Consolidate: each split's clips in CSV order, whatever order the runs finished them in, so an
-        # interrupted and resumed run writes the same bytes as an uninterrupted one.
+        # interrupted and resumed run writes the same bytes as an uninterrupted one. A store written before
+        # stores had a CRC32 is written again with one, from its own frames.
         for split in SPLITS:
             clips = [known[utt.key] for utt in plan.present[split]]
-            if split not in stores or stores[split].records != [clip.record for clip in clips]:
+            store = stores.get(split)
+            if store is None or not store.checked or store.records != [clip.record for clip in clips]:
                 write_store(store_path(cache_dir, split), settings, clips)
         run = {"decoded": len(plan.tasks), "reused": sum(map(len, plan.present.values())) - len(plan.tasks),
                "workers": workers, "seconds": round(time.perf_counter() - started, 3)}

@@ -12,6 +12,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from clara.audio_frontend import LogMel, empty_mel_bands
@@ -191,11 +192,18 @@ def _store(path, clips) -> bytes:
     return path.read_bytes()
 
 
-def _handmade(path, records: list[dict], frames: int) -> bytes:
+def _handmade(path, records: list[dict], frames: int, settings: dict | None = None, n_mels: int = 80) -> bytes:
     """A safetensors file with store metadata of our choosing and a mel of ``frames`` rows."""
-    meta = {"format": feature_cache.CACHE_FORMAT, "settings": {}, "records": records}
-    save_file({"mel": mel(frames, 0.0)}, str(path), metadata={"meld_clara": json.dumps(meta)})
+    meta = {"format": feature_cache.CACHE_FORMAT, "settings": settings or {}, "records": records}
+    save_file({"mel": mel(frames, 0.0)[:, :n_mels].copy()}, str(path), metadata={"meld_clara": json.dumps(meta)})
     return path.read_bytes()
+
+
+def _flipped(data: bytes, back: int) -> bytes:
+    """``data`` with one bit changed ``back`` bytes from its end (in a store: the last mel rows)."""
+    changed = bytearray(data)
+    changed[-back] ^= 0x04
+    return bytes(changed)
 
 
 def _damaged_stores(tmp_path) -> dict[str, bytes]:
@@ -212,11 +220,18 @@ def _damaged_stores(tmp_path) -> dict[str, bytes]:
         # Records that cover more frames than the tensor holds: a reader would slice past its end.
         "frames do not add up": _handmade(tmp_path / "short.safetensors",
                                           [dataclasses.asdict(record("dev/dia0_utt0", OK, 4))], 3),
+        # Still a valid safetensors file of the right size and shape, but other numbers: only a checksum tells.
+        "a changed mel byte": _flipped(good, 3),
+        # A mel of fewer bins than its settings say: the model would fail on it with a traceback.
+        "mel bins not its settings'": _handmade(tmp_path / "bins.safetensors",
+                                                [dataclasses.asdict(record("dev/dia0_utt0", OK, 4))], 4,
+                                                settings=dataclasses.asdict(AudioSettings()), n_mels=64),
     }
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "cut in the header", "foreign records",
-                                    "records not a list of objects", "frames do not add up"])
+                                    "records not a list of objects", "frames do not add up", "a changed mel byte",
+                                    "mel bins not its settings'"])
 def test_unreadable_store_is_one_clear_error_that_says_prepare_rebuilds_it(tmp_path, damage):
     path = tmp_path / "train.safetensors"
     path.write_bytes(_damaged_stores(tmp_path)[damage])
@@ -275,3 +290,37 @@ def test_a_store_rewritten_after_it_was_opened_is_refused_not_misread(tmp_path):
     path.unlink()
     with pytest.raises(MeldDataError, match="not a readable feature store"):
         pickle.loads(pickle.dumps(fresh)).frames("dev/dia0_utt0")
+
+
+def test_the_mel_checksum_is_read_in_chunks_and_finds_a_change_in_any(tmp_path, monkeypatch):
+    # Chunks of 3 rows over 4 + 6 rows: a change in the last, partial chunk is found as well as in the first.
+    monkeypatch.setattr(feature_cache, "_CRC_ROWS", 3)
+    journal = Journal(tmp_path / "journal")
+    clips = [journal.append(record("dev/dia0_utt0", OK, 4), mel(4, 0.25)),
+             journal.append(record("dev/dia0_utt1", OK, 6), mel(6, -0.5))]
+    journal.close()
+    path = tmp_path / "dev.safetensors"
+    good = _store(path, clips)
+    np.testing.assert_array_equal(SplitStore(path).frames("dev/dia0_utt1"), mel(6, -0.5))
+    first_row = len(good) - 10 * 80 * 2  # the mel is the file's last bytes
+    for at in (len(good) - first_row, 1):  # the first row's first byte; the last row's last byte
+        path.write_bytes(_flipped(good, at))
+        with pytest.raises(MeldDataError, match="do not match the CRC32 written with them"):
+            SplitStore(path)
+
+
+def test_a_store_written_without_a_checksum_is_read_unchecked(tmp_path):
+    # Stores prepared before the checksum existed stay readable (prepare adds one; see test_prepare).
+    journal = Journal(tmp_path / "journal")
+    clips = [journal.append(record("dev/dia0_utt0", OK, 4), mel(4, 0.25))]
+    journal.close()
+    path = tmp_path / "dev.safetensors"
+    _store(path, clips)
+    assert SplitStore(path).checked
+    with safe_open(str(path), framework="np") as handle:
+        meta = json.loads(handle.metadata()["meld_clara"])
+    del meta["mel_crc32"]
+    save_file({"mel": mel(4, 0.25)}, str(path), metadata={"meld_clara": json.dumps(meta)})
+    store = SplitStore(path)
+    assert not store.checked
+    np.testing.assert_array_equal(store.frames("dev/dia0_utt0"), mel(4, 0.25))

@@ -15,6 +15,8 @@ import wave
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from clara.io_utils import STAGING_SUFFIX
 from meld import clip_features
@@ -109,6 +111,25 @@ def test_a_damaged_store_is_rebuilt_from_its_clips(demo, reference, tmp_path, ca
     assert 0 < report["run"]["decoded"] <= dev_rows and report["run"]["decoded"] < DEMO_SIZE - dev_rows
     assert "dev.safetensors: not a readable feature store" in capsys.readouterr().out
     assert store_bytes(copy) == store_bytes(cache_dir)  # every split as an uninterrupted run wrote it
+
+
+def test_a_store_without_a_checksum_is_rewritten_with_one_without_decoding(demo, reference, tmp_path):
+    # Stores prepared before they had a CRC32 are read unchecked; the next prepare run adds one from the
+    # store's own frames, giving the bytes a fresh run writes.
+    cache_dir, _ = reference
+    data = tmp_path / "MELD.Raw"
+    shutil.copytree(demo, data)  # copy2 keeps the files' mtimes, so the cache still matches
+    copy = tmp_path / "cache" / cache_dir.name
+    shutil.copytree(cache_dir, copy)
+    with safe_open(str(store_path(copy, "dev")), framework="np") as handle:
+        meta, mel = json.loads(handle.metadata()["meld_clara"]), handle.get_tensor("mel")
+    del meta["mel_crc32"]
+    save_file({"mel": mel}, str(store_path(copy, "dev")), metadata={"meld_clara": json.dumps(meta, sort_keys=True)})
+    assert not SplitStore(store_path(copy, "dev")).checked
+    report = prepare(data, tmp_path / "cache", workers=1)
+    assert report["run"]["decoded"] == 0
+    assert SplitStore(store_path(copy, "dev")).checked
+    assert store_bytes(copy) == store_bytes(cache_dir)
 
 
 def test_a_changed_clip_is_decoded_again(demo, reference, tmp_path):
