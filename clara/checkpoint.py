@@ -83,8 +83,10 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
-def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpected: Sequence[str], source: Path) -> None:
-    expected = model.state_dict()
+def fit_problems(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                 unexpected: Sequence[str] = ()) -> list[str]:
+    """Why ``tensors`` do not load into a model whose ``state_dict()`` is ``expected``: its missing,
+    unexpected (plus ``unexpected``, names already known unused) and mis-shaped tensors; [] when they fit."""
     missing = sorted(k for k in expected if k not in tensors)
     mis_shaped = sorted(
         f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
@@ -99,6 +101,12 @@ def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpecte
         problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra)}")
     if mis_shaped:
         problems.append(f"mis-shaped tensor(s): {'; '.join(mis_shaped)}")
+    return problems
+
+
+def _check_and_load(model: Clara, tensors: Mapping[str, torch.Tensor], unexpected: Sequence[str], source: Path) -> None:
+    expected = model.state_dict()
+    problems = fit_problems(expected, tensors, unexpected)
     if problems:
         raise CheckpointError(f"{source}: does not fit the model: " + " | ".join(problems))
     with torch.no_grad():

@@ -26,6 +26,7 @@ finished run given again repeats nothing (``fit`` returns the logged final evalu
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import pickle
@@ -49,7 +50,7 @@ from tqdm import tqdm
 
 from clara import config as config_lib
 from clara import distributed
-from clara.checkpoint import CheckpointError
+from clara.checkpoint import CheckpointError, fit_problems
 from clara.compilation import Mode, Recompute, Scope, compile_model
 from clara.io_utils import atomic_path, remove_leftovers
 from clara.optim import WarmupCosineRestarts, adamw, param_groups
@@ -336,6 +337,10 @@ def _load_failure(err: Exception) -> str:
     or allowlisting classes, unsafe for a file nobody vouches for; only its reason is kept."""
     if isinstance(err, EOFError):
         return "the file is empty or cut short"
+    if isinstance(err, OSError) and err.errno == errno.EINVAL:
+        # What torch's zip reader says ("[Errno 22] Invalid argument") when the archive's index points
+        # past the end of a file cut short (a copy stopped midway, a full disk).
+        return "its zip archive is cut short or damaged"
     text = str(err)
     if isinstance(err, pickle.UnpicklingError):
         text = text.partition("WeightsUnpickler error:")[2]
@@ -386,6 +391,26 @@ def worker_error(err: Exception) -> Exception:
         return kind(text[start + len(name) + 3 :].rstrip("\n"))
     except Exception:  # a type whose constructor takes more than a message: left as torch raised it
         return err
+
+
+_START_OVER = "delete it or set train.resume=false to start over"
+
+# What load_state_dict and the RNG setters raise for an entry of a checkpoint that unpickled but holds
+# another run's state (other parameter groups) or values a damaged file garbled (a wrong-size RNG state).
+_UNFIT = (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError, AttributeError)
+
+
+@contextmanager
+def _restoring(path: Path, entry: str) -> Iterator[None]:
+    """Turn what restoring ``entry`` of checkpoint ``path`` raises into one CheckpointError naming both."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except _UNFIT as err:
+        reason = next(iter(str(err).strip().splitlines()), "")
+        raise CheckpointError(f"{path}: its {entry} does not fit this run ({type(err).__name__}: {reason}); "
+                              f"{_START_OVER}") from None
 
 
 class Trainer:
@@ -501,38 +526,62 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable training checkpoint ({_load_failure(err)}); "
-                                  "delete it or set train.resume=false to start over") from None
+            raise CheckpointError(f"{path}: not a readable training checkpoint ({_load_failure(err)}); {_START_OVER}") from None
         if not isinstance(state, dict) or state.get("format") != "meld-clara-train/1":
             raise CheckpointError(f"{path}: not a meld-clara training checkpoint; delete it or set train.resume=false")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        # The step count from the checkpoint, the schedule's shape from this run's settings: a run
-        # continued to more steps (cycle_steps 0: one cosine over the run) follows the longer run's
-        # cosine from here, as if planned that long, instead of restarting a cycle of the old length.
-        # For a plain resume the two are the same.
-        shape = ("peak_lr", "min_lr", "warmup_steps", "cycle_steps")
-        self.scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if k not in shape})
-        rates = self.scheduler.get_lr()  # at the resumed step; the optimiser state held the old schedule's
-        for group, rate in zip(self.optimizer.param_groups, rates):
-            group["lr"] = rate
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        if state["samples_per_step"] != self.samples_per_step:
-            # Another batch size or process count: continue from the same sample of the epoch, not exactly.
-            self.step_in_epoch = min(self.step_in_epoch * state["samples_per_step"] // self.samples_per_step, self.steps_per_epoch)
-            self._print(f"{path}: batch geometry changed since the checkpoint; resuming approximately")
-        if len(state["rng"]) == self.env.world_size:
-            set_rng_state(state["rng"][self.env.rank])
-            if "window" in state:  # not in a checkpoint written before it was saved
-                window = state["window"][self.env.rank]
-                self.window, self.window_steps = dict(window["sums"]), window["steps"]
-                self.busy, self.data_wait = window["busy"], window["data_wait"]
-        else:
-            seed_everything(self.config.seed + self.env.rank + self.step)
+        self._load_model(path, state)
+        self._restore_optimisation(path, state)
+        with _restoring(path, "position"):
+            self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+            if state["samples_per_step"] != self.samples_per_step:
+                # Another batch size or process count: continue from the same sample of the epoch, not exactly.
+                self.step_in_epoch = min(self.step_in_epoch * state["samples_per_step"] // self.samples_per_step,
+                                         self.steps_per_epoch)
+                self._print(f"{path}: batch geometry changed since the checkpoint; resuming approximately")
+        with _restoring(path, "RNG and log state"):
+            self._restore_process_state(state)
         self._print(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
         return True
+
+    def _load_model(self, path: Path, state: Mapping[str, Any]) -> None:
+        """The checkpoint's weights into the model; a CheckpointError listing what differs when they are
+        another model's (torch's own error is a multi-line traceback that does not name the file)."""
+        with _restoring(path, "model"):
+            problems = fit_problems(self.model.state_dict(), state["model"])
+        if problems:
+            raise CheckpointError(f"{path}: written for another model: {' | '.join(problems)}; {_START_OVER}")
+        with _restoring(path, "model"):
+            self.model.load_state_dict(state["model"])
+
+    def _restore_optimisation(self, path: Path, state: Mapping[str, Any]) -> None:
+        """The optimiser, schedule and grad-scaler states, with every group's rate at the resumed step."""
+        with _restoring(path, "optimizer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        with _restoring(path, "schedule state"):
+            # The step count from the checkpoint, the schedule's shape from this run's settings: a run
+            # continued to more steps (cycle_steps 0: one cosine over the run) follows the longer run's
+            # cosine from here, as if planned that long, instead of restarting a cycle of the old length.
+            # For a plain resume the two are the same.
+            shape = ("peak_lr", "min_lr", "warmup_steps", "cycle_steps")
+            self.scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if k not in shape})
+            rates = self.scheduler.get_lr()  # at the resumed step; the optimiser state held the old schedule's
+            for group, rate in zip(self.optimizer.param_groups, rates):
+                group["lr"] = rate
+        with _restoring(path, "grad scaler state"):
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+
+    def _restore_process_state(self, state: Mapping[str, Any]) -> None:
+        """This process's RNG states and unrecorded logs, when the checkpoint has one per process; else a
+        seed of its own for the step (another process count cannot continue the RNG streams exactly)."""
+        if len(state["rng"]) != self.env.world_size:
+            seed_everything(self.config.seed + self.env.rank + self.step)
+            return
+        set_rng_state(state["rng"][self.env.rank])
+        if "window" in state:  # not in a checkpoint written before it was saved
+            window = state["window"][self.env.rank]
+            self.window, self.window_steps = dict(window["sums"]), window["steps"]
+            self.busy, self.data_wait = window["busy"], window["data_wait"]
 
     # -- logging and evaluation ----------------------------------------------------------------
 
@@ -675,6 +724,11 @@ class Trainer:
         resumed = self._resume()
         if not resumed:
             seed_everything(self.config.seed + self.env.rank)
+            if self.env.is_main:
+                # train.resume=false in a run's folder: its logs are dropped below, and its checkpoint
+                # must go with them; left until this run's first save, a rerun after a kill (or a crash)
+                # would resume the old run's weights under this run's first records.
+                (self.out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         # Records past the checkpoint were written by the interrupted run; a fresh run drops them all.
         last_kept = self.step if resumed else -1
         # Those of an evaluation at the checkpoint's step say it finished (its record is written once the

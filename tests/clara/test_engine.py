@@ -157,6 +157,20 @@ def test_resume_flags(tmp_path):
     assert fresh.resumed_from is None and [r["step"] for r in fresh.history] == [1, 2, 3]
 
 
+def test_a_run_killed_after_resume_false_never_resumes_the_old_runs_checkpoint(tmp_path):
+    """train.resume=false drops the old run's logs; its checkpoint stayed until the new run's first save,
+    so a rerun after a kill before it resumed the old run's weights (at its step 10) under the new
+    run's first records."""
+    settings = dict(steps=6, lr=1e-2, log_every=2, print_logs=False)
+    fit_counted(tmp_path / "full", CountingTask(), **settings)
+    fit_counted(tmp_path / "cut", CountingTask())  # another run, finished: checkpoint at step 10
+    with pytest.raises(Killed):  # in step 4, before any checkpoint of the new run
+        fit_counted(tmp_path / "cut", StoppedTask(7, Killed), resume=False, **settings)
+    rerun = fit_counted(tmp_path / "cut", CountingTask(), **settings)
+    assert rerun.resumed_from is None
+    assert logged(tmp_path / "cut") == logged(tmp_path / "full")
+
+
 def test_checkpoint_holds_the_training_state(tmp_path):
     fit(tmp_path, steps=3, checkpoint_every=2)
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
@@ -335,6 +349,55 @@ def test_a_damaged_checkpoint_is_named_without_unsafe_advice(tmp_path, content, 
     assert message.startswith(f"{path}: not a readable training checkpoint (") and "\n" not in message
     assert re.search(reason, message) and message.endswith("delete it or set train.resume=false to start over")
     assert "weights_only" not in message
+
+
+def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
+    """torch's zip reader says only "[Errno 22] Invalid argument" for a file cut short past its header."""
+    fit(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        fit(tmp_path, steps=4)
+    assert str(err.value) == (f"{path}: not a readable training checkpoint (its zip archive is cut short or damaged); "
+                              "delete it or set train.resume=false to start over")
+
+
+def test_a_checkpoint_of_another_model_is_one_error_listing_what_differs(tmp_path):
+    """torch's load_state_dict raised a multi-line RuntimeError naming neither the file nor what to do."""
+    fit(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_FILE
+    settings = dict(steps=4, batch_size=4, accumulation=2, lr=5e-2, min_lr=1e-3, warmup_steps=2, cycle_steps=12,
+                    seed=7, out_dir=str(tmp_path), device="cpu", progress=False)
+    narrower = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1))
+    with pytest.raises(CheckpointError) as err:
+        Trainer(TrainConfig(**settings), narrower, ToyTask(), ToyData()).fit()
+    assert str(err.value) == (
+        f"{path}: written for another model: mis-shaped tensor(s): 0.bias (checkpoint (16,), model (8,)); "
+        "0.weight (checkpoint (16, 4), model (8, 4)); 2.weight (checkpoint (1, 16), model (1, 8)); "
+        "delete it or set train.resume=false to start over"
+    )
+    # The same model trained in other parameter groups (one instead of decay + no-decay).
+    model = toy_model()
+    with pytest.raises(CheckpointError) as err:
+        Trainer(TrainConfig(**settings), model, ToyTask(), ToyData(), groups=[{"params": list(model.parameters())}]).fit()
+    assert str(err.value) == (
+        f"{path}: its optimizer state does not fit this run (ValueError: loaded state dict has a different number "
+        "of parameter groups); delete it or set train.resume=false to start over"
+    )
+
+
+def test_a_garbled_state_that_still_unpickles_is_one_error_naming_the_entry(tmp_path):
+    """A damaged file can unpickle into a wrong-size RNG state: numpy's ValueError came with a traceback."""
+    fit(tmp_path, steps=2)
+    path = tmp_path / CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    version, internal, gauss = state["rng"][0]["python"]
+    state["rng"][0]["python"] = (version, internal[:100], gauss)  # 100 of the Mersenne Twister's 625 words
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        fit(tmp_path, steps=4)
+    assert str(err.value) == (f"{path}: its RNG and log state does not fit this run (ValueError: state vector is the "
+                              "wrong size); delete it or set train.resume=false to start over")
 
 
 def test_a_checkpoint_holding_code_or_no_dict_is_refused(tmp_path):
