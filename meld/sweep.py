@@ -12,9 +12,11 @@ trial reports its dev metric, so the pruner can stop a hopeless one early.
 Storage: STUDY_DIR/study.db (SQLite) by default; any Optuna RDB URL (``postgresql://...``), or
 ``journal:PATH`` (an append-only file, for workers on several machines that share a folder). Every
 worker on the same storage and study name joins the same study, and running the same command again
-resumes it: it only adds trials until ``study.n_trials`` are finished (complete or pruned). A trial
+resumes it: it only adds trials until ``study.n_trials`` are finished (complete or pruned); a rerun whose
+base config (resolved: an edited base YAML counts), space or objective differs is refused. A trial
 whose worker died (its heartbeat went silent for ``study.grace_period`` seconds) is marked failed and
-replaced.
+replaced. As it starts, the study folder gets ``sweep_config.yaml`` (this command's settings) and
+``base_config.yaml`` (the fine-tune config every trial starts from, resolved).
 
 When the study is complete the study folder gets ``best_config.yaml`` (ready for ``python -m
 meld.finetune --config``), ``summary.md`` and ``summary.csv`` (every trial), Optuna's plots, and
@@ -30,7 +32,7 @@ import json
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,8 @@ from meld.report import seed_cell, spread_label
 from meld.sweep_config import SweepConfig
 from meld.sweep_plots import write_plots
 from meld.sweep_study import (
-    FINISHED, Backend, SweepError, check_space, check_trial_dirs, finetune_backend, open_study, outputs_override,
-    override, shown_url, storage_url, trial_config,
+    FINISHED, Backend, SweepError, base_config, check_space, check_trial_dirs, final_seed, finetune_backend,
+    open_study, outputs_override, override, shown_url, storage_url, trial_config,
 )
 from meld.sweep_summary import write_summary
 from meld.sweep_worker import FileLock, run_workers, short
@@ -74,7 +76,7 @@ def run_final(config: SweepConfig, backend: Backend, study_dir: Path, best: Froz
     if config.final.seeds == 0:
         return None
     base = trial_config(config, backend, best.params)
-    trial_seed = _dotted(config_lib.to_dict(base), config.final.seed_key)
+    trial_seed = final_seed(config, base)
     seeds = list(range(trial_seed + 1, trial_seed + 1 + config.final.seeds))
     final_dir = study_dir / "final" / f"trial-{best.number:04d}"
     documents = []
@@ -113,17 +115,6 @@ def _same_run(backend: Backend, run_dir: Path, run_config: Any) -> bool:
     return saved is not None and config_lib.to_dict(saved) == config_lib.to_dict(run_config)
 
 
-def _dotted(tree: Mapping, key: str) -> int:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ConfigError(f"final.seed_key: the fine-tune config has no {key!r}")
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int):
-        raise ConfigError(f"final.seed_key: {key} is not an integer")
-    return node
-
-
 def write_best_config(config: SweepConfig, backend: Backend, study: optuna.Study, study_dir: Path) -> Path:
     best = study.best_trial
     path = study_dir / "best_config.yaml"
@@ -132,6 +123,21 @@ def write_best_config(config: SweepConfig, backend: Backend, study: optuna.Study
     body = yaml.safe_dump(config_lib.to_dict(trial_config(config, backend, best.params)), sort_keys=False)
     atomic_write_text(path, header + body)
     return path
+
+
+def write_settings(config: SweepConfig, backend: Backend, study: optuna.Study, study_dir: Path) -> None:
+    """Record, as the sweep starts, the settings it runs with: ``sweep_config.yaml`` (this command's, for
+    ``--config``) and ``base_config.yaml`` (the fine-tune config every trial starts from, resolved; the
+    study refuses a rerun whose base resolves otherwise, so it holds for every trial)."""
+    atomic_write_text(study_dir / "sweep_config.yaml",
+                      f"# The settings of the latest run of sweep {study.study_name!r} "
+                      "(python -m meld.sweep --config).\n"
+                      + yaml.safe_dump(config_lib.to_dict(config), sort_keys=False))
+    atomic_write_text(study_dir / "base_config.yaml",
+                      f"# The fine-tune config every trial of sweep {study.study_name!r} starts from (base, then "
+                      "base_overrides), resolved;\n# each trial's sampled values and study.trial_outputs go on top "
+                      "(trials/*/config.yaml).\n"
+                      + yaml.safe_dump(base_config(config, backend), sort_keys=False))
 
 
 def run_sweep(config: SweepConfig, *, backend: Backend | None = None,
@@ -149,7 +155,8 @@ def run_sweep(config: SweepConfig, *, backend: Backend | None = None,
 
 # What a study folder holds from its first moments: the default SQLite storage, or the lock every
 # worker takes before its first trial (with a storage elsewhere); then trials and reports.
-STUDY_FILES = ("study.db", "ask.lock", "trials", "final.json", "summary.md", "best_config.yaml")
+STUDY_FILES = ("study.db", "sweep_config.yaml", "base_config.yaml", "ask.lock", "trials", "final.json", "summary.md",
+               "best_config.yaml")
 
 
 def holds_study(path: Path) -> bool:
@@ -174,8 +181,9 @@ def _run_sweep(config: SweepConfig, backend: Backend, log: Callable[[str], None]
 
 def _run_study(config: SweepConfig, backend: Backend, study_dir: Path, log: Callable[[str], None]) -> dict:
     """The trials (every worker's), the best trial's config, plots, the final runs and the summary."""
-    study = open_study(config, study_dir)
+    study = open_study(config, study_dir, backend)
     check_trial_dirs(study, study_dir)
+    write_settings(config, backend, study, study_dir)
     states = Counter(t.state for t in study.get_trials(deepcopy=False))
     finished = sum(states[s] for s in FINISHED)
     log(f"study {config.study.name!r} in {shown_url(storage_url(config, study_dir))}: {finished} of "

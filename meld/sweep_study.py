@@ -2,8 +2,9 @@
 
 ``Backend`` names the fine-tune entry points a sweep drives: ``meld.finetune``'s in use, a stand-in in
 tests. A study is identified by its storage and name; its user attribute ``sweep`` records what its
-values mean (base config, space, objective), so a rerun with a different space is refused instead of
-mixing incomparable trials.
+values mean (the base fine-tune config as resolved when the study was made, the space, the objective),
+so a rerun that changes any of them (an edited base YAML included) is refused instead of mixing
+incomparable trials.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 
 from clara import config as config_lib
 from clara.config import ConfigError
+from clara.run_dir import differing_keys
 from meld.errors import MeldDataError
 from meld.sweep_config import Param, SweepConfig
 
@@ -122,6 +124,20 @@ def check_space(config: SweepConfig, backend: Backend) -> None:
             trial_config(config, backend, {config.final.seed_key: 0})
         except ConfigError as err:
             raise ConfigError(f"final.seed_key {config.final.seed_key!r}: {err}") from None
+        final_seed(config, base)  # a key that holds no whole number (model.dropout) too
+
+
+def final_seed(config: SweepConfig, finetune_config: Any) -> int:
+    """The value of ``final.seed_key`` in a fine-tune config: the final runs' seeds count on from it."""
+    key = config.final.seed_key
+    node: Any = config_lib.to_dict(finetune_config)
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"final.seed_key: the fine-tune config has no {key!r}")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int):
+        raise ConfigError(f"final.seed_key: {key} is not an integer")
+    return node
 
 
 def suggest(trial: optuna.Trial, space: Sequence[Param]) -> dict[str, Any]:
@@ -178,6 +194,11 @@ def open_storage(config: SweepConfig, study_dir: Path) -> optuna.storages.BaseSt
             raise SweepError(f"storage {url}: {err.strerror or err}: {err.filename or path}") from None
     if "://" not in url:
         raise SweepError(f"storage {url!r}: expected an RDB URL (sqlite:///FILE, postgresql://...) or journal:PATH")
+    if url.startswith("sqlite") and _in_memory(url):
+        # Private to each connection and gone at exit: Optuna's own commits fail on it with a traceback,
+        # and there would be nothing to resume or share. A blank path is likely an unset variable.
+        raise SweepError(f"storage {url}: an in-memory SQLite database cannot hold a study; give a file, "
+                         "e.g. sqlite:///runs/sweeps/study.db, or leave --storage out for STUDY_DIR/study.db")
     # SQLite lets one writer in at a time: workers wait up to a minute for it instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
@@ -188,6 +209,14 @@ def open_storage(config: SweepConfig, study_dir: Path) -> optuna.storages.BaseSt
     if url.startswith("sqlite"):
         _write_ahead_log(storage.engine)
     return storage
+
+
+def _in_memory(url: str) -> bool:
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+    except sqlalchemy.exc.ArgumentError:
+        return False  # RDBStorage names what is wrong with the URL
+    return not database or ":memory:" in database
 
 
 def _write_ahead_log(engine: sqlalchemy.engine.Engine) -> None:
@@ -209,12 +238,52 @@ def _write_ahead_log(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # the connections Optuna opened to set up the schema reconnect with the pragmas
 
 
-def _fingerprint(config: SweepConfig) -> dict[str, Any]:
-    """What a trial's value means; a rerun that changes it would mix incomparable trials in one study."""
+def base_config(config: SweepConfig, backend: Backend) -> dict[str, Any]:
+    """The fine-tune settings every trial starts from (``base``, then ``base_overrides``), resolved to
+    plain values, as the study records them."""
+    return json.loads(json.dumps(config_lib.to_dict(trial_config(config, backend, {}))))
+
+
+def _fingerprint(config: SweepConfig, backend: Backend) -> dict[str, Any]:
+    """What a trial's value means; a rerun that changes it would mix incomparable trials in one study.
+
+    ``base`` and ``base_overrides`` say how the base config was given; ``base_config`` is what they
+    resolved to, so an edit to the base YAML (or preset) between runs is caught, and the record shows
+    which settings the trials ran with.
+    """
     return json.loads(json.dumps({
-        "base": config.base, "base_overrides": config.base_overrides,
+        "base": config.base, "base_overrides": config.base_overrides, "base_config": base_config(config, backend),
         "space": config_lib.to_dict(config.space), "objective": config_lib.to_dict(config.objective),
     }))
+
+
+def _differences(stored: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:
+    """What differs between a study's record and this run's, for the refusal: empty when it may resume."""
+    if "base_config" not in stored:
+        # Recorded before the resolved base config was: only how the base was given can be compared.
+        return [key for key in ("base", "base_overrides", "space", "objective") if stored.get(key) != fingerprint[key]]
+    changed = [key for key in ("space", "objective") if stored[key] != fingerprint[key]]
+    then, now = stored["base_config"], fingerprint["base_config"]
+    # A key on one side only is a fine-tune setting added or dropped by an update of the kit since
+    # the study was made, not a change of the user's: it is left out.
+    keys = [key for key in differing_keys(then, now) if _MISSING not in (_at(then, key), _at(now, key))]
+    if keys:
+        shown = "; ".join(f"{key}: {_at(then, key)!r} then, {_at(now, key)!r} now" for key in keys[:3])
+        changed.insert(0, f"base config ({shown}{'; ...' if len(keys) > 3 else ''})")
+    return changed
+
+
+_MISSING = object()
+
+
+def _at(tree: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a nested mapping, or _MISSING."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
@@ -271,18 +340,21 @@ def make_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
                                config.sampler.seed)
 
 
-def open_study(config: SweepConfig, study_dir: Path) -> optuna.Study:
+def open_study(config: SweepConfig, study_dir: Path, backend: Backend | None = None) -> optuna.Study:
+    """The study of ``config`` in its storage (made when new), checked against the record of what its
+    values mean; ``backend`` resolves the base config (default: meld.finetune's, as run_sweep)."""
     storage = open_storage(config, study_dir)
     study = optuna.create_study(storage=storage, study_name=config.study.name, direction=config.objective.direction,
                                 pruner=make_pruner(config), load_if_exists=True)
-    fingerprint = _fingerprint(config)
+    fingerprint = _fingerprint(config, backend or finetune_backend())
     stored = study.user_attrs.get("sweep")
-    if stored is None:
-        study.set_user_attr("sweep", fingerprint)
-    elif stored != fingerprint:
-        changed = ", ".join(key for key in fingerprint if stored.get(key) != fingerprint[key])
+    changed = _differences(stored, fingerprint) if stored is not None else []
+    if changed:
         raise SweepError(f"study {config.study.name!r} in {shown_url(storage_url(config, study_dir))} was made "
-                         f"with another {changed}; use a new study.name or --study-dir to search a different space")
+                         f"with another {', '.join(changed)}; use a new study.name or --study-dir to search "
+                         "a different space, or the settings it was made with to resume it")
+    if stored is None or "base_config" not in stored:  # a new study, or one recorded before base_config was
+        study.set_user_attr("sweep", fingerprint)
     study.sampler = make_sampler(config)
     return study
 

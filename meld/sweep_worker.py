@@ -11,6 +11,7 @@ marks it failed, and a new trial takes its place.
 from __future__ import annotations
 
 import fcntl
+import math
 import multiprocessing
 import os
 import socket
@@ -123,7 +124,7 @@ class _Worker:
         self.study_dir = study_dir
         self.backend = backend
         self.log = log
-        self.study = open_study(config, study_dir)
+        self.study = open_study(config, study_dir, backend)
         self.failures = 0
         self.fatal: BaseException | None = None
         self.last_error = ""
@@ -197,12 +198,12 @@ class _Worker:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: dev {metric} {value:.4f}")
 
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             # The fine-tune's own progress lines go to the trial's folder; the terminal gets one line per trial.
             with open(run_dir / "stdout.log", "a", encoding="utf-8") as out, redirect_stdout(out):
                 document = self.backend.run_finetune(finetune_config, out_dir=run_dir, epoch_callback=on_epoch)
-            return metric_value(document["dev"], metric)
+            value = metric_value(document["dev"], metric)
         except optuna.TrialPruned:
             raise
         except self.backend.point_errors as err:  # this point's settings do not fit the data: it fails alone
@@ -218,6 +219,10 @@ class _Worker:
         except KeyboardInterrupt:  # Optuna fails the trial too; say why in the summary
             self._failed(trial, "interrupted (KeyboardInterrupt)")
             raise
+        if not math.isfinite(value):
+            # Optuna fails a trial whose value is NaN or infinite itself, saying why only in its log.
+            self._failed(trial, f"dev {metric} is {value} (a run that diverged)")
+        return value
 
     def _failed(self, trial: optuna.Trial, reason: str) -> None:
         # Optuna only logs why a trial failed; the storage keeps it for the summary and the other workers.
@@ -233,6 +238,8 @@ class _Worker:
             outcome = f"pruned after epoch {trial.last_step}"
         else:
             self.failures += 1
+            # From the trial's own record: Optuna may fail a trial without the objective saying why.
+            self.last_error = trial.user_attrs.get(FAIL_REASON, "no reason recorded (see Optuna's log)")
             outcome = f"failed: {self.last_error}"
         self.log(f"trial {trial.number:4d} {outcome} ({seconds:.1f} s) {params}")
 

@@ -287,6 +287,12 @@ def test_a_misspelt_key_fails_before_any_trial(tmp_path):
     with pytest.raises(SweepError, match=r"final.seed_key 'train.sed'.*unknown key"):
         run_sweep(config, backend=STANDIN, log=_quiet)
     assert not (tmp_path / "f" / "trials").exists()
+    # A key that loads but holds no whole number was found only when the final runs began, every trial done.
+    config = sweep_config(tmp_path / "g", final={"seeds": 2, "seed_key": "gamma"})
+    with pytest.raises(SweepError) as caught:
+        run_sweep(config, backend=STANDIN, log=_quiet)
+    assert str(caught.value) == "final.seed_key: gamma is not an integer"
+    assert not (tmp_path / "g").exists()
 
 
 # ---- one worker: outputs, resume, final seeds
@@ -385,6 +391,53 @@ def test_resuming_with_another_space_is_refused(tmp_path):
         run_sweep(changed, backend=STANDIN, log=_quiet)
 
 
+def test_resuming_after_the_base_yaml_was_edited_is_refused_naming_what_changed(tmp_path):
+    """The base is recorded resolved: an edit to its file would otherwise go on unnoticed, the new
+    trials (and best_config.yaml, the final runs) on other settings than the first ones."""
+    base = tmp_path / "base.yaml"
+    base.write_text("loss: ce\ngamma: 2.0\n")
+    config = sweep_config(tmp_path / "s", base=str(base))
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    recorded = yaml.safe_load((tmp_path / "s" / "base_config.yaml").read_text())
+    assert (recorded["loss"], recorded["gamma"], recorded["train"]["epochs"]) == ("ce", 2.0, 6)
+    assert yaml.safe_load((tmp_path / "s" / "sweep_config.yaml").read_text())["base"] == str(base)
+    summary = (tmp_path / "s" / "summary.csv").read_text()
+
+    base.write_text("loss: focal\ngamma: 4.0\n")
+    more = replace(config, study=replace(config.study, n_trials=9))
+    with pytest.raises(SweepError) as caught:
+        run_sweep(more, backend=STANDIN, log=_quiet)
+    assert "made with another base config (gamma: 2.0 then, 4.0 now; loss: 'ce' then, 'focal' now)" in str(caught.value)
+    assert states(trials_of(config)) == {"COMPLETE": 6} and (tmp_path / "s" / "summary.csv").read_text() == summary
+    assert yaml.safe_load((tmp_path / "s" / "base_config.yaml").read_text())["loss"] == "ce"
+
+    # The same settings given another way (another file, an override) resolve the same and resume.
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("gamma: 4.0\n")
+    same = replace(more, base=str(moved), base_overrides=("loss=ce", "gamma=2.0"))
+    run_sweep(same, backend=STANDIN, log=_quiet)
+    assert states(trials_of(config)) == {"COMPLETE": 9}
+
+
+def test_a_study_made_by_an_earlier_kit_resumes_and_is_then_checked(tmp_path):
+    """A record without base_config (made before it was recorded) is completed; fine-tune settings
+    added or dropped by an update of the kit since (a key on one side only) do not block a resume."""
+    config = sweep_config(tmp_path / "s")
+    run_sweep(config, backend=STANDIN, log=_quiet)
+    study = optuna.load_study(study_name="t", storage=open_storage(config, tmp_path / "s"))
+    record = study.user_attrs["sweep"]
+    study.set_user_attr("sweep", {key: value for key, value in record.items() if key != "base_config"})
+    run_sweep(replace(config, study=replace(config.study, n_trials=7)), backend=STANDIN, log=_quiet)
+    assert study.user_attrs["sweep"] == record  # recorded now
+    with pytest.raises(SweepError, match=r"another base config \(gamma: 2.0 then, 3.0 now\)"):
+        run_sweep(replace(config, base_overrides=("gamma=3.0",)), backend=STANDIN, log=_quiet)
+
+    older = {key: value for key, value in record["base_config"].items() if key != "sleep"}
+    study.set_user_attr("sweep", {**record, "base_config": {**older, "dropped_since": 1}})
+    run_sweep(replace(config, study=replace(config.study, n_trials=8)), backend=STANDIN, log=_quiet)
+    assert states(trials_of(config)) == {"COMPLETE": 8}
+
+
 def test_a_space_point_the_finetune_rejects_fails_that_trial_only(tmp_path):
     space = [SPACE[0], {"key": "fusion", "type": "categorical", "choices": ["concat", "bogus"]}]
     config = sweep_config(tmp_path / "s", space=space, study={"n_trials": 4, "max_failures": 50})
@@ -400,6 +453,32 @@ def test_failing_trials_stop_the_worker_with_the_last_error(tmp_path):
     with pytest.raises(SweepError, match="2 trials failed.*the GPU caught fire"):
         run_sweep(config, backend=Backend(standin_load_config, broken), log=_quiet)
     assert states(trials_of(config)) == {"FAIL": 2}
+
+
+def test_trials_optuna_fails_itself_are_logged_with_their_own_reason(tmp_path):
+    # Trial 1's folder cannot be made (a file is in the way) and trial 2 returns NaN: before, the first
+    # was failed outside the objective's error handling and the second by Optuna alone, and both were
+    # logged (and counted against max_failures) with trial 0's reason.
+    def varied(config, *, out_dir, epoch_callback=None):
+        number = int(Path(out_dir).name.removeprefix("trial-"))
+        if number == 0:
+            (Path(out_dir).parent / "trial-0001").write_text("in the way")
+            raise RuntimeError("out of memory")
+        document = standin_run(config, out_dir=out_dir, epoch_callback=epoch_callback)
+        if number == 2:
+            document["dev"]["macro_f1"] = float("nan")
+        return document
+
+    config = sweep_config(tmp_path / "s", study={"n_trials": 4, "max_failures": 50})
+    lines: list[str] = []
+    run_sweep(config, backend=Backend(standin_load_config, varied), log=lines.append)
+    reasons = {t.number: t.user_attrs.get("fail_reason") for t in trials_of(config) if t.state == TrialState.FAIL}
+    assert set(reasons) == {0, 1, 2}
+    assert reasons[0] == "RuntimeError: out of memory"
+    assert reasons[1].startswith("FileExistsError: ") and "trial-0001" in reasons[1]
+    assert reasons[2] == "dev macro_f1 is nan (a run that diverged)"
+    for number, reason in reasons.items():
+        assert any(line.startswith(f"trial {number:4d} failed: {reason} (") for line in lines), lines
 
 
 def test_a_failed_trial_keeps_its_reason_in_the_study_and_the_summary(tmp_path):
@@ -535,13 +614,13 @@ def test_workers_that_start_together_on_one_study_sample_different_points(tmp_pa
     """The same command started at once on two machines (both worker 0, both seeing an empty study)."""
     config = sweep_config(tmp_path / "s", sampler={"type": sampler})
     (tmp_path / "s").mkdir()
-    first, second = open_study(config, tmp_path / "s"), open_study(config, tmp_path / "s")
+    first, second = open_study(config, tmp_path / "s", STANDIN), open_study(config, tmp_path / "s", STANDIN)
     points = [suggest(study.ask(), config.space)["train.lr"] for study in (first, second, first, second)]
     assert len(set(points)) == 4, points
     # One worker's points still follow from sampler.seed alone.
     again = sweep_config(tmp_path / "t", sampler={"type": sampler})
     (tmp_path / "t").mkdir()
-    study = open_study(again, tmp_path / "t")
+    study = open_study(again, tmp_path / "t", STANDIN)
     assert [suggest(study.ask(), again.space)["train.lr"] for _ in range(4)] == points
 
 
@@ -645,7 +724,8 @@ def test_cli_user_mistakes_give_one_line_and_exit_2(tmp_path, capsys, monkeypatc
     monkeypatch.setattr("meld.sweep.finetune_backend", lambda: STANDIN)
     for argv in (["--config", str(tmp_path / "missing.yaml")], ["study.n_trials=0"], ["nope=1"],
                  ["--workers", "0"], ["--storage", "mysql-ish", "--study-dir", str(tmp_path / "x")],
-                 ["--storage", "postgresql://bob:secret@127.0.0.1:1/optuna", "--study-dir", str(tmp_path / "y")]):
+                 ["--storage", "postgresql://bob:secret@127.0.0.1:1/optuna", "--study-dir", str(tmp_path / "y")],
+                 ["--storage", "sqlite:///", "--study-dir", str(tmp_path / "z")]):  # sqlite:///$UNSET: in memory
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
@@ -659,6 +739,8 @@ def test_unusable_storage_and_study_paths_are_named(tmp_path):
         ({"storage": f"journal:{tmp_path / 'file' / 'study.log'}"},
          f"storage journal:{tmp_path / 'file' / 'study.log'}: File exists: {tmp_path / 'file'}"),
         ({"dir": str(tmp_path / "file")}, f"{tmp_path / 'file'}: exists and is not a folder"),
+        ({"storage": "sqlite:///:memory:"}, "storage sqlite:///:memory:: an in-memory SQLite database cannot hold "
+         "a study; give a file, e.g. sqlite:///runs/sweeps/study.db, or leave --storage out for STUDY_DIR/study.db"),
     ):
         with pytest.raises((SweepError, ConfigError)) as caught:
             run_sweep(sweep_config(tmp_path / "s", study=study), backend=STANDIN, log=_quiet)
