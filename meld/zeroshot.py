@@ -24,6 +24,8 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from clara.model import Clara
 from clara.precision import PRECISIONS, autocast_for, resolve_precision
 from clara.pretrain_data import DataError
 from clara.retrieval import chance_levels, retrieval_metrics
-from clara.run_dir import check_folder_path, claim
+from clara.run_dir import check_folder_path, claim, exclusive_run
 from clara.tokenizer import Tokenizer
 from meld.calibration import CALIBRATIONS, calibrate, mean_probabilities, silence
 from meld.captions import DEFAULT_CAPTIONS, CaptionConfig, caption_for, load_captions
@@ -239,13 +241,36 @@ def cached_embeddings(model: Clara, tokenizer: Tokenizer, prompts: PromptSet, da
     return audio, [stored["prompts"][label].to(device) for label in prompts.labels], hit
 
 
+@contextmanager
+def run_folder(out: Path) -> Iterator[None]:
+    """Make ``out`` and hold it for the whole run (clara.run_dir.exclusive_run): a second command given
+    the same folder (or the same default timestamp) is refused, instead of writing its outputs over this
+    run's half-written ones and deleting its atomic-write temporaries as leftovers. A folder the run made
+    and left empty (a mistake found after the claim) is removed; only while held, so a refused command
+    never removes the folder of the run that holds it."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_run(out):
+        try:
+            yield
+        finally:
+            if made and not any(out.iterdir()):
+                out.rmdir()
+
+
 def run(args: argparse.Namespace) -> dict:
     """Score, write every output to ``args.out`` and return the metrics document."""
     started = time.perf_counter()
     # Only the audio settings are read (before the folder is claimed: a bad one is refused untouched);
     # they name the cache prepare wrote.
     data = dataclasses.replace(audio_config(args), modality="audio")
-    claim(args.out, KIND, holds_run)  # before any work: the folder must be new, empty or an earlier zero-shot run
+    out = Path(args.out)
+    claim(out, KIND, holds_run)  # before any work: the folder must be new, empty or an earlier zero-shot run
+    with run_folder(out):
+        return _score_and_write(args, data, out, started)
+
+
+def _score_and_write(args: argparse.Namespace, data: DataConfig, out: Path, started: float) -> dict:
     prompts = load_prompts(args.prompts)
     captions = load_captions(args.captions)
     device = resolve_device(args.device)
@@ -287,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
         "audio_features": str(audio_cache_dir(cache_root, data.audio)),  # names the audio settings used
         "train_clips_unlabelled": len(datasets["train"]), "seconds": round(time.perf_counter() - started, 1),
     }
-    return write_outputs(Path(args.out), prompts, captions, splits, results, probabilities, recall, run_info)
+    return write_outputs(out, prompts, captions, splits, results, probabilities, recall, run_info)
 
 
 def main(argv: list[str] | None = None) -> int:

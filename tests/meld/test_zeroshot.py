@@ -344,6 +344,34 @@ def test_out_must_be_new_empty_or_a_zeroshot_run(setup, run_dir, tmp_path, capsy
     assert len(list((rerun / "tensorboard").glob("events.out.tfevents.*"))) == 1  # replaced, not added to
 
 
+def test_a_second_command_in_a_running_folder_is_refused_not_mixed_in(setup, tmp_path, capsys, monkeypatch):
+    """The run holds its folder while it runs. Two commands given the same --out (or started in the same
+    second with the default one) both wrote into it, each printing success: one's metrics.json beside the
+    other's predictions.csv, and one's confusion PNG deleted by the other."""
+    from meld import zeroshot
+
+    root, checkpoint, _ = setup
+    out = tmp_path / "run"
+    argv = ["--data", str(root), "--checkpoint", str(checkpoint), "--out", str(out)]
+    real_score, second = zeroshot.score, {}
+
+    def score_while_another_starts(*args, **kwargs):
+        if not second:  # once: a second command let in would come here too
+            second["started"] = True
+            second["rc"] = main([*argv, "--split", "dev"])
+            second["err"] = capsys.readouterr().err
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "score", score_while_another_starts)
+    assert main([*argv, "--split", "test"]) == 0
+    assert second["rc"] == 2 and second["err"] == (
+        f"error: {out}: another command is running in this folder; wait for it to end (the same command then "
+        "resumes or reruns its run), or give another folder\n"), second
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test" in metrics and "dev" not in metrics
+    assert (out / "confusion_test.png").is_file() and not (out / "confusion_dev.png").exists()
+
+
 def test_a_finetune_run_or_a_missing_gpu_is_one_line(setup, tmp_path, capsys):
     root, checkpoint, _ = setup
     (tmp_path / "run" / "model").mkdir(parents=True)
