@@ -19,6 +19,7 @@ rewritten by a local generative language model.  It pairs whole samples, so it r
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -101,13 +102,28 @@ def check_config(config: AugmentConfig) -> None:
         p = getattr(config, name).p
         if not 0.0 <= p <= 1.0:
             problems.append(f"{name}.p must be in [0, 1], got {p}")
-    masking = config.masking
-    if min(masking.time_masks, masking.max_time_width, masking.freq_masks, masking.max_freq_width) < 0:
-        problems.append("masking counts and widths must be >= 0")
-    if "{speech}" not in config.mix.template or "{env}" not in config.mix.template:
-        problems.append(f"mix.template must contain {{speech}} and {{env}}, got {config.mix.template!r}")
+    for name in ("time_masks", "max_time_width", "freq_masks", "max_freq_width"):
+        if getattr(config.masking, name) < 0:
+            problems.append(f"masking.{name} must be >= 0, got {getattr(config.masking, name)}")
+    problems += filter(None, [_template_problem("mix.template", config.mix.template, ("speech", "env")),
+                              _template_problem("mix.lm_prompt", config.mix.lm_prompt, ("caption",))])
     if problems:
         raise ConfigError("augment: " + "; ".join(problems))
+
+
+def _template_problem(name: str, template: str, fields: tuple[str, ...]) -> str | None:
+    """Why ``template`` cannot be filled in with exactly ``fields``, else None.  Checked when the config
+    is read: the first mixed item would otherwise stop training with a KeyError or ValueError."""
+    expected = " and ".join(f"{{{field}}}" for field in fields)
+    try:
+        used = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        if used == set(fields):
+            template.format(**dict.fromkeys(fields, "text"))  # a format spec such as {speech:d} fails only here
+            return None
+    except (ValueError, KeyError, IndexError, AttributeError) as err:
+        return f"{name} must be text with the placeholders {expected} (a literal brace is written {{{{ or }}}}), " \
+               f"got {template!r} ({err})"
+    return f"{name} must use exactly the placeholders {expected}, got {template!r}"
 
 
 def _uniform(low: float, high: float, count: int, device: torch.device) -> torch.Tensor:
@@ -317,12 +333,7 @@ class WaveAugment:
         if pitch.p > 0:
             chosen = torch.rand(batch, device=device) < pitch.p
             ratios = torch.round(_uniform(*pitch.ratio, batch, device) * 100) / 100
-            # Items that share a ratio go through the vocoder together.
-            for ratio in torch.unique(ratios[chosen]).tolist():
-                rows = torch.nonzero(chosen & (ratios == ratio)).squeeze(1)
-                wave[rows] = pitch_shift(wave[rows], ratio)
-            if lengths is not None:
-                wave = wave * length_mask(lengths, wave.shape[-1])  # the vocoder's output runs on past the end
+            _shift_pitches(wave, chosen, ratios, lengths)
         if reverb.p > 0:
             rows = torch.nonzero(torch.rand(batch, device=device) < reverb.p).squeeze(1)
             if rows.numel():
@@ -335,6 +346,18 @@ class WaveAugment:
             if rows.numel():
                 wave[rows] = hard_clip(wave[rows], _uniform(*clipping.fraction, rows.numel(), device))
         return wave
+
+
+def _shift_pitches(wave: torch.Tensor, chosen: torch.Tensor, ratios: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """Pitch-shift the ``chosen [B]`` items of ``wave [B, N]`` in place by their ``ratios [B]``, each over
+    its own length: the vocoder's STFT and the resampler read past an item's end, so a padded item
+    shifted whole would change with the padding after it.  Items sharing a ratio and a length go
+    through the vocoder together; a shifted item's padding becomes silence."""
+    n = wave.shape[-1]
+    lengths = torch.full_like(ratios, n, dtype=torch.long) if lengths is None else lengths.to(wave.device)
+    for ratio, length in set(zip(ratios[chosen].tolist(), lengths[chosen].tolist())):
+        rows = torch.nonzero(chosen & (ratios == ratio) & (lengths == length)).squeeze(1)
+        wave[rows] = torch.nn.functional.pad(pitch_shift(wave[rows, :length], ratio), (0, n - length))
 
 
 class MelAugment:

@@ -3,7 +3,8 @@
 Sources:
 
 * a manifest, JSONL (one object per line) or CSV (with a header), with the fields ``audio`` (a
-  path, relative to the manifest's folder or absolute), ``caption`` and optionally ``language``;
+  path, relative to the manifest's folder or absolute), ``caption`` and optionally ``language``
+  (a code such as ``en`` or a Whisper language name such as ``English``, read as its code);
 * webdataset-style tar shards: members named ``<key>.<ext>``, one audio member (flac, wav, mp3,
   ogg, opus, m4a) and one ``json`` member per key, the JSON holding ``text`` (a string, or a list
   whose first string is used) and optionally ``language`` or ``original_data.language``, as the
@@ -38,7 +39,7 @@ from clara.audio_io import AudioDecodeError, load_audio
 from clara.augment import CaptionRewriter, MixConfig, fit_env, merge_captions, mix, rms
 from clara.config import ConfigError
 from clara.masking import round_up
-from clara.tokenizer import is_language, unknown_language
+from clara.tokenizer import is_language, language_code, unknown_language
 
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a")
 
@@ -55,7 +56,7 @@ class DataConfig:
     eval: str = ""  # held-out pairs for retrieval metrics, same forms; "" = none
     env: str = ""  # environmental sounds (a manifest or shards) for augment.mix; "" = no mixing
     max_seconds: float = 10.0  # clips are cut to their first max_seconds
-    language: str = "en"  # for items without a language
+    language: str = "en"  # for items without a language: a code (en) or Whisper's name for it (english)
     # Keep decoded clips in memory (small sets).  Loader workers start afresh each epoch, so with
     # train.num_workers > 0 a worker's cache lasts one epoch; the gain is with num_workers 0 (the demos).
     cache_audio: bool = False
@@ -95,12 +96,20 @@ def _record(fields: dict[str, Any], base: Path, where: str) -> Record:
         raise DataError(f"{where}: expected a non-empty 'audio' path")
     if not isinstance(caption, str) or not caption.strip():
         raise DataError(f"{where}: expected a non-empty 'caption'")
-    language = fields.get("language") or None
-    if language is not None and not isinstance(language, str):
-        raise DataError(f"{where}: 'language' must be a string such as 'en'")
-    if language is not None and not is_language(language):
-        raise DataError(f"{where}: {unknown_language(language)}")
+    language = _language(fields.get("language"), f"{where}: 'language'")
     return Record(audio=str((base / audio).resolve()), caption=caption.strip(), language=language, origin=where)
+
+
+def _language(value: Any, where: str) -> str | None:
+    """A row's language as the code in clara.tokenizer.LANGUAGES (None when absent or empty), so that
+    "English", "english" and "en" are one language everywhere after reading (held-out texts are
+    grouped by it); ``where`` names the row and field in the error for one the tokenizer lacks."""
+    if value is None or value == "":
+        return None
+    code = language_code(value)
+    if code is None:
+        raise DataError(f"{where}: {unknown_language(value)}")
+    return code
 
 
 def read_manifest(path: str | Path) -> list[Record]:
@@ -125,7 +134,7 @@ def read_manifest(path: str | Path) -> list[Record]:
 
 def _read_rows(path: Path) -> list[Record]:
     records = []
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         # utf-8-sig: a byte-order mark (as editors on Windows write) is not part of the first row.
         # Rows end at "\n" only (JSON Lines): str.splitlines also splits at U+2028, U+0085 and the
         # like, which JSON writers (ensure_ascii=False) leave unescaped inside captions.
@@ -139,7 +148,7 @@ def _read_rows(path: Path) -> list[Record]:
             if not isinstance(fields, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object")
             records.append(_record(fields, path.parent, f"{path}:{number}"))
-    elif path.suffix == ".csv":
+    elif path.suffix.lower() == ".csv":
         for row, line in _csv_rows(path):
             records.append(_record(row, path.parent, f"{path}:{line}"))
     else:
@@ -168,13 +177,16 @@ def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
             raise DataError(f"{path}:{start}: not valid CSV from this line on ({err}); check the quotes there") from None
 
 
-def _caption_of(meta: dict[str, Any]) -> tuple[str | None, str | None]:
+def _caption_of(meta: dict[str, Any]) -> tuple[str | None, str, Any]:
+    """(caption or None, the field the language came from, its value) of a shard member's JSON."""
     text = meta.get("text")
     if isinstance(text, list):
         text = next((t for t in text if isinstance(t, str) and t.strip()), None)
     original = meta.get("original_data")
-    language = meta.get("language") or (original.get("language") if isinstance(original, dict) else None)
-    return (text.strip() if isinstance(text, str) and text.strip() else None), language
+    field, language = "language", meta.get("language")
+    if not language and isinstance(original, dict):
+        field, language = "original_data.language", original.get("language")
+    return (text.strip() if isinstance(text, str) and text.strip() else None), field, language
 
 
 def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, int]]]:
@@ -199,11 +211,10 @@ def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, i
                         meta = json.loads(tar.extractfile(members["json"]).read())
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         raise DataError(f"{shard}: {members['json'].name}: not valid JSON ({err})") from None
-                    caption, language = _caption_of(meta if isinstance(meta, dict) else {})
+                    caption, field, language = _caption_of(meta if isinstance(meta, dict) else {})
                     if caption is None:
                         raise DataError(f"{shard}: {members['json'].name}: expected a non-empty 'text'")
-                    if language is not None and not is_language(language):
-                        raise DataError(f"{shard}: {members['json'].name}: {unknown_language(language)}")
+                    language = _language(language, f"{shard}: {members['json'].name}: '{field}'")
                     record = Record(audio=f"{shard}#{audio.name}", caption=caption, language=language)
                     samples.append((record, (shard, audio.offset_data, audio.size)))
         except tarfile.TarError as err:
@@ -211,7 +222,9 @@ def index_shards(paths: Sequence[Path]) -> list[tuple[Record, tuple[Path, int, i
             if compression:
                 raise DataError(f"{shard}: a {compression}-compressed tar; shards must be uncompressed .tar files, as "
                                 f"samples are read by their offset in the file (decompress it first)") from None
-            raise DataError(f"{shard}: not a readable tar file ({err})") from None
+            # A manifest with another suffix (train.json, m.JSONL) lands here: say what each source must be.
+            hint = "" if shard.suffix.lower() == ".tar" else "; manifests must end in .jsonl or .csv, shards in .tar"
+            raise DataError(f"{shard}: not a readable tar file ({err}){hint}") from None
     return samples
 
 
@@ -250,16 +263,19 @@ class PairDataset(Dataset):
     def __init__(self, source: str, *, max_seconds: float | None = 10.0, language: str = "en", cache_audio: bool = False):
         self.source = source
         self.max_seconds = max_seconds
-        self.language = language
+        self.language = language_code(language)  # the default, as the code the records hold
+        if self.language is None:
+            raise ValueError(unknown_language(language))
         self.cache_audio = cache_audio
         self._cache: dict[int, torch.Tensor] = {}
-        if source.endswith((".jsonl", ".csv")):
+        if source.lower().endswith((".jsonl", ".csv")):
             self.records = read_manifest(source)
             self._members: list[tuple[Path, int, int]] | None = None
         else:
             indexed = index_shards(expand_source(source))
             if not indexed:
-                raise DataError(f"{source}: the shards hold no complete (audio + json) samples")
+                raise DataError(f"{source}: the shards hold no complete samples: each needs a json member and an audio "
+                                f"member ({', '.join(AUDIO_EXTENSIONS)}) of the same key, such as k1.json and k1.flac")
             self.records = [record for record, _ in indexed]
             self._members = [member for _, member in indexed]
 

@@ -42,8 +42,34 @@ LANGUAGES: tuple[str, ...] = (
     "gn", "fy", "fy-NL", "eo", "cnh", "cv", "dv", "ky", "or", "rw",
 )  # fmt: skip
 
-# Current Whisper and ISO 639-1 spell Hebrew "he"; the reference's token is <|iw|>.
-_LANGUAGE_ALIASES = {"he": "iw"}
+# Lower-cased code -> its spelling in LANGUAGES. Current Whisper and ISO 639-1 spell Hebrew "he"; the
+# reference's token is <|iw|>.
+_CODES = {code.lower(): code for code in LANGUAGES} | {"he": "iw"}
+
+# Whisper's language names and aliases (whisper.tokenizer.TO_LANGUAGE_CODE, which its tokenizer accepts
+# beside the codes), as the code of our token: datasets often label rows "english" or "German".
+# Whisper's "cantonese" (yue) has no CLARA token and is left out.
+_NAMES = {
+    "english": "en", "chinese": "zh", "german": "de", "spanish": "es", "russian": "ru", "korean": "ko",
+    "french": "fr", "japanese": "ja", "portuguese": "pt", "turkish": "tr", "polish": "pl", "catalan": "ca",
+    "dutch": "nl", "arabic": "ar", "swedish": "sv", "italian": "it", "indonesian": "id", "hindi": "hi",
+    "finnish": "fi", "vietnamese": "vi", "hebrew": "iw", "ukrainian": "uk", "greek": "el", "malay": "ms",
+    "czech": "cs", "romanian": "ro", "danish": "da", "hungarian": "hu", "tamil": "ta", "norwegian": "no",
+    "thai": "th", "urdu": "ur", "croatian": "hr", "bulgarian": "bg", "lithuanian": "lt", "latin": "la",
+    "maori": "mi", "malayalam": "ml", "welsh": "cy", "slovak": "sk", "telugu": "te", "persian": "fa",
+    "latvian": "lv", "bengali": "bn", "serbian": "sr", "azerbaijani": "az", "slovenian": "sl", "kannada": "kn",
+    "estonian": "et", "macedonian": "mk", "breton": "br", "basque": "eu", "icelandic": "is", "armenian": "hy",
+    "nepali": "ne", "mongolian": "mn", "bosnian": "bs", "kazakh": "kk", "albanian": "sq", "swahili": "sw",
+    "galician": "gl", "marathi": "mr", "punjabi": "pa", "sinhala": "si", "khmer": "km", "shona": "sn",
+    "yoruba": "yo", "somali": "so", "afrikaans": "af", "occitan": "oc", "georgian": "ka", "belarusian": "be",
+    "tajik": "tg", "sindhi": "sd", "gujarati": "gu", "amharic": "am", "yiddish": "yi", "lao": "lo",
+    "uzbek": "uz", "faroese": "fo", "haitian creole": "ht", "pashto": "ps", "turkmen": "tk", "nynorsk": "nn",
+    "maltese": "mt", "sanskrit": "sa", "luxembourgish": "lb", "myanmar": "my", "tibetan": "bo", "tagalog": "tl",
+    "malagasy": "mg", "assamese": "as", "tatar": "tt", "hawaiian": "haw", "lingala": "ln", "hausa": "ha",
+    "bashkir": "ba", "javanese": "jw", "sundanese": "su", "burmese": "my", "valencian": "ca", "flemish": "nl",
+    "haitian": "ht", "letzeburgesch": "lb", "pushto": "ps", "panjabi": "pa", "moldavian": "ro",
+    "moldovan": "ro", "sinhalese": "si", "castilian": "es", "mandarin": "zh",
+}  # fmt: skip
 
 # Special tokens in id order, starting right after the BPE ranks.
 _SPECIAL_TOKENS: tuple[str, ...] = (
@@ -66,23 +92,29 @@ _SPECIAL_PATTERN = regex.compile("(" + "|".join(regex.escape(token) for token in
 
 _N_RANKS = 50257
 _SPECIAL_IDS = {token: _N_RANKS + i for i, token in enumerate(_SPECIAL_TOKENS)}
-_LANGUAGE_IDS = {code.lower(): _SPECIAL_IDS[f"<|{code}|>"] for code in LANGUAGES}
+_LANGUAGE_IDS = {code: _SPECIAL_IDS[f"<|{code}|>"] for code in LANGUAGES}
 
 
-def _language_key(language: object) -> str | None:
-    key = language.lower() if isinstance(language, str) else None
-    return _LANGUAGE_ALIASES.get(key, key)
+def language_code(language: object) -> str | None:
+    """The code in ``LANGUAGES`` that ``language`` means, else None: a code in any case ("EN", "zh-cn";
+    "he" for "iw") or one of Whisper's names and aliases in any case ("English", "castilian")."""
+    if not isinstance(language, str):
+        return None
+    key = language.lower()
+    return _CODES.get(key) or _NAMES.get(key)
 
 
 def is_language(language: object) -> bool:
-    """Whether ``language`` is a code the tokenizer has a token for (see ``Tokenizer.language_id``);
-    configs and manifests check theirs with it when read, without building a tokenizer."""
-    return _language_key(language) in _LANGUAGE_IDS
+    """Whether the tokenizer has a token for ``language`` (see ``language_code``); configs and manifests
+    check theirs with it when read, without building a tokenizer."""
+    return language_code(language) is not None
 
 
 def unknown_language(language: object) -> str:
-    """The error message for a code that ``is_language`` refuses."""
-    return f"unknown language code {language!r}; valid codes: {', '.join(LANGUAGES)}"
+    """The error message for a language that ``is_language`` refuses, with a few valid examples."""
+    return (f"unknown language code {language!r}; valid codes: {', '.join(LANGUAGES[:8])}, ... "
+            f"({len(LANGUAGES)} in clara.tokenizer.LANGUAGES), in any case, or Whisper's language names "
+            "such as english, German, chinese")
 
 
 def _ranks_path() -> Path:
@@ -177,10 +209,11 @@ class Tokenizer:
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def language_id(self, language: str) -> int:
-        """The id of ``<|{language}|>``; codes as in ``LANGUAGES``, in any case ("he" is accepted for "iw")."""
-        if not is_language(language):
+        """The id of ``<|{code}|>`` for a code or language name that ``language_code`` reads."""
+        code = language_code(language)
+        if code is None:
             raise ValueError(unknown_language(language))
-        return _LANGUAGE_IDS[_language_key(language)]
+        return _LANGUAGE_IDS[code]
 
     def encode(self, text: str, language: str | None = None) -> list[int]:
         """Ids of ``<|{language}|><|speech|> {text}``, at most ``max_length`` of them."""
@@ -204,7 +237,7 @@ class Tokenizer:
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Ids [B, L] right-padded with ``pad_id`` to the longest text, and each text's length [B].
 
-        ``language`` is one code for all texts, one code per text, or None for the tokenizer's default.
+        ``language`` is one language (a code or name) for all texts, one per text, or None for the tokenizer's default.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of texts; use encode for a single text")

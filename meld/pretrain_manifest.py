@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clara.config import ConfigError
 from clara.io_utils import atomic_write_text
+from clara.tokenizer import language_code, unknown_language
 from meld.captions import caption_for, load_captions
 from meld.demo import ensure_demo
 from meld.errors import MeldDataError
@@ -67,8 +68,13 @@ def export_manifest(
     settings: AudioSettings = AudioSettings(),
     language: str = "en",
 ) -> ManifestSummary:
-    """Write the manifest of ``splits`` to ``out`` (atomically); raises MeldDataError / ConfigError."""
+    """Write the manifest of ``splits`` to ``out`` (atomically); raises MeldDataError / ConfigError.
+
+    ``language`` is a code or a Whisper language name; rows hold its code."""
     root = Path(data_root)
+    code = language_code(language)
+    if code is None:  # checked before any work: clara.pretrain would refuse every row of the manifest
+        raise ConfigError(f"language: {unknown_language(language)}")
     splits = list(dict.fromkeys(splits))  # a split named twice (--split train train) is still exported once
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or not splits:
@@ -84,7 +90,7 @@ def export_manifest(
                 skipped[utt.key] = bad[utt.key]
                 continue
             row = {"audio": str((layout[split].clips / utt.clip_name).resolve()), "caption": caption_for(utt, captions),
-                   "language": language, "key": utt.key, "emotion": utt.emotion, "sentiment": utt.sentiment}
+                   "language": code, "key": utt.key, "emotion": utt.emotion, "sentiment": utt.sentiment}
             lines.append(json.dumps(row, ensure_ascii=False))
     if not lines:
         raise MeldDataError(f"{root}: no usable clip in {', '.join(splits)}; nothing to export")

@@ -266,6 +266,25 @@ def test_a_padded_item_is_augmented_as_it_would_be_alone():
     assert unaware[:, wave.shape[1] :].abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("ratio", [0.89, 1.12])
+def test_a_padded_item_is_pitch_shifted_as_it_would_be_alone(ratio):
+    """The vocoder's STFT and the resampler read past an item's end: a padded batch shifted whole
+    changed each item's last ~15 ms with the padding after it (by a quarter of the item's peak).
+    Items of one length still share a vocoder call and get the same result."""
+    config = AugmentConfig(pitch=PitchConfig(p=1.0, ratio=(ratio, ratio)))
+    torch.manual_seed(0)
+    short, long = torch.randn(SR // 4) * 0.1, torch.randn(SR // 2) * 0.1
+    batch = torch.zeros(3, SR // 2 + 5000)  # padded past the longest, as data.frames_multiple pads
+    for row, item in enumerate((short, long, short)):
+        batch[row, : item.numel()] = item
+    together = WaveAugment(config)(batch, torch.tensor([short.numel(), long.numel(), short.numel()]))
+    for row, item in enumerate((short, long, short)):
+        alone = WaveAugment(config)(item[None])[0]
+        assert fundamental(alone, 80, 24_000) != 0 and not torch.allclose(alone, item, atol=1e-2)  # shifted
+        torch.testing.assert_close(together[row, : item.numel()], alone, rtol=0, atol=1e-5)
+        assert not together[row, item.numel() :].any()
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 
@@ -279,6 +298,31 @@ def test_augment_config_from_yaml_mapping_and_range_errors():
         check_config(from_dict(AugmentConfig, {"clipping": {"p": 1.5}}))
     with pytest.raises(ConfigError, match="template"):
         check_config(from_dict(AugmentConfig, {"mix": {"template": "no placeholders"}}))
+    with pytest.raises(ConfigError) as err:  # each field named, not "masking counts and widths"
+        check_config(from_dict(AugmentConfig, {"masking": {"max_time_width": -1, "freq_masks": -2}}))
+    assert str(err.value) == "augment: masking.max_time_width must be >= 0, got -1; masking.freq_masks must be >= 0, got -2"
+
+
+@pytest.mark.parametrize("field, template, problem", [
+    ("template", "A person saying {speech} at {place}, background {env}", "must use exactly the placeholders"),
+    ("template", "{speech}, background {env} {}", "must use exactly the placeholders"),
+    ("template", "{speech.upper}, background {env}", "must use exactly the placeholders"),
+    ("template", "{speech}, background {env} :-{", "(Single '{' encountered in format string)"),
+    ("template", "{speech:d}, background {env}", "(Unknown format code 'd' for object of type 'str')"),
+    ("lm_prompt", "Rewrite as one fluent sentence:", "must use exactly the placeholders"),
+    ("lm_prompt", "Rewrite {caption} as {style}", "must use exactly the placeholders"),
+])  # fmt: skip
+def test_a_template_that_cannot_be_filled_in_is_refused_when_read(field, template, problem):
+    """These passed the old check (both placeholders present) and stopped training with a KeyError,
+    IndexError or ValueError traceback at the first mixed item; a prompt without {caption} rewrote
+    nothing of the caption."""
+    with pytest.raises(ConfigError) as err:
+        check_config(from_dict(AugmentConfig, {"mix": {field: template}}))
+    assert str(err.value).startswith(f"augment: mix.{field} must ") and f"got {template!r}" in str(err.value)
+    assert problem in str(err.value)
+    fine = from_dict(AugmentConfig, {"mix": {"template": "{speech!r} {{quoted}}: {env}", "lm_prompt": "Fix: {caption}"}})
+    check_config(fine)
+    assert merge_captions(fine.mix.template, "hi", "rain") == "'hi' {quoted}: rain"
 
 
 def test_missing_language_model_directory_is_a_config_error(tmp_path):

@@ -531,3 +531,22 @@ def test_held_out_captions_are_encoded_in_their_rows_language(demo, tmp_path):
     assert task.text_of_audio.tolist() == [2, 0, 1, 2]
     assert metrics["a2t_R@1"] == metrics["t2a_R@1"] == 1.0
     assert task.chance["a2t_R@1"] == pytest.approx(1 / 3)
+
+
+def test_a_caption_is_one_held_out_text_however_its_language_is_spelled(demo, tmp_path):
+    """Held-out texts are grouped by (caption, language): "de", "DE" and "German" encode alike, so they
+    must be one text, or retrieval scores a clip against duplicates of its own caption."""
+    from clara.augment import AugmentConfig
+    from clara.pretrain import ContrastiveTask
+    from clara.tokenizer import Tokenizer
+
+    clips = sorted((demo.root / "eval").glob("*.wav"))[:4]
+    manifest = tmp_path / "held-out.jsonl"
+    rows = [("ein Ton", "de"), ("ein Ton", "German"), ("ein Ton", "DE"), ("a tone", None)]
+    manifest.write_text("".join(json.dumps({"audio": str(clip), "caption": caption, "language": language}) + "\n"
+                                for clip, (caption, language) in zip(clips, rows)))  # fmt: skip
+    task = ContrastiveTask(AugmentConfig(), torch.device("cpu"), gather=False,
+                           eval_data=PairDataset(str(manifest), language="English"), tokenizer=Tokenizer())  # fmt: skip
+    assert task.eval_texts == [("a tone", "en"), ("ein Ton", "de")]
+    assert task.text_of_audio.tolist() == [1, 1, 1, 0]
+    assert task.chance["a2t_R@1"] == pytest.approx(1 / 2)

@@ -77,7 +77,7 @@ def test_an_unknown_language_is_named_with_its_row_or_member(tmp_path):
         {"audio": "a.wav", "caption": "a tone", "language": "de"},
         {"audio": "a.wav", "caption": "a tone", "language": "xx"},
     ])  # fmt: skip
-    with pytest.raises(DataError, match=rf"^{manifest}:2: unknown language code 'xx'; valid codes: en, "):
+    with pytest.raises(DataError, match=rf"^{manifest}:2: 'language': unknown language code 'xx'; valid codes: en, "):
         read_manifest(manifest)
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:
@@ -86,8 +86,41 @@ def test_an_unknown_language_is_named_with_its_row_or_member(tmp_path):
         info = tarfile.TarInfo("k1.json")
         info.size = len(meta)
         tar.addfile(info, io.BytesIO(meta))
-    with pytest.raises(DataError, match=rf"^{shard}: k1.json: unknown language code 'klingon'"):
+    with pytest.raises(DataError, match=rf"^{shard}: k1.json: 'original_data.language': unknown language code 'klingon'"):
         PairDataset(str(shard))
+
+
+def test_language_names_read_as_their_codes_in_rows_members_and_the_default(tmp_path):
+    """Whisper takes "english" as well as "en"; rows labelled "English" or "german" were refused as
+    unknown codes.  Every spelling reads as the code, so items and held-out texts agree."""
+    write_wav(tmp_path / "a.wav")
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"audio": "a.wav", "caption": "a tone", "language": "English"},
+        {"audio": "a.wav", "caption": "a tone", "language": "GERMAN"},
+        {"audio": "a.wav", "caption": "a tone", "language": "castilian"},
+        {"audio": "a.wav", "caption": "a tone", "language": "he"},
+        {"audio": "a.wav", "caption": "a tone"},
+    ])  # fmt: skip
+    assert [r.language for r in read_manifest(manifest)] == ["en", "de", "es", "iw", None]
+    data = PairDataset(str(manifest), language="French")
+    assert [data[i]["language"] for i in range(5)] == ["en", "de", "es", "iw", "fr"]
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_text("audio,caption,language\na.wav,a tone,Japanese\na.wav,a tone,\n")
+    assert [r.language for r in read_manifest(csv_manifest)] == ["ja", None]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, meta in (("k1", {"text": "a tone", "language": "Dutch"}),
+                          ("k2", {"text": "a tone", "original_data": {"language": "mandarin"}})):  # fmt: skip
+            tar.add(tmp_path / "a.wav", arcname=f"{key}.wav")
+            add_member(tar, f"{key}.json", json.dumps(meta).encode())
+    assert [r.language for r in PairDataset(str(shard)).records] == ["nl", "zh"]
+    assert config_lib.load(DataConfig, None, ["language=English"]).language == "English"
+    with pytest.raises(DataError, match=rf"^{csv_manifest}:2: 'language': unknown language code 'cantonese'"):
+        csv_manifest.write_text("audio,caption,language\na.wav,a tone,cantonese\n")
+        read_manifest(csv_manifest)
+    with pytest.raises(DataError, match=rf"^{manifest}:1: 'language': unknown language code 5; "):
+        write_jsonl(manifest, [{"audio": "a.wav", "caption": "a tone", "language": 5}])
+        read_manifest(manifest)
 
 
 @pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
@@ -282,3 +315,35 @@ def test_a_compressed_shard_is_refused_when_indexed(tmp_path, mode, compression)
     (tmp_path / "junk.tar").write_bytes(b"neither tar nor compressed" * 40)
     with pytest.raises(DataError, match=rf"^{tmp_path / 'junk.tar'}: not a readable tar file"):
         PairDataset(str(tmp_path / "junk.tar"))
+
+
+def test_a_manifest_suffix_in_capitals_reads_and_another_suffix_says_what_sources_must_be(tmp_path):
+    """m.JSONL and m.CSV (Windows tools write capitals) were taken for tar shards; a manifest named
+    train.json was "not a readable tar file (truncated header)", with no word of what was expected."""
+    write_wav(tmp_path / "a.wav")
+    row = {"audio": "a.wav", "caption": "a tone"}
+    write_jsonl(tmp_path / "m.JSONL", [row])
+    (tmp_path / "m.CSV").write_text("audio,caption\na.wav,a tone\n")
+    for name in ("m.JSONL", "m.CSV"):
+        assert [(r.audio, r.caption) for r in PairDataset(str(tmp_path / name)).records] == [(str(tmp_path / "a.wav"), "a tone")]
+    write_jsonl(tmp_path / "train.json", [row])
+    with pytest.raises(DataError) as err:
+        PairDataset(str(tmp_path / "train.json"))
+    assert str(err.value).startswith(f"{tmp_path / 'train.json'}: not a readable tar file (")
+    assert str(err.value).endswith("); manifests must end in .jsonl or .csv, shards in .tar")
+    (tmp_path / "junk.tar").write_bytes(b"neither tar nor compressed" * 40)
+    with pytest.raises(DataError, match=r"not a readable tar file \([^)]*\)$"):  # a .tar is meant as a shard
+        PairDataset(str(tmp_path / "junk.tar"))
+
+
+def test_shards_without_a_complete_sample_say_what_a_sample_needs(tmp_path):
+    """A shard of video clips (k1.mp4 + k1.json) held "no complete (audio + json) samples", without
+    a word of which members count as audio."""
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "k1.mp4", b"a video")
+        add_member(tar, "k1.json", json.dumps({"text": "a tone"}).encode())
+    with pytest.raises(DataError) as err:
+        PairDataset(str(shard))
+    assert str(err.value) == (f"{shard}: the shards hold no complete samples: each needs a json member and an audio "
+                              "member (flac, wav, mp3, ogg, opus, m4a) of the same key, such as k1.json and k1.flac")

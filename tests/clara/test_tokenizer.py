@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clara.tokenizer import LANGUAGES, Tokenizer, is_language, unknown_language
+from clara.tokenizer import LANGUAGES, Tokenizer, is_language, language_code, unknown_language
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -178,12 +178,31 @@ def test_language_codes_are_case_insensitive_and_he_means_iw(tokenizer):
 def test_unknown_language_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match=r"unknown language code 'xx'; valid codes: en, zh, zh-CN, de, "):
         tokenizer.language_id("xx")
-    with pytest.raises(ValueError, match="unknown language code 'english'"):
-        tokenizer.encode("hello", language="english")
+    with pytest.raises(ValueError, match="unknown language code 'klingon'.*or Whisper's language names such as english"):
+        tokenizer.encode("hello", language="klingon")
     with pytest.raises(ValueError, match="unknown language code 'yue'"):
         Tokenizer(language="yue")
     with pytest.raises(ValueError, match="unknown language code 'xx'"):
         tokenizer.encode_batch(["a", "b"], language=["en", "xx"])
+
+
+def test_whisper_language_names_and_aliases_mean_their_codes_in_any_case(tokenizer):
+    # Whisper's tokenizer takes "english" for "en"; datasets label rows either way.
+    from whisper.tokenizer import TO_LANGUAGE_CODE
+
+    for name, code in TO_LANGUAGE_CODE.items():
+        if code == "yue":  # Cantonese: Whisper has it, the reference's token list does not
+            assert not is_language(name) and language_code(name) is None
+            continue
+        expected = tokenizer.language_id(code)
+        for spelling in (name, name.upper(), name.title()):
+            assert tokenizer.language_id(spelling) == expected, spelling
+            assert language_code(spelling) == ("iw" if code == "he" else code), spelling
+    assert tokenizer.language_id("English") == tokenizer.language_id("en") == 50259
+    assert tokenizer.language_id("castilian") == tokenizer.language_id("es") == 50263
+    assert tokenizer.language_id("Hebrew") == 50280 and language_code("HEBREW") == "iw"
+    assert tokenizer.encode_batch(["hi", "hi"], ["German", "de"])[0].tolist() == [[50262, 50372, 4879]] * 2
+    assert language_code("zh-cn") == "zh-CN" and language_code("EN") == "en" and language_code("xx") is None
 
 
 def test_is_language_accepts_exactly_the_codes_the_tokenizer_encodes(tokenizer):

@@ -148,3 +148,16 @@ def test_a_damaged_prepare_report_is_one_clear_error_and_prepare_mends_it(prepar
     assert not (tmp_path / "m.jsonl").exists()
     assert prepare(root, own_cache, workers=1)["run"]["decoded"] == 0  # every clip reused, the report rewritten
     assert export_manifest(root, tmp_path / "m.jsonl", cache_root=own_cache).written > 0
+
+
+def test_the_language_is_written_as_its_code_and_an_unknown_one_is_refused_first(prepared, tmp_path):
+    """A Whisper language name ("German") is written as its code; an unknown one is refused before
+    the report is read (no cache here), not written into a manifest clara.pretrain then refuses."""
+    root, cache, _ = prepared
+    export_manifest(root, tmp_path / "m.jsonl", cache_root=cache, language="German")
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert {row["language"] for row in rows} == {"de"}
+    assert {record.language for record in read_manifest(tmp_path / "m.jsonl")} == {"de"}
+    with pytest.raises(ConfigError, match=r"^language: unknown language code 'klingon'; valid codes: en, zh"):
+        export_manifest(root, tmp_path / "k.jsonl", cache_root=tmp_path / "none", language="klingon")
+    assert not (tmp_path / "k.jsonl").exists()
