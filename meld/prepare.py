@@ -204,12 +204,19 @@ def add_audio_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, help="cap on clip length (default 30; 0: no cap)")
     parser.add_argument("--config", help="data config YAML whose audio: section applies (configs/data/default.yaml)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. audio.min_seconds=0.2")
+                        help="audio.* overrides, e.g. audio.min_seconds=0.2")
 
 
 def audio_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig of ``add_audio_arguments``' flags (a ConfigError for a bad one)."""
     overrides = list(args.set)
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if not key.startswith("audio."):
+            # The rest of the data config (modality, context_turns, ...) is the fine-tune's: accepted here,
+            # it would be read and then ignored.
+            raise ConfigError(f"--set {override}: only audio.* settings apply here (they name the feature cache), "
+                              "e.g. audio.min_seconds=0.2")
     if args.max_seconds is not None:
         # argparse takes "nan", "inf" and negatives as floats; only 0 means no cap.
         if not (math.isfinite(args.max_seconds) and args.max_seconds >= 0):

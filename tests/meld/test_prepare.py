@@ -379,6 +379,9 @@ def write_csv_only(root: Path) -> None:
     ("no CSVs", ["--data", "{tmp}/empty"], "looked for file train_sent_emo.csv"),
     ("CSVs only", ["--data", "{tmp}/csv-only"], "text-only"),
     ("bad override", ["--data", "{tmp}/empty", "--set", "audio.n_mel=64"], "unknown key(s) n_mel"),
+    # The rest of the data config is the fine-tune's: it was read and then ignored here.
+    ("not an audio setting", ["--data", "{tmp}/empty", "--set", "modality=text"],
+     "--set modality=text: only audio.* settings apply here"),
     ("bad workers", ["--data", "{tmp}/empty", "--workers", "0"], "--workers must be at least 1"),
     # Only 0 means no cap; these read as no cap or overflowed before.
     ("negative cap", ["--data", "{tmp}/empty", "--max-seconds", "-5"], "--max-seconds must be a number of seconds >= 0"),

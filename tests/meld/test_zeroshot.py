@@ -194,6 +194,7 @@ def test_sentiment_prompts(setup, tmp_path):
     (["--data", "{root}", "--checkpoint", "{ckpt}", "--set", "audio.n_mels=64", "--out", "{base}/m"],
      "audio.n_mels is 64, but the CLARA model reads 80-bin log-mels"),
     (["--data", "{root}", "--checkpoint", "{ckpt}", "--set", "audio.bogus=1"], "unknown key(s) bogus"),
+    (["--data", "{root}", "--checkpoint", "{ckpt}", "--set", "modality=text"], "only audio.* settings apply here"),
     (["--data", "{root}", "--checkpoint", "{ckpt}", "--max-seconds", "-1"], "--max-seconds"),
 ])
 def test_user_mistakes_are_one_line(setup, capsys, argv, message):
