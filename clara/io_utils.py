@@ -3,6 +3,7 @@ file under which two processes building the same thing take turns."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -76,6 +77,9 @@ def remove_leftovers(folder: str | Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
+    if path.is_dir():
+        # Checked first: the rename would fail after the work, with an error naming the temporary file.
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=STAGING_SUFFIX, dir=path.parent)
     os.close(fd)

@@ -122,3 +122,14 @@ def test_a_second_holder_of_the_lock_says_it_waits_and_enters_once_the_first_lea
 def _enter(path, order: list[str]) -> None:
     with locked(path, "waiting for the first"):
         order.append("second in")
+
+
+def test_writing_over_a_folder_names_the_folder_before_any_work(tmp_path):
+    # The rename failed after the writer had run, naming the hidden temporary file instead.
+    (tmp_path / "out.jsonl").mkdir()
+    ran = []
+    with pytest.raises(IsADirectoryError) as caught:
+        with atomic_path(tmp_path / "out.jsonl") as tmp:
+            ran.append(tmp)
+    assert caught.value.filename == str(tmp_path / "out.jsonl") and "is a folder" in str(caught.value)
+    assert ran == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
