@@ -31,7 +31,9 @@ from clara.tokenizer import Tokenizer, is_language, unknown_language
 from meld.context import dialogue_context, format_with_context
 from meld.demo import ensure_demo
 from meld.errors import MeldDataError
-from meld.feature_cache import AudioSettings, SplitStore, audio_cache_dir, default_cache_root, store_path
+from meld.feature_cache import (
+    AudioSettings, SplitStore, audio_cache_dir, changed_clips, default_cache_root, store_path,
+)
 from meld.labels import TARGETS, label_index
 from meld.labels import class_counts as count_labels
 from meld.layout import find_layout
@@ -293,6 +295,17 @@ def _no_features(root: Path, split: str, cache_dir: Path, cache_root: str | Path
             f"`python -m meld.prepare --data {root}{cache}` with the same audio settings first")
 
 
+def _check_current(store: SplitStore, root: Path, split: str, cache_root: str | Path | None) -> None:
+    """Refuse features that are not of ``root``'s clips as they are now (``changed_clips``)."""
+    changed = changed_clips(store, root)
+    if changed:
+        cache = f" --cache {cache_root}" if cache_root is not None else ""
+        raise MeldDataError(f"{len(changed)} clip(s) of the {split} split of {root} are not the files their features "
+                            f"in {store.path.parent} were made from (first: {changed[0].file}; changed since, or "
+                            f"another MELD copy prepared into that cache): run `python -m meld.prepare --data "
+                            f"{root}{cache}` to bring them up to date")
+
+
 def check_not_empty(datasets: Mapping[str, MeldDataset], root: Path) -> None:
     """Raise MeldDataError naming the first split with no usable row: a driver would fail deep in its
     metrics with nothing to train on, score or estimate a prior from."""
@@ -329,6 +342,7 @@ def build_datasets(
             if not path.is_file():
                 raise MeldDataError(_no_features(root, split, cache_dir, cache_root))
             stores[split] = SplitStore(path)
+            _check_current(stores[split], root, split, cache_root)
     if config.uses_text and tokenizer is None:
         tokenizer = _shared_tokenizer(config.language)
     return {

@@ -192,6 +192,23 @@ def write_settings(cache_dir: Path, settings: AudioSettings) -> None:
     atomic_write_text(cache_dir / "settings.json", text + "\n")
 
 
+def changed_clips(store: SplitStore, data_root: str | Path) -> list[ClipRecord]:
+    """The records of ``store`` whose clip under ``data_root`` is not the file its features were decoded
+    from (another size or modification time): a clip replaced since prepare ran, or another MELD copy's
+    features in a shared ``--cache`` (clips are keyed by split and utterance, the same in every copy).
+    A clip that is not there is not checked: features may be read without the clips."""
+    root = Path(data_root)
+    changed = []
+    for record in store.records:
+        try:
+            stat = (root / record.file).stat()
+        except OSError:
+            continue
+        if (stat.st_size, stat.st_mtime_ns) != (record.size, record.mtime_ns):
+            changed.append(record)
+    return changed
+
+
 def check_model_mels(settings: AudioSettings, model_mels: int) -> None:
     """Refuse features a CLARA model cannot read before any is encoded: its audio tower's first
     convolution takes ``model_mels`` bins, and another count fails inside the model with a traceback."""

@@ -147,6 +147,31 @@ def test_a_changed_clip_is_decoded_again(demo, reference, tmp_path):
     assert all((before.frames(r.key) == after.frames(r.key)).all() for r in before.records if r.cached)
 
 
+def test_features_of_a_clip_changed_since_prepare_are_refused_until_it_runs_again(demo, reference, tmp_path):
+    # Readers took features by split and utterance only: a clip replaced after prepare, or another MELD copy
+    # prepared into a shared --cache, was read silently as the wrong audio.
+    from meld.dataset import DataConfig, build_datasets
+
+    cache_dir, _ = reference
+    data = tmp_path / "MELD.Raw"
+    shutil.copytree(demo, data)  # copy2 keeps the files' mtimes: the same clips
+    shutil.copytree(cache_dir, tmp_path / "cache" / cache_dir.name)
+    config = DataConfig(modality="audio")
+    assert len(build_datasets(data, config, cache_root=tmp_path / "cache")["dev"]) > 0
+    clip = next((data / "dev_splits_complete").glob("dia*.mp4"))
+    clip.touch()
+    with pytest.raises(MeldDataError) as caught:
+        build_datasets(data, config, cache_root=tmp_path / "cache")
+    message = str(caught.value)
+    assert message.startswith(f"1 clip(s) of the dev split of {data} are not the files their features")
+    assert f"(first: dev_splits_complete/{clip.name};" in message
+    assert f"python -m meld.prepare --data {data} --cache {tmp_path / 'cache'}`" in message
+    prepare(data, tmp_path / "cache", workers=1)
+    assert len(build_datasets(data, config, cache_root=tmp_path / "cache")["dev"]) > 0
+    clip.unlink()  # features are read without their clips: a clip not there is not checked
+    assert len(build_datasets(data, config, cache_root=tmp_path / "cache")["dev"]) > 0
+
+
 def test_a_link_to_a_clip_not_there_is_a_missing_clip(demo, reference, tmp_path):
     # Clips linked from a disk that is not mounted: the link's stat() failed and stopped the whole run.
     cache_dir, _ = reference
