@@ -23,6 +23,18 @@ Strategy = Literal["linear_probe", "partial", "full"]
 DEFAULT_PROMPT = "a person talking in a {label} voice"
 
 
+def _at_least(key: str, value: float, low: float) -> None:
+    """One ConfigError naming the setting, its bound and the value given."""
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low:g}, got {value}")
+
+
+def _fraction(key: str, value: float) -> None:
+    """One ConfigError naming a dropout-like setting outside [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key} must be in [0, 1), got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     clara: str = "tiny"  # architecture when no checkpoint is given: a preset name or a model YAML (from scratch)
@@ -48,11 +60,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_overrides(self.clara_overrides, "model.clara_overrides")  # what they set: on the model
-        if self.fusion_dim < 1 or self.hidden_dim < 0 or self.hf_max_tokens < 3:
-            raise ConfigError("model: fusion_dim must be >= 1, hidden_dim >= 0, hf_max_tokens >= 3")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.modality_dropout < 1.0:
-            raise ConfigError(f"model.dropout and model.modality_dropout must be in [0, 1), got {self.dropout}, "
-                              f"{self.modality_dropout}")
+        _at_least("model.fusion_dim", self.fusion_dim, 1)
+        _at_least("model.hidden_dim", self.hidden_dim, 0)
+        _at_least("model.hf_max_tokens", self.hf_max_tokens, 3)
+        _fraction("model.dropout", self.dropout)
+        _fraction("model.modality_dropout", self.modality_dropout)
         # zero_shot_init fills it in with str.format, mid-run: another field ("a {tone} voice") failed there
         # with a KeyError, and "{{label}}" (a literal brace pair) gave every class the same prompt.
         if set(format_fields(self.prompt, "model.prompt")) != {"label"}:
@@ -90,10 +102,10 @@ class LossConfig:
     unimodal_weight: float = 0.0  # with several inputs: each one's own head adds this times its loss
 
     def __post_init__(self) -> None:
-        if self.class_weight_power < 0 or self.focal_gamma < 0 or self.unimodal_weight < 0:
-            raise ConfigError("loss: class_weight_power, focal_gamma and unimodal_weight must be >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _at_least("loss.class_weight_power", self.class_weight_power, 0)
+        _at_least("loss.focal_gamma", self.focal_gamma, 0)
+        _at_least("loss.unimodal_weight", self.unimodal_weight, 0)
+        _fraction("loss.label_smoothing", self.label_smoothing)
         # FocalLoss takes hard targets only; a smoothing it never applied would still be recorded as the run's.
         if self.name == "focal" and self.label_smoothing:
             raise ConfigError(f"loss.label_smoothing is {self.label_smoothing}, but loss.name focal has no label "
@@ -128,7 +140,8 @@ class FinetuneConfig:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
-        if self.model.hf_text and self.model.hf_text_mode == "replace" and self.data.modality == "audio":
+        # In either hf_text_mode: beside an audio-only run it was loaded, then never read (no text input).
+        if self.model.hf_text and self.data.modality == "audio":
             raise ConfigError("model.hf_text is a text encoder; use data.modality text or both with it")
         if self.model.zero_shot_init:
             if not self.data.uses_audio or self.model.fusion != "concat" or self.model.hidden_dim:

@@ -51,10 +51,40 @@ def test_weighted_ce_is_the_weighted_sum_over_the_batch_size():
     torch_mean = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))
     torch_halves = (float(torch_mean(logits[:2], target[:2])) + float(torch_mean(logits[2:], target[2:]))) / 2
     assert torch_halves != pytest.approx(float(torch_mean(logits, target)))
-    # Label smoothing spreads each item's weighted loss as PyTorch's formula does, still over the batch size.
-    smoothed = build_loss("weighted_ce", [3, 1], power=1.0, label_smoothing=0.2)
-    per_item = F.cross_entropy(logits, target, weight=torch.tensor(weights), label_smoothing=0.2, reduction="none")
-    assert float(smoothed(logits, target)) == pytest.approx(float(per_item.sum() / 4))
+
+
+def test_weighted_ce_weighs_each_items_whole_smoothed_loss_by_its_class():
+    # Naive reference, by hand: item i's target is (1 - eps) one-hot + eps / C, its loss l_i the cross-entropy
+    # against it, and the batch loss sum_i w_{y_i} l_i / B.
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, -1.0, 0.3], [0.0, 1.0, 0.2], [1.0, 1.0, -2.0]])
+    target = torch.tensor([0, 0, 1, 2])
+    weights = [0.5, 1.0, 2.0]
+    eps, classes = 0.2, 3
+    expected = 0.0
+    for row, y in zip(logits.tolist(), target.tolist()):
+        log_p = [v - math.log(sum(math.exp(u) for u in row)) for v in row]
+        smoothed_target = [(1 - eps) * (c == y) + eps / classes for c in range(classes)]
+        expected += weights[y] * -sum(q * lp for q, lp in zip(smoothed_target, log_p))
+    loss = WeightedCrossEntropy(torch.tensor(weights), label_smoothing=eps)
+    assert float(loss(logits, target)) == pytest.approx(expected / 4)
+    # PyTorch's weight= weighs each class's share of the smoothed target instead: another objective.
+    torch_way = F.cross_entropy(logits, target, weight=torch.tensor(weights), label_smoothing=eps, reduction="none")
+    assert float(torch_way.mean()) != pytest.approx(expected / 4)
+
+
+def test_weighted_ce_smoothing_keeps_the_smoothed_target_as_the_best_prediction():
+    # On MELD's train counts with inverse-frequency weights, a neutral utterance's loss is least at
+    # p = the smoothed target (1 - eps + eps / C on neutral), whatever its weight; with PyTorch's
+    # weighted smoothing it was least at 55% neutral, the rest spread towards the rare classes.
+    weights = class_weights([4710, 1743, 1205, 1109, 683, 271, 268], power=1.0)
+    loss = WeightedCrossEntropy(weights, label_smoothing=0.1)
+    logits = torch.zeros(1, 7, requires_grad=True)
+    optimiser = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(500):
+        optimiser.zero_grad()
+        loss(logits, torch.tensor([0])).backward()
+        optimiser.step()
+    assert float(logits.detach().softmax(-1)[0, 0]) == pytest.approx(1 - 0.1 + 0.1 / 7, abs=1e-3)
 
 
 def test_focal_loss_by_hand():
