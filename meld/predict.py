@@ -147,13 +147,15 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
     return out
 
 
-def predict(run: str | Path, item: str, text: str | None = None, *, context: Sequence[tuple[str, str]] = (),
+def predict(run: str | Path, item: str | Path, text: str | None = None, *, context: Sequence[tuple[str, str]] = (),
             speaker: str | None = None) -> dict:  # fmt: skip
     """``{"label", "target", "probabilities": {class: p}, "warnings": [line]}`` for one item, by the run's model.
 
-    ``context``: previous turns of the dialogue as (speaker, text), oldest first, with the item's own
-    ``speaker``, for runs trained with ``data.context_turns`` > 0.
+    ``item``: an audio or video file (a path), or the utterance's text. ``context``: previous turns of the
+    dialogue as (speaker, text), oldest first, with the item's own ``speaker``, for runs trained with
+    ``data.context_turns`` > 0.
     """
+    item = str(item) if isinstance(item, Path) else item  # as the command line gives it
     classifier, spec, hf_tokenizer = load_classifier(run)
     data = from_dict(DataConfig, spec["data"], source=f"{spec_file(run)}: data")
     _check_context(data, context, speaker)

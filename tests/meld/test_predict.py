@@ -127,6 +127,8 @@ def test_audio_prediction_matches_the_run_model(audio_run):
         if utt.key not in expected or not clip.is_file():
             continue  # the demo plants broken clips, which the run leaves out
         _assert_same_probabilities(predict(audio_run, str(clip)), expected[utt.key], utt.key)
+        # A Path, as from Python code, is the same file (it raised AttributeError on str methods).
+        _assert_same_probabilities(predict(audio_run, clip), expected[utt.key], utt.key)
         checked += 1
         if checked == 3:
             break
