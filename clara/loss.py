@@ -30,11 +30,16 @@ class ContrastiveLoss(nn.Module):
         """audio_embeds, text_embeds [B, D] -> the cosine similarities the loss scores, [N, N] (audio
         rows, text columns, pairs on the diagonal): N = B, or W·B with ``gather`` under W processes,
         the same matrix in every process.  Also what in-batch accuracy is measured on, so that it
-        counts the candidates the loss does and reads the same for any number of processes."""
+        counts the candidates the loss does and reads the same for any number of processes.
+        At least fp32 (fp64 stays fp64), also under autocast: there the product would be bf16, whose
+        8-bit significand rounds cosines near 1 by up to 2e-3, 0.2 in logits scaled by 100; the
+        reference trained in fp32."""
         if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             audio_embeds = gather_with_grad(audio_embeds)
             text_embeds = gather_with_grad(text_embeds)
-        return audio_embeds @ text_embeds.T
+        dtype = torch.promote_types(torch.promote_types(audio_embeds.dtype, text_embeds.dtype), torch.float32)
+        with torch.autocast(audio_embeds.device.type, enabled=False):
+            return audio_embeds.to(dtype) @ text_embeds.to(dtype).T
 
     @staticmethod
     def from_similarity(similarity: torch.Tensor, audio_scale: torch.Tensor, text_scale: torch.Tensor) -> torch.Tensor:

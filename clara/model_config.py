@@ -6,6 +6,7 @@ Field defaults are the reference "medium" (100M) model.  ``from_reference_hparam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -135,10 +136,14 @@ class ClaraConfig:
     init_temperature: float = 0.07  # both learnable temperatures start at ln(1 / init_temperature)
 
     def __post_init__(self) -> None:
-        if self.output_dim < 1:
-            raise config_lib.ConfigError(f"output_dim must be at least 1, got {self.output_dim}")
-        if not self.init_temperature > 0:  # its log is taken
-            raise config_lib.ConfigError(f"init_temperature must be above 0, got {self.init_temperature}")
+        # Every bad field in one error, as TextConfig and AudioConfig do (output_dim is the only size).
+        problems = _size_problems(self)
+        # Its log is taken: 0 and below fail there, and inf (which only Python code can pass; the YAML
+        # loader refuses it) gave a bare "math domain error" when the model was built.
+        if not 0 < self.init_temperature < math.inf:
+            problems.append(f"init_temperature must be above 0 and finite, got {self.init_temperature}")
+        if problems:
+            raise config_lib.ConfigError("; ".join(problems))
 
 
 # ClaraConfig keys that change how the model runs (kernels, what backward keeps, the latents'

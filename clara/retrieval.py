@@ -97,9 +97,13 @@ def chance_levels(text_of_audio: torch.Tensor, num_texts: int, ks: Sequence[int]
 def in_batch_top1(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """similarity [B, B] (audio rows, text columns, pairs on the diagonal) -> (a2t, t2a) top-1 accuracy.
 
-    Argmax picks the first of tied candidates; returns 0-d tensors (no device sync).
+    Argmax picks the first of tied candidates; a NaN score is a miss, as in ``retrieval_metrics``
+    (argmax takes NaN for the maximum, so a diverged pair counted as a hit and hid its row's and
+    column's real hits).  Returns 0-d tensors (no device sync).
     """
     targets = torch.arange(similarity.shape[0], device=similarity.device)
-    a2t = (similarity.argmax(dim=1) == targets).float().mean()
-    t2a = (similarity.argmax(dim=0) == targets).float().mean()
+    scores = similarity.nan_to_num(nan=float("-inf"))  # [B, B]
+    real = ~similarity.diagonal().isnan()  # [B]: a NaN pair misses even where every score is NaN
+    a2t = ((scores.argmax(dim=1) == targets) & real).float().mean()
+    t2a = ((scores.argmax(dim=0) == targets) & real).float().mean()
     return a2t, t2a

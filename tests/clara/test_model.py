@@ -172,6 +172,30 @@ def test_temperatures_start_at_log_inverse_0_07():
     assert model.text_log_scale.item() == pytest.approx(2.659260, abs=1e-6)
 
 
+def test_temperatures_are_not_clamped():
+    """clara.md: the scales are exp() of the two parameters with no clamp (CLIP clamps at 100).  At
+    ln(1000) and ln(300) the model gives those scales, and the loss's gradient reaches both
+    parameters: d/dθ of CE(e^θ·S) is e^θ·(Σ_j p_ij S_ij - S_ii) per row, averaged (and halved)."""
+    from clara.loss import ContrastiveLoss
+
+    model = Clara(load_model_config("tiny"))
+    with torch.no_grad():
+        model.audio_log_scale.fill_(math.log(1000.0))
+        model.text_log_scale.fill_(math.log(300.0))
+    torch.manual_seed(0)
+    out = model(torch.randn(3, 80, 20), torch.randint(1, 1000, (3, 5)))
+    torch.testing.assert_close(out.audio_scale, torch.tensor(1000.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.text_scale, torch.tensor(300.0), rtol=1e-6, atol=0)
+    ContrastiveLoss()(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale).backward()
+    similarity = (out.audio_embeds @ out.text_embeds.T).detach().double()  # [3, 3]
+    for scale, sim, grad in ((1000.0, similarity, model.audio_log_scale.grad),
+                             (300.0, similarity.T, model.text_log_scale.grad)):  # fmt: skip
+        probs = (scale * sim).softmax(dim=1)
+        expected = scale * ((probs * sim).sum(dim=1) - sim.diagonal()).mean() / 2
+        assert abs(float(expected)) > 1e-3
+        assert float(grad) == pytest.approx(float(expected), rel=1e-3, abs=1e-4)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_sdpa_matches_eager_attention(with_mask):
     q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 4, 13, 16), torch.randn(3, 4, 13, 16)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from clara.config import ConfigError
-from clara.model_config import from_reference_hparams, load_model_config, result_overrides
+from clara.model_config import ClaraConfig, from_reference_hparams, load_model_config, result_overrides
 from tests.clara.test_model import REFERENCE_SIZES
 
 
@@ -32,7 +34,7 @@ def test_trainer_bookkeeping_is_skipped_and_unknown_architecture_is_refused():
     ("audio.num_latents=0", "audio: num_latents must be at least 1, got 0"),
     ("audio.token_keep=1.5", "audio: token_keep must be in (0, 1], got 1.5"),
     ("audio.token_keep=0", "audio: token_keep must be in (0, 1], got 0.0"),
-    ("init_temperature=0", "init_temperature must be above 0, got 0.0"),
+    ("init_temperature=0", "init_temperature must be above 0 and finite, got 0.0"),
     ("output_dim=0", "output_dim must be at least 1, got 0"),
 ])  # fmt: skip
 def test_sizes_that_would_fail_inside_the_model_are_one_config_error(override, expected):
@@ -41,6 +43,17 @@ def test_sizes_that_would_fail_inside_the_model_are_one_config_error(override, e
     with pytest.raises(ConfigError) as err:
         load_model_config("tiny", [override])
     assert str(err.value).endswith(f"tiny.yaml + overrides: {expected}")
+
+
+def test_every_bad_top_level_field_is_named_in_one_error():
+    """ClaraConfig stopped at its first bad field (output_dim), where TextConfig and AudioConfig name
+    them all; and an infinite init_temperature passed, then failed building the model with a bare
+    "math domain error" (log(1 / inf))."""
+    with pytest.raises(ConfigError) as err:
+        ClaraConfig(output_dim=0, init_temperature=-1.0)
+    assert str(err.value) == "output_dim must be at least 1, got 0; init_temperature must be above 0 and finite, got -1.0"
+    with pytest.raises(ConfigError, match=r"^init_temperature must be above 0 and finite, got inf$"):
+        ClaraConfig(init_temperature=math.inf)
 
 
 def test_every_preset_and_zero_layers_pass_the_checks():

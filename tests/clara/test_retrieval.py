@@ -95,6 +95,20 @@ def test_in_batch_top1():
     assert float(t2a) == pytest.approx(1.0)
 
 
+def test_in_batch_top1_counts_nan_scores_as_misses():
+    """argmax takes NaN for the maximum: pair 1's NaN score was a hit both ways (top-1 1 and 1, not
+    2/3 and 2/3), and a diverged pair 0 drew every argmax to it (1/3 and 1/3, where rows and columns
+    1 and 2 do pick their own pairs).  By hand, NaN pairs miss and the rest rank as usual."""
+    nan = float("nan")
+    similarity = torch.tensor([[0.9, 0.2, 0.1], [0.1, nan, 0.3], [0.0, 0.1, 0.7]])
+    # rows: 0 -> 0 hit, 1 -> NaN pair miss, 2 -> 2 hit; columns: 0 hit, 1 NaN pair miss, 2 -> row 2 hit
+    assert [float(x) for x in in_batch_top1(similarity)] == pytest.approx([2 / 3, 2 / 3])
+    broken = torch.tensor([[nan, nan, nan], [nan, 0.8, 0.3], [nan, 0.1, 0.7]])  # pair 0 diverged
+    # rows 1 and 2 still pick their own texts (1 and 2); pair 0 misses both ways.
+    assert [float(x) for x in in_batch_top1(broken)] == pytest.approx([2 / 3, 2 / 3])
+    assert [float(x) for x in in_batch_top1(torch.full((3, 3), nan))] == [0.0, 0.0]
+
+
 def naive_recall(audio, text, text_of_audio, k):
     """R@k both ways by counting, one query at a time: rank = irrelevant candidates scoring >= the best relevant."""
     s = (audio @ text.T).tolist()
