@@ -72,6 +72,9 @@ AAC_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
 AAC_BITRATES = {1: 48_000, 2: 64_000, 6: 128_000}
 # macOS's AppleDouble header ("._" files beside every file of an archive made on a Mac).
 APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+# What file browsers write into a folder once it is shown (macOS Finder, Windows Explorer): opening a
+# built demo's folder must not make it "someone's files" that the next build refuses.
+BROWSER_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
 
 @dataclass(frozen=True)
@@ -387,10 +390,10 @@ def _is_complete(out: Path, size: int, seed: int) -> bool:
 
 
 def _check_is_a_demo_folder(out: Path) -> None:
-    """Refuse a folder holding anything but a demo build (its tree, manifest, lock, and a running or
-    killed build's staging folder, set-aside old tree or half-written manifest): the demo would be
-    written in among someone's files."""
-    ours = {ROOT_NAME, MANIFEST_NAME, ".demo.lock"}
+    """Refuse a folder holding anything but a demo build (its tree, manifest, lock, a file browser's
+    BROWSER_FILES, and a running or killed build's staging folder, set-aside old tree or half-written
+    manifest): the demo would be written in among someone's files."""
+    ours = {ROOT_NAME, MANIFEST_NAME, ".demo.lock", *BROWSER_FILES}
     others = sorted(p.name for p in out.iterdir()
                     if p.name not in ours and not p.name.startswith(f".{ROOT_NAME}.") and not is_leftover(p))
     if others:
@@ -431,10 +434,11 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
         # leave it without DEFECTS_NAME, a tree the next build would refuse to replace.
         with atomic_directory(root) as building:
             _write_tree(building, plan, workers, log)
-        manifest = {"version": DEMO_VERSION, "size": size, "seed": seed,
-                    "seconds": round(time.perf_counter() - started, 1), "counts": _summary_counts(plan),
+        # No build time in it: the manifest is as byte-identical across builds as the tree it describes.
+        manifest = {"version": DEMO_VERSION, "size": size, "seed": seed, "counts": _summary_counts(plan),
                     "defects": [f"{d['kind']} ({d['key']})" for d in plan.defects]}
         atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        log(f"built in {time.perf_counter() - started:.1f} s")
     return root
 
 
@@ -444,12 +448,12 @@ def ensure_demo(log: Callable[[str], None] | None = None) -> Path:
 
 
 def summary(root: Path, manifest: dict) -> str:
-    """One paragraph: where the demo is, counts per split and class, defects, build time."""
+    """One paragraph: where the demo is, counts per split and class, defects."""
     counts = manifest["counts"]
     splits = ", ".join(f"{s} {c['utterances']} utterances in {c['dialogues']} dialogues" for s, c in counts.items())
     classes = ", ".join(f"{e} " + "/".join(str(counts[s]["emotions"][e]) for s in counts) for e in EMOTIONS)
-    return (f"Demo MELD at {root} (size {manifest['size']}, seed {manifest['seed']}, its build took "
-            f"{manifest['seconds']} s): {splits}. Emotions ({'/'.join(counts)}): {classes}. "
+    return (f"Demo MELD at {root} (size {manifest['size']}, seed {manifest['seed']}): {splits}. "
+            f"Emotions ({'/'.join(counts)}): {classes}. "
             f"{len(manifest['defects'])} planted defects for the data checks to find: "
             f"{'; '.join(manifest['defects'])} (details in {root / DEFECTS_NAME}).")
 

@@ -4,9 +4,11 @@ idempotent rebuilds, and an emotion signal in both audio and text that simple pr
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -200,6 +202,16 @@ def test_same_seed_same_bytes_with_any_worker_count(out, tmp_path):
     assert tree_bytes(twin) == tree_bytes(out / "MELD.Raw")  # CSVs and mp4s alike, so decoded audio too
 
 
+def test_the_manifest_does_not_depend_on_how_long_the_build_took(tmp_path, stub_writer, monkeypatch):
+    # It is one of the demo's files: a slower machine must write the same bytes.
+    demo.make_demo(tmp_path / "fast", size=30)
+    clock = itertools.count(0.0, 60.0)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    demo.make_demo(tmp_path / "slow", size=30)
+    slow, fast = (tmp_path / name / demo.MANIFEST_NAME for name in ("slow", "fast"))
+    assert slow.read_bytes() == fast.read_bytes()
+
+
 def test_other_seed_other_data(out, tmp_path):
     other = demo.make_demo(tmp_path / "other", size=SIZE, seed=1)
     root = out / "MELD.Raw"
@@ -387,6 +399,15 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path, stub_writer
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and stub_writer == []
     assert demo.main(["--out", str(tmp_path / "notes.txt")]) == 2  # a file where the folder would be
     assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: exists and is not a folder\n"
+
+
+def test_a_demo_folder_opened_in_a_file_browser_is_still_a_demo(tmp_path, stub_writer, capsys):
+    # Finder leaves .DS_Store in every folder it shows (Explorer: Thumbs.db): `--out demo-data` again must work.
+    demo.make_demo(tmp_path, size=30)
+    for name in (".DS_Store", "Thumbs.db"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert demo.main(["--out", str(tmp_path), "--size", "31"]) == 0, capsys.readouterr().err
+    assert stub_writer == [30, 31] and (tmp_path / ".DS_Store").exists()
 
 
 def test_a_killed_builds_leftovers_neither_block_nor_stay(tmp_path, stub_writer):
