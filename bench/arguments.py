@@ -8,6 +8,9 @@ from collections.abc import Callable
 
 import torch
 
+from clara.config import ConfigError
+from clara.model_config import load_model_config
+
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``.  A batch or step count of 0 was taken
@@ -41,9 +44,22 @@ def batch_sizes(text: str) -> list[int]:
     return [at_least(1)(part) for part in text.split(",")]
 
 
+def model_config(name: str) -> str:
+    """An argparse type: a model preset name or YAML path that loads.  A wrong one failed every row
+    of bench_step's table (after timing the ceilings) and, elsewhere, with a traceback after minutes
+    of set-up (bench_finetune_epoch writes its feature store first)."""
+    try:
+        load_model_config(name)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def device_arg(name: str) -> torch.device:
     """``--device`` as a device this machine has; otherwise one line saying so (torch fails only at
-    the first CUDA call, with a traceback)."""
+    the first CUDA call, with a traceback).  A CUDA device with an index becomes the current one:
+    the benchmarks' CUDA calls that name no device (synchronize, memory statistics, the device's
+    name, CUDA-graph streams) otherwise address device 0 while the model runs on ``cuda:N``."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -51,4 +67,6 @@ def device_arg(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SystemExit(f"--device {name}: this machine has no such CUDA device ({torch.cuda.device_count()} "
                          "found); the GPU benchmarks need one, --device cpu runs the CPU ones")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
     return device

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.arguments import at_least, device_arg  # noqa: E402
+from bench.arguments import at_least, device_arg, model_config  # noqa: E402
 from bench.workloads import meld_like_frames  # noqa: E402
 from clara.compilation import SCOPES  # noqa: E402
 from clara.engine import TrainConfig, Trainer, move_to  # noqa: E402
@@ -211,7 +211,7 @@ def loader_alone_ms(loader: DataLoader) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default=None, help="CLARA preset (default: medium on GPU, tiny on CPU)")
+    parser.add_argument("--config", type=model_config, default=None, help="CLARA preset (default: medium on GPU, tiny on CPU)")
     parser.add_argument("--clips", type=at_least(1), default=None, help="default: 10,000 on GPU, 512 on CPU")
     parser.add_argument("--batch", type=at_least(1), default=32)
     parser.add_argument("--log-every", type=at_least(1), default=20)

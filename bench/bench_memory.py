@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.arguments import at_least, batch_sizes  # noqa: E402
+from bench.arguments import at_least, batch_sizes, model_config  # noqa: E402
 from bench.bench_step import Variant, build, make_batches  # noqa: E402
 from clara.compilation import set_recompute  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
@@ -97,7 +97,7 @@ def predicted_gib(row: dict, batch: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="medium", help="model preset or YAML (default: medium)")
+    parser.add_argument("--config", type=model_config, default="medium", help="model preset or YAML (default: medium)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated bench_step.py variant names")
     parser.add_argument("--batch", type=at_least(1), default=2, help="the smaller probe batch (the larger is twice it)")
     parser.add_argument("--predict", type=batch_sizes, default="64,256", help="batch sizes to predict the peak for")
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         if variant.infer or variant.lengths != "fixed":
             raise SystemExit(f"variant {variant.name!r}: this benchmark measures the fixed-length training step")
+        if variant.stepgraph:  # refused here, not after measuring the variants before it
+            raise SystemExit(f"variant {variant.name!r}: stepgraph needs a CUDA device; this benchmark runs on the CPU")
     predict = args.predict
     print(f"activation memory kept for backward | model {args.config} | mel [B, 80, 282], tokens [B, 32], masks on | "
           f"measured on CPU ({torch.get_num_threads()} threads), compiled variants through {PARTITION_BACKEND}",

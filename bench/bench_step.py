@@ -75,7 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.arguments import at_least, device_arg, positive_float  # noqa: E402
+from bench.arguments import at_least, device_arg, model_config, positive_float  # noqa: E402
 from clara.attention import BACKENDS  # noqa: E402
 from clara.compilation import compile_model  # noqa: E402
 from clara.loss import ContrastiveLoss  # noqa: E402
@@ -479,6 +479,19 @@ def prewarm(variants: list[Variant], args) -> None:
         print(f"prewarm of {compiled[index].name} failed, it compiles in the timed run: {message[:200]}", flush=True)
 
 
+def check_run(variants: list[Variant], profile: set[str], gpu: bool) -> None:
+    """Refuse, before anything is timed, a run that would lose what was asked for: a ``--profile``
+    name not among the variants (it was silently never profiled), or a ``stepgraph`` variant without
+    CUDA (it stopped the run at that row, the rows before it and the table unprinted)."""
+    names = {variant.name for variant in variants}
+    if profile - names:
+        raise SystemExit(f"--profile {','.join(sorted(profile - names))}: not among the variants run "
+                         "(a profiled variant must also be in --variants)")
+    if not gpu and any(variant.stepgraph for variant in variants):
+        name = next(variant.name for variant in variants if variant.stepgraph)
+        raise SystemExit(f"variant {name!r}: stepgraph captures a CUDA graph and needs a CUDA device")
+
+
 def _has_flash() -> bool:
     from clara.attention import flash_attn_available
 
@@ -488,7 +501,7 @@ def _has_flash() -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default="medium", help="model preset or YAML (default: medium)")
+    parser.add_argument("--config", type=model_config, default="medium", help="model preset or YAML (default: medium)")
     parser.add_argument("--batch", type=at_least(1), default=None, help="default: 64 on GPU, 2 on CPU")
     parser.add_argument("--steps", type=at_least(1), default=None, help="timed steps (default: 20 GPU, 2 CPU)")
     parser.add_argument("--warmup", type=at_least(0), default=3)
@@ -512,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     if not gpu:
         args.warmup = min(args.warmup, 1)
     variants = [Variant.parse(v) for v in (args.variants or (DEFAULT_GPU_VARIANTS if gpu else DEFAULT_CPU_VARIANTS)).split(",")]
+    check_run(variants, args.profile, gpu)
     if args.prewarm > 0:
         prewarm(variants, args)
     if args.compile_only:

@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
+from bench import arguments as bench_arguments
 from bench import bench_finetune_epoch, bench_memory, bench_prepare, bench_step
 from bench.workloads import frames_range, meld_like_frames
+from clara.loss import ContrastiveLoss
 
 
 def test_variant_names_parse_into_settings():
@@ -283,20 +285,13 @@ def test_step_graph_trains_as_the_plain_compiled_step_on_cuda(tmp_path):
     compiled step's losses and weights.  Its first call warms up three times on its first batch
     before replaying it, so the plain run trains on that batch four times too.  No token dropout or
     dropout: random draws would differ between the two runs."""
-    import yaml
-
-    from clara.model_config import preset_path
-
-    config = yaml.safe_load(preset_path("tiny").read_text())
-    config["audio"]["token_keep"], config["text"]["dropout"] = 1.0, 0.0
-    path = tmp_path / "tiny-deterministic.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = deterministic_tiny(tmp_path)
     cuda = torch.device("cuda")
     batches = bench_step.make_batches(4, "fixed", cuda, count=3, seed=1)
     results = {}
     for name, inputs in (("sdpa-fp32-compile", [batches[0]] * 3 + batches * 2), ("sdpa-fp32-stepgraph", batches * 2)):
         torch._dynamo.reset()
-        model, step = bench_step.build(bench_step.Variant.parse(name), str(path), cuda)
+        model, step = bench_step.build(bench_step.Variant.parse(name), path, cuda)
         start = torch.cat([p.detach().flatten() for p in model.parameters()])
         losses = [float(step(*b)) for b in inputs]
         results[name] = (losses[-6:], torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
@@ -366,6 +361,114 @@ def test_numeric_arguments_out_of_range_are_one_error_line(main, argv, capsys):
     assert refused.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]  # argparse's usage lines, then this one
     assert re.fullmatch(rf".*: error: argument {argv[0]}: (must be|expected) .+", error), error
+
+
+@pytest.mark.parametrize("main", [bench_step.main, bench_memory.main, bench_finetune_epoch.main])
+def test_a_model_config_that_does_not_load_is_one_error_line(main, capsys):
+    """bench_step printed a table of rows all failing on it, exit 0; the others a traceback, the fine-tune
+    bench only after writing its feature store."""
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", "no-such-preset", "--device", "cpu"] if main is not bench_memory.main else ["--config", "no-such-preset"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --config: no-such-preset: not a model preset (tiny, small, medium, large) and no such YAML file")
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    # Profiled only if it runs: the name was silently never profiled.
+    (bench_step.main, ["--variants", "sdpa-fp32", "--profile", "sdpa-bf16"], "--profile sdpa-bf16: not among the variants run"),
+    # On the CPU the run stopped at this row, the rows before it timed and the table never printed.
+    (bench_step.main, ["--variants", "sdpa-fp32,sdpa-fp32-stepgraph"], "variant 'sdpa-fp32-stepgraph': stepgraph captures a CUDA graph"),
+    (bench_memory.main, ["--variants", "sdpa-fp32,sdpa-fp32-stepgraph"], "variant 'sdpa-fp32-stepgraph': stepgraph needs a CUDA device"),
+])
+def test_a_run_that_would_lose_rows_is_refused_before_timing_anything(main, argv, message, capsys):
+    device = ["--device", "cpu"] if main is bench_step.main else []
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["--config", "tiny", *device, *argv])
+    assert capsys.readouterr().out == ""  # nothing measured first
+
+
+def test_an_indexed_cuda_device_becomes_the_current_one(monkeypatch):
+    """bench_step synchronises, reads peak memory and names the device through calls that take the
+    current CUDA device: on --device cuda:1 they addressed device 0, timing unsynchronised steps."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert bench_arguments.device_arg("cuda:1") == torch.device("cuda:1") and chosen == [1]
+    bench_arguments.device_arg("cuda")  # the current device, whichever it is: left alone
+    bench_arguments.device_arg("cpu")
+    assert chosen == [1]
+
+
+def deterministic_tiny(tmp_path) -> str:
+    """CLARA tiny with no token dropout or dropout, as a YAML path for bench_step's --config: random
+    draws differ between kernels (fused attention dropout) and runs, so only this config can match."""
+    import yaml
+
+    from clara.model_config import preset_path
+
+    config = yaml.safe_load(preset_path("tiny").read_text())
+    config["audio"]["token_keep"], config["text"]["dropout"] = 1.0, 0.0
+    path = tmp_path / "tiny-deterministic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def embeddings_and_gradients(model, inputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(audio embeds, text embeds, {name: gradient}) of the bench's loss on one batch."""
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    ContrastiveLoss()(out.audio_embeds, out.text_embeds, out.audio_scale, out.text_scale).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out.audio_embeds.detach(), out.text_embeds.detach(), grads
+
+
+# gpu_checks' compiled combinations as bench_step builds them, in fp32 (bf16's own error is
+# test_precision's): cudagraphs, cdt and the Triton kernels need CUDA to differ from the plain path, so
+# on the CPU these check the rest (split Q/K/V, recompute levels, the GEGLU op inside a compiled
+# graph, dynamic sizes for variable lengths, per-block compilation, selective recomputation).
+BUILT_VARIANTS = [
+    "sdpa_cudnn-fp32-cudagraphs-qkvsplit-cdt-tritongeglu", "sdpa_cudnn-fp32-cudagraphs-qkvsplit-pointwise-cdt",
+    "sdpa_cudnn-fp32-compile-aggressive-sac", "sdpa_cudnn-fp32-cudagraphs-qkvsplit-bucket-cdt",
+    "sdpa-fp32-blocks-varlen-ckpt",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BUILT_VARIANTS)
+def test_built_variants_match_the_eager_fp32_reference(name, tmp_path):
+    """bench_step.build's model for each variant (its overrides, compilation with the variant's
+    recompute level and tuning, through inductor's decompositions and partitioner without generated
+    kernels) against ``eager-fp32``'s from the same weights: embeddings and every gradient of the
+    bench's loss within rtol 1e-5 / atol 1e-6, on two of the variant's batches (masks on)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from clara.compilation import set_recompute, set_tuning
+
+    config, cpu, variant = deterministic_tiny(tmp_path), torch.device("cpu"), bench_step.Variant.parse(name)
+    reference, _ = bench_step.build(bench_step.Variant.parse("eager-fp32"), config, cpu)
+    torch._dynamo.reset()
+    try:
+        model, _ = bench_step.build(variant, config, cpu, backend="aot_eager_decomp_partition")
+        built = model.config
+        assert (built.attention, built.activation_checkpointing, built.selective_recompute, built.audio.latent_qkv,
+                built.audio.geglu_kernel) == (variant.attention, variant.ckpt, variant.sac,
+                                              "split" if variant.qkvsplit else "fused",
+                                              "triton" if variant.tritongeglu else "pytorch")  # fmt: skip
+        assert functorch_config.ban_recompute_materialized_backward == (variant.recompute == "default")
+        assert functorch_config.aggressive_recomputation == (variant.recompute == "aggressive")
+        assert inductor_config.coordinate_descent_tuning == variant.cdt
+        model.load_state_dict(reference.state_dict())
+        for inputs in bench_step.make_batches(3, variant.lengths, cpu, count=2, seed=1):
+            want, got = embeddings_and_gradients(reference, inputs), embeddings_and_gradients(model, inputs)
+            torch.testing.assert_close(got[:2], want[:2], rtol=1e-5, atol=1e-6)
+            assert got[2].keys() == want[2].keys()  # the loss reads every parameter, temperatures included
+            for key, grad in want[2].items():
+                torch.testing.assert_close(got[2][key], grad, rtol=1e-5, atol=1e-6, msg=key)
+    finally:
+        set_recompute("default")
+        set_tuning(False)
+        torch._dynamo.reset()
 
 
 def test_gpu_checks_refuse_at_once_without_a_gpu(tmp_path):
