@@ -188,8 +188,8 @@ def test_gpu_session_variants_all_parse():
     from pathlib import Path
 
     script = Path(bench_step.__file__).with_name("gpu_checks.sh")
-    listed = subprocess.run(["bash", "-c", f'eval "$(sed -n "/^NEXT_VARIANTS=/,/\\"$/p;/^PROFILE=/p" {script})"; '
-                             'echo "$NEXT_VARIANTS"; echo "$PROFILE"'],
+    listed = subprocess.run(["bash", "-c", f'eval "$(sed -n "/^NEXT_VARIANTS=/,/\\"$/p;/^DEFAULT_PROFILE=/p" {script})"; '
+                             'echo "$NEXT_VARIANTS"; echo "$DEFAULT_PROFILE"'],
                             capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
     following, profiled = listed[0].split(","), listed[1].split(",")
     names = following + profiled + bench_step.DEFAULT_GPU_VARIANTS.split(",")
@@ -488,3 +488,31 @@ def test_gpu_checks_refuse_at_once_without_a_gpu(tmp_path):
     assert done.stderr == ("gpu_checks.sh: no NVIDIA GPU here (nvidia-smi: NVIDIA-SMI has failed because it could not "
                            "communicate with the NVIDIA driver.); run it on a GPU machine\n")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nvidia-smi.txt"]  # nothing else ran
+
+
+@pytest.mark.parametrize("argument, profiled", [(None, "default"), ("all", "default"), ("eager-fp32", "")])
+def test_gpu_checks_profile_only_variants_they_run_and_exit_1_when_a_part_fails(tmp_path, argument, profiled):
+    """Variants given as an argument ran with the default --profile names, which bench_step refuses when
+    they are not run; and a failed part still ended the script with status 0."""
+    import subprocess
+    from pathlib import Path
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total'\n")
+    # python3 records its arguments, one call per line, and fails the timed bench_step run.
+    (bin_dir / "python3").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "calls"}\n'
+                                     '[[ "$*" == *--compile-only* ]] || exit 3\n')
+    for fake in bin_dir.iterdir():
+        fake.chmod(0o755)
+    script = Path(bench_step.__file__).with_name("gpu_checks.sh")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PARTS": "step"}
+    done = subprocess.run(["bash", str(script), *([argument] if argument else [])], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 1, done.stderr
+    prewarm, timed = (tmp_path / "calls").read_text().splitlines()
+    assert "--compile-only" in prewarm
+    default = subprocess.run(["bash", "-c", f'eval "$(grep ^DEFAULT_PROFILE= {script})"; echo "$DEFAULT_PROFILE"'],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert re.search(r"--profile (\S*) --profile-rows", timed)[1] == (default if profiled else "")
+    assert ("--variants eager-fp32" in timed) == (argument == "eager-fp32")
