@@ -42,13 +42,15 @@ from clara import distributed
 from clara.audio_io import AudioDecodeError
 from clara.checkpoint import CheckpointError, load_checkpoint
 from clara.cli import describe
-from clara.engine import Trainer, check_fits, init_env, seed_everything
+from clara.engine import CHECKPOINT_FILE, Trainer, check_fits, init_env, seed_everything
 from clara.io_utils import atomic_directory, atomic_path, atomic_write_text
 from clara.masking import round_up
 from clara.model import Clara
 from clara.model_config import CONFIG_ROOT, ClaraConfig, load_model_config, result_overrides
 from clara.precision import resolve_precision
-from clara.run_dir import CONFIG_FILE, check_folder_path, check_resumable, claim, exclusive_run, same_path, saved_config
+from clara.run_dir import (
+    CONFIG_FILE, OutDirError, check_folder_path, check_resumable, claim, exclusive_run, same_path, saved_config,
+)
 from clara.tokenizer import Tokenizer
 from meld.classifier import HeadOnly, MeldClassifier, input_dims, input_names, set_trainable, zero_shot_init
 from meld.classifier_io import classifier_spec, is_classifier_dir, save_classifier
@@ -60,7 +62,7 @@ from meld.feature_cache import check_model_mels, default_cache_root
 from meld.finetune_config import FinetuneConfig
 from meld.finetune_data import BalancedView, Collate, HFTextView
 from meld.finetune_report import write_run_outputs, write_seed_summary
-from meld.finetune_task import BEST_WEIGHTS, ClassificationTask, labels_of
+from meld.finetune_task import BEST_STATE, BEST_WEIGHTS, ClassificationTask, labels_of
 from meld.fusion import FusionHead
 from meld.hf_text import HFTextEncoder, load_hf_tokenizer
 from meld.inference import forward_all
@@ -78,9 +80,9 @@ KIND = "meld.finetune"
 # Settings a run may be resumed (or a finished one redone) with when they differ from its config.yaml:
 # they change how it runs, what is logged or drawn, or where caches live (the feature and embedding
 # caches are keyed by content), not what it computes. train.steps and train.epochs are here too: a run
-# given more continues from its checkpoint to the new length. The seeds (seeds, train.seed) are not:
-# they decide which trainings the folder's results and mean ± std are over, and seeds 1 vs N lay the
-# folder out differently.
+# given more continues from its checkpoint to the new length (given fewer, it is refused:
+# _check_not_shorter). The seeds (seeds, train.seed) are not: they decide which trainings the folder's
+# results and mean ± std are over, and seeds 1 vs N lay the folder out differently.
 MAY_DIFFER_ON_RESUME = frozenset({
     "threads", "tensorboard_extras", "outputs", "prepare", "cache_root", "data.batch_size", "data.num_workers",
     "model.allow_pickle",
@@ -235,6 +237,61 @@ def _train_view(config: FinetuneConfig, train: torch.utils.data.Dataset, seed: i
     return BalancedView(train, labels_of(train, config.target).tolist(), seed)
 
 
+def _steps_per_epoch(config: FinetuneConfig, train_size: int, world_size: int) -> int:
+    """The optimiser steps of one epoch over ``train_size`` training examples (the Trainer's count)."""
+    return max(1, train_size // (config.train.batch_size * config.train.accumulation * world_size))
+
+
+def _seed_dirs(config: FinetuneConfig, out_dir: Path) -> dict[int, Path]:
+    """Each seed's folder: ``out_dir`` itself for one seed, ``out_dir/seed-<s>`` for several."""
+    seeds = [config.train.seed + offset for offset in range(config.seeds)]
+    return {seeds[0]: out_dir} if len(seeds) == 1 else {seed: out_dir / f"seed-{seed}" for seed in seeds}
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step ``folder``'s training checkpoint holds; None without one, or for one the Trainer will
+    refuse with its own message (damaged, another format)."""
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        # mmap: only the step is read, not a large model's tensors.
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
+
+
+def _check_not_shorter(config: FinetuneConfig, out_dir: Path, per_epoch: int) -> None:
+    """Refuse a run folder given again with fewer steps than a seed's checkpoint holds.
+
+    train.epochs and train.steps may differ on resume so that a run continues to a longer one; a shorter
+    one cannot be resumed: nothing trained, the rerun reported the longer run's selection (a later
+    epoch, under another schedule) beside a config.yaml rewritten to the shorter length.
+    """
+    if config.train.resume is False:  # the run starts over
+        return
+    total = config.train.steps or config.train.epochs * per_epoch
+    for folder in _seed_dirs(config, out_dir).values():
+        step = _checkpoint_step(folder)
+        if step is not None and step > total:
+            longer = f"train.steps={step}" if config.train.steps else f"train.epochs={-(-step // per_epoch)}"
+            raise OutDirError(f"{folder / CHECKPOINT_FILE} holds {step} training steps, more than this run's {total} "
+                              f"({per_epoch} per epoch): give {longer} or more to continue it, train.resume=false "
+                              "to train it again from the start, or a new --out")
+
+
+def _start_selection_over(out_dir: Path, resume: bool | None) -> None:
+    """Delete the best dev epoch so far (best.json, best.safetensors) when training starts over
+    (train.resume=false, or checkpoint.pt deleted): it belongs to the training that checkpoint held.
+    Kept, the new training was compared against the old run's best, and one that beat it at no epoch
+    reported the old run's epoch and weights as its own."""
+    starts_over = resume is False or not (out_dir / CHECKPOINT_FILE).is_file()
+    if starts_over and distributed.is_main():
+        for name in (BEST_STATE, BEST_WEIGHTS):
+            (out_dir / name).unlink(missing_ok=True)
+    distributed.barrier()  # no process reads the old selection while it is removed
+
+
 def _recorded_train_seconds(out_dir: Path, default: float) -> float:
     """The training time ``out_dir``'s metrics.json records; ``default`` when it has none to read."""
     try:
@@ -278,17 +335,17 @@ def _run_seed(config: FinetuneConfig, data: _Data, clara: Clara | None, env: dis
     else:
         views, model, collate_fn = data.views, classifier, data.collate
     train_view = _train_view(config, views["train"], seed)
-    per_step = config.train.batch_size * config.train.accumulation * env.world_size
-    steps_per_epoch = max(1, len(train_view) // per_step)
+    per_epoch = _steps_per_epoch(config, len(train_view), env.world_size)
     train_config = replace(config.train, out_dir=str(out_dir), seed=seed, eval_every=0, eval_every_epoch=True,
-                           eval_at_start=False, checkpoint_every=config.train.checkpoint_every or steps_per_epoch)
-    total_steps = train_config.steps or train_config.epochs * steps_per_epoch
+                           eval_at_start=False, checkpoint_every=config.train.checkpoint_every or per_epoch)
+    total_steps = train_config.steps or train_config.epochs * per_epoch
     if not train_config.cycle_steps and train_config.warmup_steps >= total_steps:
         # Small data (a demo, a sweep's subset): a warmup meant for a longer run would never end.
         distributed.main_print(f"train.warmup_steps {train_config.warmup_steps} >= the run's {total_steps} steps: using {total_steps // 10}")
         train_config = replace(train_config, warmup_steps=total_steps // 10)
     unimodal_weight = config.loss.unimodal_weight if unimodal_losses(config, classifier.inputs) else 0.0
     dev_figures = config.outputs == "full" and config.tensorboard_extras
+    _start_selection_over(out_dir, config.train.resume)
     task = ClassificationTask(criterion, config.target, class_names, views["dev"], collate_fn or default_collate,
                               eval_batch, out_dir, epoch_callback, dev_figures=dev_figures,
                               unimodal_weight=unimodal_weight)
@@ -368,6 +425,7 @@ def run_finetune(config: FinetuneConfig, *, out_dir: Path, epoch_callback: Calla
     clara_config = clara.config if clara is not None else scratch_clara_config(config)
     data = _Data(config, clara_config)
     check_fits(config.train, len(data.datasets["train"]), env.world_size)  # the Trainer's check, before the folder
+    _check_not_shorter(config, out_dir, _steps_per_epoch(config, len(data.datasets["train"]), env.world_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_run(out_dir):
         return _run_seeds(config, data, clara, env, out_dir, epoch_callback)
@@ -378,10 +436,11 @@ def _run_seeds(config: FinetuneConfig, data: _Data, clara, env, out_dir: Path,
     """Every seed of the run into ``out_dir``, which this command holds; the metrics.json document."""
     if env.is_main:
         config_lib.save_yaml(config, out_dir / CONFIG_FILE)
-    seeds = [config.train.seed + offset for offset in range(config.seeds)]
+    folders = _seed_dirs(config, out_dir)
+    seeds = list(folders)
     if len(seeds) == 1:
         return _run_seed(config, data, clara, env, out_dir, seeds[0], epoch_callback)
-    docs = {seed: _run_seed(config, data, clara, env, out_dir / f"seed-{seed}", seed, epoch_callback) for seed in seeds}
+    docs = {seed: _run_seed(config, data, clara, env, folder, seed, epoch_callback) for seed, folder in folders.items()}
     best = max(seeds, key=lambda seed: (docs[seed]["dev"]["macro_f1"], -seed))
     summary = mean_std([{"dev": docs[s]["dev"], "test": docs[s]["test"]} for s in seeds])
     doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "rows": data.coverage(), "selection": docs[best]["selection"],

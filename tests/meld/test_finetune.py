@@ -113,19 +113,29 @@ def test_linear_probe_encodes_once_and_reuses_the_cache(csv_root, tmp_path, caps
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("strategy", ["linear_probe", "checkpoint"])
+def _in_training_mode_but_frozen_parts(model: torch.nn.Module) -> bool:
+    """Whether every module is in training mode except those inside a part that trains none of its
+    parameters (an unused tower, a partial fine-tune's frozen layers), which run as in evaluation."""
+    frozen = [name for name, module in model.named_modules()
+              if list(module.parameters()) and not any(p.requires_grad for p in module.parameters())]
+    return all(module.training != any(name == part or name.startswith(f"{part}.") for part in frozen)
+               for name, module in model.named_modules())
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "checkpoint", "partial"])
 def test_every_training_step_runs_in_training_mode(csv_root, tmp_path, monkeypatch, strategy):
     # A loaded CLARA checkpoint comes in eval mode, and the linear probe encodes in eval mode; the engine
-    # switches to train only after an evaluation, so the whole first epoch trained with dropout off.
+    # switches to train only after an evaluation, so the whole first epoch trained with dropout off. The parts
+    # that train nothing stay in evaluation mode (MeldClassifier.train).
     from clara.checkpoint import save_checkpoint
     from clara.model import Clara
     from meld import finetune_task
 
-    modes = []  # per training step: whether every module of the trained model is in training mode
+    modes = []  # per training step: whether the trained model's modules are in training mode, frozen parts aside
     original = finetune_task.ClassificationTask.training_step
 
     def spy(self, model, batch):
-        modes.append(all(module.training for module in model.modules()))
+        modes.append(_in_training_mode_but_frozen_parts(model))
         return original(self, model, batch)
 
     monkeypatch.setattr(finetune_task.ClassificationTask, "training_step", spy)
@@ -134,6 +144,8 @@ def test_every_training_step_runs_in_training_mode(csv_root, tmp_path, monkeypat
     else:
         save_checkpoint(Clara(load_model_config("tiny")), tmp_path / "clara")
         extra = [f"model.checkpoint={tmp_path / 'clara'}"]
+        if strategy == "partial":
+            extra += ["strategy.name=partial", "strategy.unfreeze_layers=1"]
     run_finetune(text_config(csv_root, *extra), out_dir=tmp_path / "run")
     assert len(modes) == 10 and all(modes)  # 2 epochs of 42 // 8 = 5 steps
 
@@ -363,6 +375,45 @@ def test_a_run_folder_resumes_with_other_logging_and_continues_to_more_epochs(te
     code, _ = _cli(capsys, *_text_cli(csv_root, copy, "train.epochs=3"))
     assert code == 0 and torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == steps * 3 // 2
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("start_over", ["train.resume=false", "checkpoint.pt deleted"])
+def test_a_run_started_over_in_its_folder_selects_among_its_own_epochs(text_run, csv_root, tmp_path, start_over):
+    """Training afresh in a run's folder (train.resume=false, or checkpoint.pt deleted as the engine advises) kept
+    the old run's best.json: the new run, beating it at no epoch, reported the old epoch 2 and its weights."""
+    out, old, _ = text_run
+    assert old["selection"]["epoch"] == 2  # a 1-epoch run has no epoch 2
+    fresh = run_finetune(text_config(csv_root, "train.epochs=1"), out_dir=tmp_path / "fresh")
+    assert fresh["selection"]["macro_f1"] < old["selection"]["macro_f1"]  # 0.044 < 0.433: the old best would stay
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    extra = ["train.epochs=1"]
+    if start_over == "train.resume=false":
+        extra.append(start_over)
+    else:
+        (copy / "checkpoint.pt").unlink()
+    again = run_finetune(text_config(csv_root, *extra), out_dir=copy)
+    assert again["selection"]["epoch"] == 1 and again["test"] == fresh["test"] and again["dev"] == fresh["dev"]
+    assert json.loads((copy / "best.json").read_text())["step"] == 5
+    assert (copy / "predictions.csv").read_text() == (tmp_path / "fresh" / "predictions.csv").read_text()
+
+
+@pytest.mark.parametrize("shorter, steps, advice", [("train.epochs=1", 5, "give train.epochs=2 or more"),
+                                                    ("train.steps=7", 7, "give train.steps=10 or more")])
+def test_a_run_folder_given_fewer_steps_than_it_trained_is_refused_untouched(text_run, csv_root, tmp_path, capsys,
+                                                                           shorter, steps, advice):  # fmt: skip
+    """train.epochs may grow on resume; given fewer, the rerun trained nothing, reported the 2-epoch run's
+    selection and rewrote config.yaml to the shorter run."""
+    copy = tmp_path / "copy"
+    shutil.copytree(text_run[0], copy)
+    before = _snapshot(copy)
+    code, err = _cli(capsys, *_text_cli(csv_root, copy, shorter))
+    _assert_one_error(code, err, f"{copy / 'checkpoint.pt'} holds 10 training steps, more than this run's {steps} "
+                      f"(5 per epoch): {advice} to continue it, train.resume=false")
+    assert _snapshot(copy) == before
+    # Started over, the shorter run is this folder's.
+    code, _ = _cli(capsys, *_text_cli(csv_root, copy, shorter, "train.resume=false"))
+    assert code == 0 and torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == steps
 
 
 def test_a_folder_that_is_not_a_finetune_run_is_refused_untouched(csv_root, tmp_path, capsys):
