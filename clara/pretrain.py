@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clara.pretrain", description=describe(__doc__))
     parser.add_argument("--config", help=f"a pretraining YAML (default: {DEMO_CONFIG.relative_to(CONFIG_ROOT.parent)})")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 augment.reverb.p=0.5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     config = None
     try:
         config = load_config(args.config, args.overrides)

@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run directory (default runs/finetune-<timestamp>); an existing one resumes")
     parser.add_argument("--cache", help="meld.prepare's --cache for the audio features")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. strategy.name=linear_probe loss.name=focal")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     flags = {"data_root": args.data, "model.checkpoint": args.checkpoint, "data.modality": args.modality,
              "seeds": args.seeds, "cache_root": args.cache}
     # JSON is valid YAML: paths with odd characters pass through the override parser unchanged.

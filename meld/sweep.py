@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="a MELD folder for every trial (adds data_root=DATA to base_overrides)")
     parser.add_argument("--checkpoint", help="a CLARA checkpoint for every trial (adds model.checkpoint=CKPT)")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. pruner.type=hyperband final.seeds=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_sweep_config(args.config, args.overrides)
         flags = {"dir": args.study_dir, "storage": args.storage, "workers": args.workers, "n_trials": args.trials}
