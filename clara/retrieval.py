@@ -81,6 +81,11 @@ def retrieval_metrics(
 def chance_levels(text_of_audio: torch.Tensor, num_texts: int, ks: Sequence[int] = KS) -> dict[str, float]:
     """The expected ``retrieval_metrics`` of random rankings, same keys."""
     num_audio = text_of_audio.shape[0]
+    # Without audios (or texts) there is no query to rank for, and the chance of a hit is 0 / 0. Both
+    # callers' loaders refuse an empty eval set first, so reaching this is a caller's bug.
+    if not num_audio or not num_texts:
+        raise ValueError(f"chance_levels: needs at least one audio and one text, got {num_audio} audio(s) "
+                         f"and {num_texts} text(s)")
     _check_text_of_audio(text_of_audio, num_audio, num_texts)
     counts = torch.bincount(text_of_audio, minlength=num_texts).tolist()  # audios per text
     described = [m for m in counts if m > 0]

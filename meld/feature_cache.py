@@ -37,6 +37,8 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,21 @@ _JOURNAL_MAGIC = b"MCJ1"
 _JOURNAL_HEADER = struct.Struct("<4sIIQ")  # magic, crc32(meta + data), len(meta), len(data)
 _JOURNAL_NAME = re.compile(r"run-([0-9]+)\.log")
 _CRC_ROWS = 65536  # mel rows per read when checking a store's CRC: ~10 MB at 80 mels, whatever the store's size
+
+# Where the AudioSettings being built sit in the user's config, so their errors name the key the user
+# types: "audio" in a DataConfig (meld.prepare's --config/--set, meld.zeroshot), "data.audio" in
+# meld.finetune's config. A context variable, as the settings are built deep inside clara.config.load.
+_AUDIO_KEY: ContextVar[str] = ContextVar("audio_key", default="audio")
+
+
+@contextmanager
+def audio_key(path: str) -> Iterator[None]:
+    """AudioSettings built inside this block name their fields ``<path>.<field>`` in their errors."""
+    token = _AUDIO_KEY.set(path)
+    try:
+        yield
+    finally:
+        _AUDIO_KEY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -91,26 +108,27 @@ class AudioSettings:
         for name in ("f_min", "f_max", "top_db", "max_seconds", "min_seconds", "silence_dbfs"):
             if type(getattr(self, name)) is int:
                 object.__setattr__(self, name, float(getattr(self, name)))
+        key = _AUDIO_KEY.get()
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"audio.{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_seconds is not None and not 0 < self.max_seconds < math.inf:  # nan fails too
-            raise ConfigError(f"audio.max_seconds must be positive (or null for no cap), got {self.max_seconds}")
+            raise ConfigError(f"{key}.max_seconds must be positive (or null for no cap), got {self.max_seconds}")
         if not 0 <= self.min_seconds < math.inf:
-            raise ConfigError(f"audio.min_seconds must be >= 0, got {self.min_seconds}")
+            raise ConfigError(f"{key}.min_seconds must be >= 0, got {self.min_seconds}")
         # Outside these bounds the mel filterbank has empty bands, or the dB floor is at or above the
         # peak: every clip would be cached as a constant spectrogram, with no error anywhere.
         if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
-            raise ConfigError(f"audio.f_min and audio.f_max must satisfy 0 <= f_min < f_max <= sample_rate / 2 "
+            raise ConfigError(f"{key}.f_min and {key}.f_max must satisfy 0 <= f_min < f_max <= sample_rate / 2 "
                               f"({self.sample_rate / 2:g} Hz), got f_min {self.f_min}, f_max {self.f_max}")
         empty = empty_mel_bands(self.sample_rate, self.n_fft, self.n_mels, self.f_min, self.f_max)
         if empty:
             raise ConfigError(
-                f"audio.n_mels {self.n_mels} is too many for {self.f_min:g}-{self.f_max:g} Hz at audio.n_fft {self.n_fft}: "
+                f"{key}.n_mels {self.n_mels} is too many for {self.f_min:g}-{self.f_max:g} Hz at {key}.n_fft {self.n_fft}: "
                 f"{len(empty)} mel band(s) reach no FFT bin (first: band {empty[0]}), so they would hold no signal; "
                 "use fewer mels, a wider band or a larger n_fft")
         if not self.top_db > 0:
-            raise ConfigError(f"audio.top_db must be positive, got {self.top_db}")
+            raise ConfigError(f"{key}.top_db must be positive, got {self.top_db}")
 
     @property
     def max_samples(self) -> int | None:
@@ -209,12 +227,13 @@ def changed_clips(store: SplitStore, data_root: str | Path) -> list[ClipRecord]:
     return changed
 
 
-def check_model_mels(settings: AudioSettings, model_mels: int) -> None:
+def check_model_mels(settings: AudioSettings, model_mels: int, key: str = "audio") -> None:
     """Refuse features a CLARA model cannot read before any is encoded: its audio tower's first
-    convolution takes ``model_mels`` bins, and another count fails inside the model with a traceback."""
+    convolution takes ``model_mels`` bins, and another count fails inside the model with a traceback.
+    ``key``: where ``settings`` sit in the user's config (see ``audio_key``)."""
     if settings.n_mels != model_mels:
-        raise ConfigError(f"audio.n_mels is {settings.n_mels}, but the CLARA model reads {model_mels}-bin log-mels: "
-                          f"prepare (and read) the features with audio.n_mels={model_mels}")
+        raise ConfigError(f"{key}.n_mels is {settings.n_mels}, but the CLARA model reads {model_mels}-bin log-mels: "
+                          f"prepare (and read) the features with {key}.n_mels={model_mels}")
 
 
 class UnreadableStore(MeldDataError):

@@ -58,7 +58,7 @@ from meld.dataset import MeldDataset, build_datasets, check_not_empty
 from meld.demo import ensure_demo
 from meld.embedding_cache import EmbeddingDataset, cache_key, load_or_encode, path_for
 from meld.errors import MeldDataError
-from meld.feature_cache import check_model_mels, default_cache_root
+from meld.feature_cache import audio_key, check_model_mels, default_cache_root
 from meld.finetune_config import FinetuneConfig
 from meld.finetune_data import BalancedView, Collate, HFTextView
 from meld.finetune_report import write_run_outputs, write_seed_summary
@@ -110,7 +110,8 @@ def load_config(path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
         if not resolved.exists():
             presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
             raise config_lib.ConfigError(f"{path}: no such config file, nor a preset ({presets})")
-    return config_lib.load(FinetuneConfig, resolved, list(overrides))
+    with audio_key("data.audio"):  # its audio settings are data.audio.* here, not prepare's audio.*
+        return config_lib.load(FinetuneConfig, resolved, list(overrides))
 
 
 def holds_run(path: Path) -> bool:
@@ -150,7 +151,7 @@ class _Data:
                     f"is {widest} tokens, more than the CLARA text tower's {positions} positions; "
                     f"set data.max_tokens={positions // multiple * multiple}")
         if clara_config is not None and data.uses_audio:
-            check_model_mels(data.audio, clara_config.audio.n_mels)
+            check_model_mels(data.audio, clara_config.audio.n_mels, key="data.audio")
         self.root = Path(config.data_root) if config.data_root else ensure_demo(log=distributed.main_print)
         self.cache_root = Path(config.cache_root) if config.cache_root else default_cache_root(self.root)
         if data.uses_audio and config.prepare:

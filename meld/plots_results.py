@@ -23,6 +23,8 @@ def plot_grouped_bars(values: Mapping[str, Mapping[str, float]], *, title: str =
     if not values:
         raise ValueError("nothing to plot: values is empty")
     categories = list(dict.fromkeys(category for row in values.values() for category in row))
+    if not categories:  # every series empty: no group to draw (and no tick label to size the axis by)
+        raise ValueError(f"nothing to plot: series {', '.join(map(repr, values))} hold no values")
     scale = 100.0 if percent else 1.0
     fig = Figure(figsize=(max(6.0, 0.9 * len(categories) * max(1, len(values)) ** 0.5 + 2), 3.6), layout="constrained")
     ax = fig.subplots()

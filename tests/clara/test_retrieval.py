@@ -163,3 +163,13 @@ def test_bad_text_of_audio_is_one_error_naming_it(audio_rows, text_of_audio, mes
 def test_chance_levels_rejects_a_text_index_past_num_texts():
     with pytest.raises(ValueError, match=r"text_of_audio: indices 0..7 outside 0..2"):
         chance_levels(torch.tensor([0, 1, 7]), 3)
+
+
+@pytest.mark.parametrize("text_of_audio, num_texts, counts", [
+    (torch.zeros(0, dtype=torch.long), 0, r"0 audio\(s\) and 0 text\(s\)"),  # was a ZeroDivisionError
+    (torch.zeros(0, dtype=torch.long), 3, r"0 audio\(s\) and 3 text\(s\)"),  # was a ZeroDivisionError
+    (torch.tensor([0, 0]), 0, r"2 audio\(s\) and 0 text\(s\)"),  # was "outside 0..-1"
+])
+def test_chance_levels_of_an_empty_eval_set_is_one_error_saying_so(text_of_audio, num_texts, counts):
+    with pytest.raises(ValueError, match=rf"^chance_levels: needs at least one audio and one text, got {counts}$"):
+        chance_levels(text_of_audio, num_texts)

@@ -21,7 +21,7 @@ from meld import feature_cache
 from meld.errors import MeldDataError
 from meld.feature_cache import (
     OK, SILENT_OR_EMPTY, TRUNCATED, UNDECODABLE, AudioSettings, ClipRecord, Journal, SplitStore, audio_cache_dir,
-    default_cache_root, journal_files, open_stores, read_journal, store_path, write_store,
+    audio_key, check_model_mels, default_cache_root, journal_files, open_stores, read_journal, store_path, write_store,
 )
 
 
@@ -111,6 +111,22 @@ def test_more_mels_than_the_fft_bins_can_fill_is_a_config_error():
                                           r"band\(s\) reach no FFT bin \(first: band 0\)"):
         AudioSettings(n_mels=128)
     assert AudioSettings(n_mels=128, n_fft=2048).n_mels == 128
+
+
+def test_errors_name_the_audio_keys_where_the_command_reads_them():
+    # meld.finetune's settings hold the audio section at data.audio; prepare's and zeroshot's at audio.
+    with audio_key("data.audio"):
+        with pytest.raises(ConfigError, match=r"^data\.audio\.n_mels 128 is too many for 0-8000 Hz at data\.audio\.n_fft "):
+            AudioSettings(n_mels=128)
+        with pytest.raises(ConfigError, match=r"^data\.audio\.f_min and data\.audio\.f_max must satisfy"):
+            AudioSettings(f_min=9000.0)
+    with pytest.raises(ConfigError, match=r"^audio\.hop_length must be at least 1, got 0"):  # the block's key is gone
+        AudioSettings(hop_length=0)
+    with pytest.raises(ConfigError, match=r"^data\.audio\.n_mels is 64, but the CLARA model reads 80-bin log-mels: "
+                                          r"prepare \(and read\) the features with data\.audio\.n_mels=80$"):
+        check_model_mels(AudioSettings(n_mels=64), 80, key="data.audio")
+    with pytest.raises(ConfigError, match=r"^audio\.n_mels is 64, but .* with audio\.n_mels=80$"):
+        check_model_mels(AudioSettings(n_mels=64), 80)
 
 
 def test_journal_round_trip_and_torn_tail(tmp_path):

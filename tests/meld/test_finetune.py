@@ -294,7 +294,12 @@ def test_wrong_kind_of_checkpoint_is_one_clear_error(csv_root, tmp_path, capsys)
                                                 ("model.fusion=sum", "model.fusion"), ("seeds=0", "seeds"),
                                                 ("data.frames_multiple=0", "frames_multiple"),
                                                 ("data.tokens_multiple=3", "data.tokens_multiple (3)"),
-                                                ("data.audio.n_mels=64", "audio.n_mels is 64, but the CLARA model reads 80")])
+                                                # the key as this command's config spells it, not prepare's audio.*
+                                                ("data.audio.n_mels=64", "error: data.audio.n_mels is 64, but the CLARA "
+                                                 "model reads 80-bin log-mels: prepare (and read) the features with "
+                                                 "data.audio.n_mels=80"),
+                                                ("data.audio.n_mels=128", "overrides: data.audio.n_mels 128 is too many "
+                                                 "for 0-8000 Hz at data.audio.n_fft 1024")])
 def test_bad_override_is_one_clear_error(tmp_path, capsys, override, fragment):
     code, err = _cli(capsys, "--out", str(tmp_path / "o"), override)
     _assert_one_error(code, err, fragment)

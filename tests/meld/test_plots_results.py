@@ -25,3 +25,11 @@ def test_grouped_bars_raw_values_and_single_series():
     assert ax.get_legend() is None
     with pytest.raises(ValueError, match="empty"):
         plot_grouped_bars({})
+
+
+def test_grouped_bars_of_empty_series_is_one_error_and_an_empty_series_beside_others_has_no_bars():
+    with pytest.raises(ValueError, match=r"^nothing to plot: series 'run', 'prior' hold no values$"):
+        plot_grouped_bars({"run": {}, "prior": {}})
+    ax = plot_grouped_bars({"run": {}, "prior": {"a": 0.5}}).axes[0]
+    assert [patch.get_height() for patch in ax.patches] == pytest.approx([50])
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["run", "prior"]
