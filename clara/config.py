@@ -2,8 +2,8 @@
 
 Every driver in the kit (model presets, pretraining, fine-tuning, zero-shot, sweeps) describes its
 settings as a tree of frozen dataclasses.  This module turns plain mappings (from YAML or JSON) into
-such trees and back, rejecting unknown keys and wrongly typed values with one message that names the
-offending key and the file it came from.
+such trees and back, rejecting unknown keys and wrongly typed values with one message that names each
+offending key (all of them, not just the first) and the file it came from.
 """
 
 from __future__ import annotations
@@ -28,6 +28,31 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
+
+
+class _Problems(ConfigError):
+    """Several problems the loader found in one pass, in field order: a bad section cannot be built, so
+    neither can its parent, and stopping at the first made the user fix and rerun once per mistake.
+    Internal: from_dict turns it into a plain ConfigError, the problems joined with "; " (as the
+    dataclasses' own __post_init__ checks join theirs)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+def _problems(err: ConfigError) -> list[str]:
+    """The separate messages in ``err``: several for a _Problems, else its one message."""
+    return list(err.problems) if isinstance(err, _Problems) else [str(err)]
+
+
+def _raise_all(errors: Sequence[ConfigError]) -> None:
+    """Raise nothing for no errors, the error itself for one (its type and message kept), else one
+    _Problems listing every problem of every error in the order given."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise _Problems([problem for err in errors for problem in _problems(err)])
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -115,9 +140,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+            item_hints = args
+        else:
+            item_hints = (args[0] if args else Any,) * len(value)
+        items, errors = [], []
+        for i, (v, a) in enumerate(zip(value, item_hints)):
+            try:
+                items.append(_coerce(v, a, f"{where}[{i}]"))
+            except ConfigError as err:  # every bad item, not just the first
+                errors.append(err)
+        _raise_all(errors)
+        return tuple(items)
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -158,18 +191,28 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    """Build ``cls`` from ``data``, or raise every problem found: the unknown keys at this level first,
+    then each field's problems (its section's, recursively) in the dataclass's field order."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    errors: list[ConfigError] = []
+    # str: a YAML key may be a number (``1: x``), which sorted() beside a string and join() refused.
+    unknown = sorted(str(key) for key in data if key not in fields)
     if unknown:
-        raise ConfigError(
+        errors.append(ConfigError(
             f"{where + ': ' if where else ''}unknown key(s) {', '.join(unknown)} for {cls.__name__}; "
             f"known keys: {', '.join(sorted(fields))}"
-        )
+        ))
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    for name, value in data.items():
+    for name in fields:
+        if name not in data:
+            continue
         sub = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], sub)
+        try:
+            kwargs[name] = _coerce(data[name], hints[name], sub)
+        except ConfigError as err:  # a section's own __post_init__ checks included; go on to its siblings
+            errors.append(err)
+    _raise_all(errors)
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -181,10 +224,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, source: str = "")
 
     Errors read ``<source>: <dotted key>: <what was expected>``, e.g. ``run.yaml: train.lr: expected
     a number, got 'fast'``; the source is kept apart from the key so a path's dots are not mistaken
-    for one.
+    for one.  Every problem is in the one error, in field order, joined with "; " (``run.yaml:
+    train.lr: expected a number, got 'fast'; data.batch_size: expected an integer, got 'x'``), so a
+    user does not fix one, rerun and meet the next.
     """
     try:
         return _from_mapping(cls, data or {}, "")
+    except _Problems as err:
+        raise ConfigError(f"{source + ': ' if source else ''}{err}") from None
     except ConfigError as err:
         if not source:
             raise
@@ -224,14 +271,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def check_overrides(overrides: Sequence[str], field: str) -> None:
-    """Raise ConfigError, prefixed with ``field`` (where the list came from), for the first malformed
-    ``key=value`` text; what the overrides set is checked where they are applied."""
+def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, list[str], Any]]:
+    """(text, key path, value) of each override; one ConfigError naming every malformed one, in order."""
+    parsed, errors = [], []
     for text in overrides:
         try:
-            parse_override(text)
+            parsed.append((text, *parse_override(text)))
         except ConfigError as err:
-            raise ConfigError(f"{field}: {err}") from None
+            errors.append(err)
+    if len(errors) > 1:
+        raise ConfigError("; ".join(map(str, errors)))
+    if errors:
+        raise errors[0]
+    return parsed
+
+
+def check_overrides(overrides: Sequence[str], field: str) -> None:
+    """Raise ConfigError, prefixed with ``field`` (where the list came from), naming every malformed
+    ``key=value`` text; what the overrides set is checked where they are applied."""
+    try:
+        _parse_overrides(overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{field}: {err}") from None
 
 
 def format_fields(template: str, where: str) -> list[str]:
@@ -273,10 +334,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, source
     override, as the override that fails may not be the one at fault (a CLI flag applied after the
     user's own overrides, say).
     """
+    parsed = _parse_overrides(overrides)  # all malformed ones in one error, before any is applied
     result = json.loads(json.dumps(data, default=list)) if data else {}
     set_by: dict[tuple[str, ...], str] = {}  # key path -> the override that last set it
-    for text in overrides:
-        path, value = parse_override(text)
+    for text, path, value in parsed:
         node = result
         for depth, part in enumerate(path[:-1], start=1):
             child = node.get(part)

@@ -220,3 +220,97 @@ def test_a_json_escaped_character_past_u_ffff_is_one_character():
     # lone surrogates, and the file system then refused the path with a UnicodeEncodeError traceback.
     path = "/data/😀 é"
     assert config_lib.load(Outer, None, [f"name={json.dumps(path)}"]).name == path
+
+
+@dataclass(frozen=True)
+class Checked:
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"checked: size must be at least 1, got {self.size}")
+
+
+@dataclass(frozen=True)
+class Sections:
+    first: Inner = field(default_factory=Inner)
+    second: Inner = field(default_factory=Inner)
+    checked: Checked = field(default_factory=Checked)
+    count: int = 0
+
+
+def test_problems_in_sibling_sections_are_all_in_one_error(tmp_path):
+    # A bad section cannot be built, so neither can its parent: the loader stopped at the first, and
+    # the user fixed it, reran, and met the next.  Listed in field order, not the file's order.
+    path = tmp_path / "run.yaml"
+    path.write_text("second:\n  steps: many\nfirst:\n  stpes: 3\n")
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Sections, path)
+    assert str(err.value) == (f"{path}: first: unknown key(s) stpes for Inner; known keys: kind, lr, steps; "
+                              "second.steps: expected an integer, got 'many'")
+    # A section's own checks (its __post_init__) count too, and so do the overrides' values.
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Sections, path, ["checked.size=0", "count=x", "first={kind: c}"])
+    assert str(err.value) == (f"{path} + overrides: first.kind: 'c' is not one of ['a', 'b']; second.steps: "
+                              "expected an integer, got 'many'; checked: size must be at least 1, got 0; "
+                              "count: expected an integer, got 'x'")
+
+
+def test_an_unknown_key_and_a_bad_value_at_one_level_are_both_named():
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, None, ["inner.lr=fast", "inner.speed=3", "inner.steps=1.5"])
+    assert str(err.value) == ("overrides: inner: unknown key(s) speed for Inner; known keys: kind, lr, steps; "
+                              "inner.lr: expected a number, got 'fast'; inner.steps: expected an integer, got 1.5")
+    with pytest.raises(ConfigError) as err:  # at the top level, and from_dict without a source
+        config_lib.from_dict(Outer, {"limit": "many", "nmae": "x", "tags": [1, "b", None]})
+    assert str(err.value) == ("unknown key(s) nmae for Outer; known keys: inner, limit, name, tags; "
+                              "tags[0]: expected a string, got 1; tags[2]: expected a string, got None; "
+                              "limit: expected an integer, got 'many'")
+
+
+class Special(ConfigError):
+    pass
+
+
+@dataclass(frozen=True)
+class Picky:
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self) -> None:
+        raise Special("picky: never")
+
+
+@dataclass(frozen=True)
+class Holder:
+    picky: Picky = field(default_factory=Picky)
+    name: str = ""
+
+
+def test_one_problem_keeps_its_own_error():
+    # One problem is raised as it was, its type kept (a section's check may raise a ConfigError subclass).
+    with pytest.raises(Special, match="^picky: never$"):
+        config_lib.from_dict(Holder, {"picky": {}})
+    with pytest.raises(ConfigError) as err:
+        config_lib.from_dict(Holder, {"picky": {}, "name": 3})
+    assert str(err.value) == "picky: never; name: expected a string, got 3"
+
+
+def test_a_key_that_is_not_a_string_is_named():
+    # sorted() of a number beside a string, and join() of a number, raised a TypeError.
+    with pytest.raises(ConfigError) as err:
+        config_lib.from_dict(Outer, {1: "x", "nmae": "y"}, source="spec.json")
+    assert str(err.value) == "spec.json: unknown key(s) 1, nmae for Outer; known keys: inner, limit, name, tags"
+
+
+def test_every_malformed_override_is_named_at_once():
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(Outer, None, ["inner", "name=x", "inner..steps=3"])
+    assert str(err.value) == ("override 'inner': expected key=value, e.g. audio.layers=4; "
+                              "override 'inner..steps=3': empty part in the key 'inner..steps'")
+    with pytest.raises(ConfigError) as err:
+        config_lib.check_overrides(["=1", "a=1", "b"], "model.clara_overrides")
+    assert str(err.value) == ("model.clara_overrides: override '=1': empty key; "
+                              "override 'b': expected key=value, e.g. audio.layers=4")
+    with pytest.raises(ConfigError) as err:  # one: as it was
+        config_lib.check_overrides(["b"], "model.clara_overrides")
+    assert str(err.value) == "model.clara_overrides: override 'b': expected key=value, e.g. audio.layers=4"
