@@ -17,13 +17,15 @@ from __future__ import annotations
 import itertools
 import json
 import wave
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clara.config import ConfigError
-from clara.io_utils import atomic_directory, user_cache_dir
+from clara.io_utils import NOT_WRITABLE, atomic_directory, locked, user_cache_dir
 
 DEMO_VERSION = 1
 SAMPLE_RATE = 16_000
@@ -148,6 +150,24 @@ def _read_stamp(path: Path) -> object:
         return None
 
 
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """Hold the lock under which builds of ``root`` take turns (two terminals, or every process of a
+    torchrun).  Its file sits beside ``root``, as ``root`` is replaced whole; a folder the user may
+    not write there is one error naming it."""
+    with ExitStack() as lock:
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(locked(root.parent / f".{root.name}.lock"))
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE:
+                raise
+            raise ConfigError(f"{root.parent}: cannot be written to build the pretraining demo {root.name} there, "
+                              "and no finished build of these settings is there; give data.demo_dir a folder you "
+                              "can write") from None
+        yield
+
+
 def build_demo(
     root: str | Path | None = None,
     *,
@@ -160,12 +180,15 @@ def build_demo(
     """Build the demo under ``root`` (default ``user_cache_dir()/demo-pairs``) unless an identical build is there.
 
     An earlier build with other settings is replaced; a ``root`` that holds anything else (or is a
-    file) is refused with a ConfigError, as the build would replace it as a whole."""
+    file) is refused with a ConfigError, as the build would replace it as a whole.  A finished build is
+    used without writing anything, so a folder the user may only read serves as well."""
     root = Path(root) if root is not None else user_cache_dir() / "demo-pairs"
     stamp = {"version": DEMO_VERSION, "seconds": seconds, "seed": seed}
     stamp.update(train=train_per_kind, eval=eval_per_kind, env=env_per_kind)
     paths = DemoPaths(root, root / "train.jsonl", root / "eval.jsonl", root / "env.jsonl")
     stamp_file = root / "demo.json"
+    # Checked before the lock, whose file could not be made beside a build the user may only read; the
+    # stamp is the last file of a build, so one under way in another process is not taken for finished.
     if _read_stamp(stamp_file) == stamp:
         return paths
     # An older or broken build is replaced below, as a whole; anything else at ``root`` is someone's
@@ -174,27 +197,30 @@ def build_demo(
         what = "a folder holding other files" if root.is_dir() else "not a folder"
         raise ConfigError(f"{root}: {what}, not a demo build; give data.demo_dir a new or empty folder")
 
-    # Built beside ``root`` and swapped in whole: the old build is set aside before it is deleted, as
-    # deleted in place an interruption could leave it without its stamp, a folder refused above.
-    with atomic_directory(root) as staging:
-        rng = np.random.default_rng(seed)
-        kinds = list(itertools.product(PITCHES, CONTOURS, RATES, BACKGROUNDS))
-        for split, per_kind in (("train", train_per_kind), ("eval", eval_per_kind)):
-            (staging / split).mkdir()
+    with _build_lock(root):
+        if _read_stamp(stamp_file) == stamp:  # the build this one waited for made it
+            return paths
+        # Built beside ``root`` and swapped in whole: the old build is set aside before it is deleted, as
+        # deleted in place an interruption could leave it without its stamp, a folder refused above.
+        with atomic_directory(root) as staging:
+            rng = np.random.default_rng(seed)
+            kinds = list(itertools.product(PITCHES, CONTOURS, RATES, BACKGROUNDS))
+            for split, per_kind in (("train", train_per_kind), ("eval", eval_per_kind)):
+                (staging / split).mkdir()
+                rows = []
+                for copy, kind in itertools.product(range(per_kind), kinds):
+                    name = f"{split}/{len(rows):05d}.wav"
+                    _write_wav(staging / name, voice(*kind, rng, seconds))
+                    # Held-out captions use one wording, so each kind has exactly one caption there.
+                    wording = 0 if split == "eval" else int(rng.integers(8))
+                    rows.append({"audio": name, "caption": caption(*kind, wording), "language": "en"})
+                _write_manifest(staging / f"{split}.jsonl", rows)
+            (staging / "env").mkdir()
             rows = []
-            for copy, kind in itertools.product(range(per_kind), kinds):
-                name = f"{split}/{len(rows):05d}.wav"
-                _write_wav(staging / name, voice(*kind, rng, seconds))
-                # Held-out captions use one wording, so each kind has exactly one caption there.
-                wording = 0 if split == "eval" else int(rng.integers(8))
-                rows.append({"audio": name, "caption": caption(*kind, wording), "language": "en"})
-            _write_manifest(staging / f"{split}.jsonl", rows)
-        (staging / "env").mkdir()
-        rows = []
-        for copy, (kind, text) in itertools.product(range(env_per_kind), ENV_KINDS.items()):
-            name = f"env/{kind}-{copy}.wav"
-            _write_wav(staging / name, environment(kind, rng, int(2 * seconds * SAMPLE_RATE)))
-            rows.append({"audio": name, "caption": text, "language": "en"})
-        _write_manifest(staging / "env.jsonl", rows)
-        (staging / "demo.json").write_text(json.dumps(stamp), encoding="utf-8")
+            for copy, (kind, text) in itertools.product(range(env_per_kind), ENV_KINDS.items()):
+                name = f"env/{kind}-{copy}.wav"
+                _write_wav(staging / name, environment(kind, rng, int(2 * seconds * SAMPLE_RATE)))
+                rows.append({"audio": name, "caption": text, "language": "en"})
+            _write_manifest(staging / "env.jsonl", rows)
+            (staging / "demo.json").write_text(json.dumps(stamp), encoding="utf-8")
     return paths

@@ -16,6 +16,8 @@ from typing import Iterator
 
 
 CACHE_ENV = "MELD_CLARA_CACHE"
+# What making a file or folder raises where the user may not write: no permission, a read-only disk.
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 @contextmanager

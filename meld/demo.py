@@ -25,9 +25,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +35,9 @@ import av
 import numpy as np
 
 from clara.cli import describe
-from clara.io_utils import atomic_directory, atomic_write_text, is_leftover, locked, remove_leftovers, user_cache_dir
+from clara.io_utils import (
+    NOT_WRITABLE, atomic_directory, atomic_write_text, is_leftover, locked, remove_leftovers, user_cache_dir,
+)
 from clara.run_dir import OutDirError, check_folder_path
 from meld.demo_audio import SAMPLE_RATE, ClipSpec, render_clip, speaking_rate, voice_for
 from meld.demo_text import CAST, GUESTS, MAIN_CAST, long_phrase, phrase, syllables
@@ -49,6 +51,7 @@ MIN_SIZE = 30
 ROOT_NAME = "MELD.Raw"
 MANIFEST_NAME = "demo_manifest.json"
 DEFECTS_NAME = "DEMO_DEFECTS.json"
+LOCK_NAME = ".demo.lock"
 
 # split -> (CSV, clip folder), relative to MELD.Raw, as in the official tarball.
 LAYOUT: dict[str, tuple[str, str]] = {
@@ -393,12 +396,40 @@ def _check_is_a_demo_folder(out: Path) -> None:
     """Refuse a folder holding anything but a demo build (its tree, manifest, lock, a file browser's
     BROWSER_FILES, and a running or killed build's staging folder, set-aside old tree or half-written
     manifest): the demo would be written in among someone's files."""
-    ours = {ROOT_NAME, MANIFEST_NAME, ".demo.lock", *BROWSER_FILES}
+    ours = {ROOT_NAME, MANIFEST_NAME, LOCK_NAME, *BROWSER_FILES}
     others = sorted(p.name for p in out.iterdir()
                     if p.name not in ours and not p.name.startswith(f".{ROOT_NAME}.") and not is_leftover(p))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise FileExistsError(f"{out} holds other files ({shown}), not a demo build; give a new or empty folder")
+
+
+def _already_built(out: Path, size: int, seed: int, force: bool, log: Callable[[str], None]) -> bool:
+    if force or not _is_complete(out, size, seed):
+        return False
+    log(f"{out / ROOT_NAME} already holds the demo of size {size}, seed {seed}: nothing rewritten")
+    return True
+
+
+@contextmanager
+def _build_lock(out: Path, size: int, seed: int) -> Iterator[None]:
+    """Hold the lock under which builds of ``out`` take turns, making ``out`` first if missing.
+
+    A folder that is not a demo's is refused before the lock file is made in it, so it is left untouched;
+    one the user may not write (a team's shared, pre-built demo) is one error naming it.
+    """
+    with ExitStack() as lock:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _check_is_a_demo_folder(out)
+            lock.enter_context(locked(out / LOCK_NAME))
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE:
+                raise
+            raise PermissionError(f"{out}: no complete demo of size {size}, seed {seed} is there, and this folder "
+                                  "cannot be written to build it; give a folder you can write (--out, or "
+                                  "MELD_CLARA_CACHE for the default demo)") from None
+        yield
 
 
 def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force: bool = False,
@@ -408,18 +439,20 @@ def make_demo(out: str | Path, *, size: int = DEFAULT_SIZE, seed: int = 0, force
     Returns at once when ``out`` already holds a complete demo of this size, seed and version (unless
     ``force``). The tree is built in a hidden folder beside it and moved into place, and the manifest is
     written last, so an interrupted build is never taken for a complete one. ``workers`` defaults to
-    up to 4 processes for big builds and 1 for small ones, where starting processes costs more.
+    up to 4 processes for big builds and 1 for small ones, where starting processes costs more. A complete
+    demo is used without writing anything, so a folder the user may only read serves as well.
     """
     out = Path(out)
     root = out / ROOT_NAME
     log = log or (lambda message: None)
     _check(size, seed)
     refuse_in_a_starting_worker("meld.demo.make_demo (or ensure_demo)")
-    out.mkdir(parents=True, exist_ok=True)
-    _check_is_a_demo_folder(out)
-    with locked(out / ".demo.lock"):  # two commands building the same demo take turns
-        if not force and _is_complete(out, size, seed):
-            log(f"{root} already holds the demo of size {size}, seed {seed}: nothing rewritten")
+    # Checked before the lock, whose file could not be opened in a folder the user may only read; the
+    # manifest is written last, so a build under way in another process is not taken for complete.
+    if _already_built(out, size, seed, force, log):
+        return root
+    with _build_lock(out, size, seed):  # two commands building the same demo take turns
+        if _already_built(out, size, seed, force, log):  # the build this one waited for made it
             return root
         if root.exists() and not (root / DEFECTS_NAME).is_file():
             raise FileExistsError(f"{root} exists and is not a demo (it has no {DEFECTS_NAME}); not overwriting it")

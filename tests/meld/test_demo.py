@@ -4,12 +4,15 @@ idempotent rebuilds, and an emotion signal in both audio and text that simple pr
 from __future__ import annotations
 
 import csv
+import errno
 import itertools
 import json
 import os
 import re
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -247,6 +250,67 @@ def test_rebuilds_only_when_forced_or_changed(tmp_path, stub_writer):
     manifest = demo.read_manifest(tmp_path)
     assert (manifest["size"], manifest["seed"]) == (31, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "MELD.Raw", "demo_manifest.json"]
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Makes a folder one the user may only read, as a team's shared, pre-built demo can be: chmod, and,
+    where chmod binds nothing (as root), opening the lock file there fails as the OS fails it."""
+    folders: list[Path] = []
+    real_locked = demo.locked
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).parent in folders:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_locked(path, *args, **kwargs)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(demo, "locked", refusing)
+
+    def make(folder: Path) -> None:
+        folder.chmod(0o555)
+        folders.append(folder)
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)
+
+
+def test_a_complete_demo_in_a_folder_the_user_may_only_read_is_used_as_it_is(tmp_path, stub_writer, read_only,
+                                                                               capsys):
+    demo.make_demo(tmp_path, size=30)
+    read_only(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert demo.make_demo(tmp_path, size=30) == tmp_path / "MELD.Raw"
+    assert demo.main(["--out", str(tmp_path), "--size", "30"]) == 0, capsys.readouterr().err
+    assert "nothing rewritten" in capsys.readouterr().out
+    # Another size is not there and cannot be built there: one line naming the folder, nothing touched.
+    assert demo.main(["--out", str(tmp_path), "--size", "31"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}: no complete demo of size 31, seed 0 is there, and this "
+                                       "folder cannot be written to build it; give a folder you can write (--out, "
+                                       "or MELD_CLARA_CACHE for the default demo)\n")
+    assert stub_writer == [30] and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_two_builds_at_once_take_turns_and_the_second_finds_the_first_ones_demo(tmp_path, monkeypatch):
+    """Two commands started together (two terminals, the processes of a torchrun) both find no demo: the
+    second must wait for the first's build and use it, not build the same folder at the same time."""
+    built, building, second_done = [], threading.Event(), threading.Event()
+
+    def slow_write(root: Path, plan, workers, log):
+        built.append(len(plan.rows))
+        building.set()
+        second_done.wait(timeout=1.0)  # long enough for an unserialised second call to start building too
+        (root / "DEMO_DEFECTS.json").write_text("{}", encoding="utf-8")
+
+    monkeypatch.setattr(demo, "_write_tree", slow_write)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(demo.make_demo, tmp_path, size=30)
+        assert building.wait(timeout=60)
+        assert demo.make_demo(tmp_path, size=30) == tmp_path / "MELD.Raw"
+        second_done.set()
+        assert first.result() == tmp_path / "MELD.Raw"
+    assert built == [30] and demo.read_manifest(tmp_path)["size"] == 30
 
 
 def test_interrupted_build_leaves_no_demo_behind(tmp_path, monkeypatch):
