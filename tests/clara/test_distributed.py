@@ -131,3 +131,46 @@ def test_errors_in_the_settings_are_said_once_and_a_process_s_own_with_its_rank(
         monkeypatch.setenv("WORLD_SIZE", world)
         distributed.print_error(err, same_everywhere=same)
         assert capsys.readouterr().err == expected, (rank, world, same)
+
+
+SHUTDOWN_WITH_A_CYCLE = """
+import os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from clara import distributed
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(1)
+nn.Linear(2, 1)(torch.ones(1, 2)).sum().backward()  # any threads of autograd's own exist before the count
+before = threads()
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
+model(torch.ones(1, 2)).sum().backward()
+holder = {"model": model}
+holder["self"] = holder  # a reference cycle keeps the DDP model, and through its reducer the group
+del model, holder
+during = threads()
+distributed.shutdown()
+print(before, during, threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_shutdown_ends_the_group_s_threads_even_when_a_cycle_holds_it(tmp_path):
+    """A group held by a cycle (the fine-tune Trainer and its task, around the DDP model) outlived
+    destroy_process_group to the collection at interpreter exit, where a gloo worker thread taking the GIL
+    aborted the finished run ("terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SHUTDOWN_WITH_A_CYCLE, str(tmp_path / "store")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, during, after = map(int, done.stdout.split())
+    assert during > before and after == before

@@ -577,9 +577,10 @@ def test_torchrun_with_two_processes_matches_one_process_and_writes_once(csv_roo
     launch.write_text("import os, sys\nfrom meld.finetune import main\n"
                       f"out = os.path.join({str(tmp_path)!r}, 'double-' + os.environ['RANK'])\n"
                       "sys.exit(main([*sys.argv[1:], '--out', out]))\n")
-    # PYTHONFAULTHANDLER: a process has aborted here ("terminate called without an active exception"), once in
-    # CI and in 3 of 12 runs beside other test jobs on 2 cores, never in 33 runs alone; should it recur, each
-    # process's Python stack is in the message.
+    # PYTHONFAULTHANDLER: a process aborted here after finishing ("terminate called without an active
+    # exception"), once in CI and in 3 of 12 runs beside other test jobs on 2 cores: its process group, kept
+    # alive by a reference cycle, was freed at interpreter exit (clara.distributed.shutdown now frees it).
+    # Should an abort recur, each process's Python stack is in the message.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "MELD_CLARA_CACHE": str(tmp_path / "cache"),
            "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launch),
