@@ -98,7 +98,8 @@ def _item(spec: dict, data: DataConfig, item: str, text: str | None, hf_tokenize
         raise PredictError(f"{path}: a folder, not an audio or video file")
     # A run that needs audio reads a path-like item (any suffix) as a file it cannot find, not as text.
     if not exists and (is_audio or (needs_audio and _PATH_LIKE.fullmatch(item))):
-        raise PredictError(f"{path}: file not found")
+        # A device or pipe (/dev/null, a FIFO) is there, but is no clip to decode: "not found" misled.
+        raise PredictError(f"{path}: not a regular file" if _path_is(path, Path.exists) else f"{path}: file not found")
     if needs_audio and not is_audio:
         raise PredictError(f"this run classifies audio ({'+'.join(spec['inputs'])}); give an mp4 or wav file, not text")
     if not needs_audio and is_audio:

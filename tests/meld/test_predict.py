@@ -149,6 +149,8 @@ def test_bad_items_give_one_clear_error(text_run, audio_run, tmp_path, capsys):
     # A path with a suffix that is not an audio one, or a bare name like a file's, is still a missing file.
     _assert_one_error(capsys, ["--run", str(audio_run), "missing.avi", "--text", "hi"], "missing.avi: file not found")
     _assert_one_error(capsys, ["--run", str(audio_run), str(tmp_path / "clips" / "take1")], "take1: file not found")
+    # A device is there but is no clip (it was "file not found").
+    _assert_one_error(capsys, ["--run", str(audio_run), "/dev/null"], "error: /dev/null: not a regular file")
     _assert_one_error(capsys, ["--run", str(audio_run), "Oh. My. God."], "give an mp4 or wav file")
     _assert_one_error(capsys, ["--run", str(text_run), str(_wav(tmp_path / "a.wav"))], "classifies text")
     broken = tmp_path / "broken.mp4"
