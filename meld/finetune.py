@@ -12,7 +12,8 @@ with ``confusion_test.png``, ``predictions.csv``, ``model/`` (the selected class
 ``python -m meld.predict --run``), ``checkpoint.pt`` (the training state: an interrupted run resumes
 when the same command is run again), ``best.safetensors`` + ``best.json`` (the selection so far),
 ``status.json`` (running, complete, stopped or interrupted), ``metrics.jsonl`` and ``tensorboard/``. With ``--seeds N`` each
-seed gets ``seed-<s>/`` and the top level reports mean ± std and keeps the seed with the best dev macro-F1.
+seed gets ``seed-<s>/`` and the top level reports mean ± std, keeps the seed with the best dev macro-F1 and
+has a ``status.json`` of its own (the seed running, those done).
 An existing ``--out`` must hold a fine-tune run with the same settings (MAY_DIFFER_ON_RESUME lists what may
 change), or be empty; anything else is refused before a file is written.
 
@@ -441,7 +442,29 @@ def _run_seeds(config: FinetuneConfig, data: _Data, clara, env, out_dir: Path,
     seeds = list(folders)
     if len(seeds) == 1:
         return _run_seed(config, data, clara, env, out_dir, seeds[0], epoch_callback)
-    docs = {seed: _run_seed(config, data, clara, env, folder, seed, epoch_callback) for seed, folder in folders.items()}
+    # The top folder's status.json follows the seeds (each seed-<s>/ has its own): without it, a
+    # multi-seed run showed nothing at the path a single-seed run (and a user's monitor) reads.
+    docs: dict[int, dict] = {}
+    running: dict[str, int] = {}  # {"seed": s} while seed s trains; empty while the seeds are summarised
+    try:
+        for seed, folder in folders.items():
+            running = {"seed": seed}
+            _write_status(out_dir, "running", **running, seeds=seeds, done=list(docs))
+            docs[seed] = _run_seed(config, data, clara, env, folder, seed, epoch_callback)
+        running = {}
+        doc = _summarise_seeds(config, data, env, out_dir, docs)
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "stopped"
+        _write_status(out_dir, status, **running, seeds=seeds, done=list(docs), error=f"{type(err).__name__}: {err}")
+        raise
+    _write_status(out_dir, "complete", seeds=seeds)
+    return doc
+
+
+def _summarise_seeds(config: FinetuneConfig, data: _Data, env, out_dir: Path, docs: dict[int, dict]) -> dict:
+    """The multi-seed metrics.json document; the best dev seed's classifier, predictions and confusion
+    matrix copied up to ``out_dir``, beside the summary report."""
+    seeds = list(docs)
     best = max(seeds, key=lambda seed: (docs[seed]["dev"]["macro_f1"], -seed))
     summary = mean_std([{"dev": docs[s]["dev"], "test": docs[s]["test"]} for s in seeds])
     doc = {"dev": docs[best]["dev"], "test": docs[best]["test"], "rows": data.coverage(), "selection": docs[best]["selection"],

@@ -162,6 +162,21 @@ def test_seeds_report_mean_and_std(csv_root, tmp_path):
     for name in ("predictions.csv", "model/classifier.json"):
         assert (tmp_path / name).read_bytes() == (tmp_path / f"seed-{best}" / name).read_bytes()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # The top folder has a status.json of its own, as a one-seed run's folder has (it had none).
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "complete", "seeds": [1234, 1235]}
+
+
+def test_a_stop_in_a_later_seed_is_recorded_in_the_top_folder(csv_root, tmp_path):
+    def stop_in_the_second_seed(epoch, metrics):
+        if (tmp_path / "seed-1234" / "metrics.json").is_file():
+            raise KeyboardInterrupt
+
+    config = text_config(csv_root, "seeds=2", "train.epochs=1", "target=sentiment")
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, out_dir=tmp_path, epoch_callback=stop_in_the_second_seed)
+    assert json.loads((tmp_path / "status.json").read_text()) == {
+        "status": "interrupted", "seed": 1235, "seeds": [1234, 1235], "done": [1234], "error": "KeyboardInterrupt: "}
+    assert json.loads((tmp_path / "seed-1235" / "status.json").read_text())["status"] == "interrupted"
 
 
 def test_audio_and_text_with_gated_fusion_partial_unfreezing_and_balanced_sampling(tmp_path):
